@@ -1,0 +1,119 @@
+"""On-disk embedding cache keyed by (segmenter id, image content hash).
+
+Entries are ``.npz`` files holding the embedding in float16, its geometry and a CRC-32 of the
+feature bytes. Writes go to a temporary file in the same folder and are renamed into place,
+so readers never see half-written entries, an interrupted writer leaves only a stray temp
+file, and two writers of the same entry both produce a complete, identical file. A corrupt
+entry (bad archive or checksum) is reported, removed and recomputed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+import zipfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from segmenter.base import ImageEmbedding, Segmenter
+from segmenter.sam import image_hash
+from segmenter.weights import cache_dir
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+
+
+class EmbeddingCache:
+    """Content-addressed store of image embeddings.
+
+    Args:
+        root: Folder of the cache (default ``$ALIGNSAM_HOME/embeddings``).
+        dtype: Storage dtype; float16 halves the size and keeps decoder agreement high.
+    """
+
+    def __init__(self, root: str | Path | None = None, dtype: str = "float16") -> None:
+        self.root = Path(root) if root is not None else cache_dir() / "embeddings"
+        self.dtype = np.dtype(dtype)
+        self._torch_dtype = torch.from_numpy(np.zeros(0, self.dtype)).dtype
+        self.hits = 0
+        self.misses = 0
+        self.recomputed_corrupt = 0
+
+    def path_for(self, model_id: str, key: str) -> Path:
+        """File of the entry for ``model_id`` and image hash ``key``."""
+        safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", model_id)
+        return self.root / safe / key[:2] / f"{key}.npz"
+
+    def load(self, model_id: str, key: str, device: torch.device | str = "cpu") -> ImageEmbedding | None:
+        """The cached embedding, or ``None`` when absent or corrupt (corrupt files are removed)."""
+        path = self.path_for(model_id, key)
+        if not path.is_file():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                meta = json.loads(str(z["meta"]))
+                feats = z["features"]
+                crc = int(z["crc"])
+            if zlib.crc32(feats.tobytes()) != crc or meta.get("model_id") != model_id:
+                raise ValueError("checksum or model id mismatch")
+            if meta.get("version") != FORMAT_VERSION:
+                raise ValueError(f"format version {meta.get('version')} != {FORMAT_VERSION}")
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
+            logger.warning("corrupt cache entry %s (%s): removing it and recomputing", path, exc)
+            self.recomputed_corrupt += 1
+            path.unlink(missing_ok=True)
+            return None
+        return ImageEmbedding(
+            features=torch.from_numpy(feats.astype(np.float32)).to(device),
+            original_size=tuple(meta["original_size"]),
+            input_size=tuple(meta["input_size"]),
+            model_id=model_id,
+            image_hash=key,
+        )
+
+    def store(self, emb: ImageEmbedding) -> Path:
+        """Write an entry atomically (temp file in the same folder, then rename)."""
+        path = self.path_for(emb.model_id, emb.image_hash)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        feats = emb.features.detach().to("cpu", torch.float32).numpy().astype(self.dtype)
+        meta = {
+            "version": FORMAT_VERSION,
+            "model_id": emb.model_id,
+            "original_size": list(emb.original_size),
+            "input_size": list(emb.input_size),
+        }
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                np.savez(fh, features=feats, meta=json.dumps(meta), crc=zlib.crc32(feats.tobytes()))
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    def get_or_encode(self, segmenter: Segmenter, image: np.ndarray) -> ImageEmbedding:
+        """The embedding of ``image`` for ``segmenter``, encoding and storing it on a miss.
+
+        The returned features are float32 on the segmenter's device. A hit returns the
+        float16-rounded features, so cold and warm results are the same numbers.
+        """
+        key = image_hash(image)
+        emb = self.load(segmenter.model_id, key, segmenter.device)
+        if emb is not None:
+            self.hits += 1
+            return emb
+        self.misses += 1
+        emb = segmenter.encode(image)
+        self.store(emb)
+        emb.features = emb.features.to(self._torch_dtype).float()
+        return emb

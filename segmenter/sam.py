@@ -1,0 +1,202 @@
+"""A frozen SAM-family model behind the encode-once / decode-many contract."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from segment_anything.utils.transforms import ResizeLongestSide
+
+from segmenter.base import ImageEmbedding, Prediction, SegmenterError
+
+logger = logging.getLogger(__name__)
+
+
+def image_hash(image: np.ndarray) -> str:
+    """Content hash of an RGB pixel array (shape and bytes), used as the cache key."""
+    digest = hashlib.sha256()
+    digest.update(str(image.shape).encode())
+    digest.update(np.ascontiguousarray(image).tobytes())
+    return digest.hexdigest()[:32]
+
+
+def check_image(image: np.ndarray) -> None:
+    """Raise a clear error unless ``image`` is an ``(H, W, 3)`` uint8 RGB array."""
+    if not isinstance(image, np.ndarray):
+        raise TypeError(f"expected a numpy array, got {type(image).__name__}")
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(
+            f"expected an (H, W, 3) uint8 RGB image, got shape {image.shape} dtype {image.dtype}; "
+            "load images with envs.data.load_image, which converts grayscale/RGBA/16-bit"
+        )
+    if min(image.shape[:2]) < 1:
+        raise ValueError(f"empty image of shape {image.shape}")
+
+
+class SamSegmenter:
+    """Frozen SAM / MobileSAM: one encoder pass per image, one decoder call per prompt set.
+
+    Args:
+        model: A ``Sam`` module from ``segment_anything`` or ``mobile_sam`` (same interface).
+        model_id: Identifier recorded in embeddings and cache keys.
+        device: Torch device for both encoder and decoder.
+        autocast_bf16: Run encoder and decoder under CPU/GPU bf16 autocast (outputs are float32).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        model_id: str,
+        device: str | torch.device = "cpu",
+        autocast_bf16: bool = False,
+    ) -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval().requires_grad_(False)
+        self.model_id = model_id
+        self.autocast_bf16 = autocast_bf16
+        self.img_size: int = int(model.image_encoder.img_size)
+        self._transform = ResizeLongestSide(self.img_size)
+        with torch.inference_mode():
+            self._dense_pe = model.prompt_encoder.get_dense_pe()  # constant: compute once
+        self.decoder_calls = 0
+        self.decoder_seconds = 0.0
+        self.encoder_calls = 0
+
+    # -- geometry ---------------------------------------------------------------------------
+    def input_size_for(self, original_size: tuple[int, int]) -> tuple[int, int]:
+        """``(h, w)`` after scaling the longest side to the encoder's input size."""
+        h, w = original_size
+        return ResizeLongestSide.get_preprocess_shape(h, w, self.img_size)
+
+    @property
+    def low_res_size(self) -> tuple[int, int]:
+        """Side of the decoder's low-res logits (4 x the embedding grid)."""
+        h, w = self.model.prompt_encoder.mask_input_size
+        return int(h), int(w)
+
+    @property
+    def embedding_shape(self) -> tuple[int, int, int]:
+        """``(C, He, We)`` of the image embedding."""
+        he, we = self.model.prompt_encoder.image_embedding_size
+        return int(self.model.prompt_encoder.embed_dim), int(he), int(we)
+
+    def _autocast(self):
+        if not self.autocast_bf16:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+    # -- encode -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode(self, image: np.ndarray) -> ImageEmbedding:
+        """Encode an image once.
+
+        Args:
+            image: ``(H, W, 3)`` uint8 RGB.
+
+        Returns:
+            The embedding with ``features`` of shape ``(1, C, He, We)`` (float32, on device).
+        """
+        check_image(image)
+        original_size = (int(image.shape[0]), int(image.shape[1]))
+        input_size = self.input_size_for(original_size)
+        # SAM's own resize (ResizeLongestSide.apply_image, through PIL), as SamPredictor does.
+        resized = self._transform.apply_image(image)
+        x = torch.as_tensor(resized, device=self.device).permute(2, 0, 1)[None].float()
+        x = self.model.preprocess(x)  # normalise and pad bottom/right to a square
+        with self._autocast():
+            feats = self.model.image_encoder(x)
+        self.encoder_calls += 1
+        return ImageEmbedding(
+            features=feats.float(),
+            original_size=original_size,
+            input_size=input_size,
+            model_id=self.model_id,
+            image_hash=image_hash(image),
+        )
+
+    # -- decode -----------------------------------------------------------------------------
+    def _coords(self, embedding: ImageEmbedding, points: np.ndarray) -> torch.Tensor:
+        h, w = embedding.original_size
+        nh, nw = embedding.input_size
+        pts = torch.as_tensor(np.asarray(points, dtype=np.float32), device=self.device)
+        scale = torch.tensor([nw / w, nh / h], device=self.device)
+        return (pts * scale)[None]
+
+    @torch.inference_mode()
+    def decode(
+        self,
+        embedding: ImageEmbedding,
+        points: np.ndarray,
+        labels: np.ndarray,
+        mask_input: torch.Tensor | None = None,
+        multimask: bool = False,
+        return_full: bool = False,
+    ) -> Prediction:
+        """Decode one prompt set: exactly one prompt-encoder + mask-decoder call.
+
+        Args:
+            embedding: From :meth:`encode` (or the cache) for this segmenter.
+            points: ``(N, 2)`` float ``(x, y)`` pixel coordinates in the original image.
+            labels: ``(N,)`` ints, 1 = foreground, 0 = background.
+            mask_input: Optional ``(Hl, Wl)`` or ``(1, 1, Hl, Wl)`` previous low-res logits.
+            multimask: Return SAM's three candidates and select the highest-scoring one
+                (SAM's advice for a single ambiguous click); otherwise the single-mask head.
+            return_full: Also compute the full-resolution boolean mask.
+
+        Returns:
+            The prediction; ``low_res_logits`` is ``(Hl, Wl)`` float32.
+        """
+        if embedding.model_id != self.model_id:
+            raise SegmenterError(
+                f"embedding was made by {embedding.model_id!r}, this segmenter is "
+                f"{self.model_id!r}: re-encode the image with this segmenter"
+            )
+        points = np.asarray(points, dtype=np.float32).reshape(-1, 2)
+        labels = np.asarray(labels).reshape(-1)
+        if len(points) != len(labels):
+            raise ValueError(f"{len(points)} points but {len(labels)} labels")
+        t0 = time.perf_counter()
+        coords = self._coords(embedding, points)
+        lbl = torch.as_tensor(labels.astype(np.int64), device=self.device)[None]
+        if mask_input is not None:
+            mask_input = mask_input.to(self.device, torch.float32).reshape(1, 1, *self.low_res_size)
+        with self._autocast():
+            sparse, dense = self.model.prompt_encoder(
+                points=(coords, lbl) if len(points) else None, boxes=None, masks=mask_input
+            )
+            low_res, iou = self.model.mask_decoder(
+                image_embeddings=embedding.features.to(self.device),
+                image_pe=self._dense_pe,
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=multimask,
+            )
+        low_res = low_res[0].float()
+        iou = iou[0].float()
+        best = int(torch.argmax(iou)) if multimask else 0
+        self.decoder_calls += 1
+        self.decoder_seconds += time.perf_counter() - t0
+        pred = Prediction(
+            low_res_logits=low_res[best],
+            score=float(iou[best]),
+            candidates=low_res,
+            candidate_scores=iou,
+        )
+        if return_full:
+            pred.mask = self.upscale(embedding, pred.low_res_logits)
+        return pred
+
+    @torch.inference_mode()
+    def upscale(self, embedding: ImageEmbedding, low_res_logits: torch.Tensor) -> np.ndarray:
+        """``(Hl, Wl)`` low-res logits -> ``(H, W)`` bool mask in original pixels (SAM's rule)."""
+        x = low_res_logits.reshape(1, 1, *low_res_logits.shape[-2:]).float()
+        x = F.interpolate(x, (self.img_size, self.img_size), mode="bilinear", align_corners=False)
+        x = x[..., : embedding.input_size[0], : embedding.input_size[1]]
+        x = F.interpolate(x, embedding.original_size, mode="bilinear", align_corners=False)
+        return (x[0, 0] > 0).cpu().numpy()

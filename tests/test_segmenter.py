@@ -1,0 +1,207 @@
+"""Segmenter contract, checkpoint loading, weights registry and embedding cache."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from segmenter import EmbeddingCache, SegmenterError, build_segmenter, mask_iou
+from segmenter import weights as W
+from segmenter.registry import build_tiny_sam, load_state_dict
+
+
+def test_encode_records_geometry(tiny_segmenter, rgb_image):
+    emb = tiny_segmenter.encode(rgb_image)
+    assert emb.features.shape == (1, 32, 16, 16)
+    assert emb.original_size == (120, 160)
+    assert emb.input_size == (192, 256)  # longest side to 256
+    assert emb.valid_shape((64, 64)) == (48, 64)
+
+
+def test_decode_shapes_and_counts(tiny_segmenter, rgb_image):
+    emb = tiny_segmenter.encode(rgb_image)
+    before = tiny_segmenter.decoder_calls
+    pred = tiny_segmenter.decode(emb, np.array([[80, 50]]), np.array([1]), return_full=True)
+    assert pred.low_res_logits.shape == (64, 64)
+    assert pred.candidates.shape == (1, 64, 64)
+    assert pred.mask is not None and pred.mask.shape == (120, 160) and pred.mask.dtype == bool
+    multi = tiny_segmenter.decode(emb, [[80, 50], [10, 10]], [1, 0], multimask=True)
+    assert multi.candidates.shape == (3, 64, 64)
+    assert multi.score == pytest.approx(float(multi.candidate_scores.max()))
+    again = tiny_segmenter.decode(emb, [[80, 50]], [1], mask_input=pred.low_res_logits)
+    assert again.low_res_logits.shape == (64, 64)
+    assert tiny_segmenter.decoder_calls - before == 3
+
+
+def test_points_are_scaled_to_input_frame(tiny_segmenter, rgb_image):
+    """A click at the image's bottom-right corner must land at the resized corner."""
+    emb = tiny_segmenter.encode(rgb_image)
+    coords = tiny_segmenter._coords(emb, np.array([[160.0, 120.0]]))
+    assert torch.allclose(coords[0, 0], torch.tensor([256.0, 192.0]))
+
+
+def test_decode_rejects_bad_input(tiny_segmenter, rgb_image):
+    emb = tiny_segmenter.encode(rgb_image)
+    with pytest.raises(ValueError, match="labels"):
+        tiny_segmenter.decode(emb, [[1, 2], [3, 4]], [1])
+    other = build_tiny_sam(seed=1)
+    with pytest.raises(SegmenterError, match="re-encode"):
+        other.decode(emb, [[1, 2]], [1])
+    with pytest.raises(ValueError, match="uint8 RGB"):
+        tiny_segmenter.encode(rgb_image[..., 0])
+
+
+def test_segmenter_is_frozen(tiny_segmenter):
+    assert not any(p.requires_grad for p in tiny_segmenter.model.parameters())
+    assert not tiny_segmenter.model.training
+
+
+def test_to_frame_aligns_with_upscale(tiny_segmenter, rgb_image):
+    """A mask taken to the low-res frame and upscaled back must match the original."""
+    emb = tiny_segmenter.encode(rgb_image)
+    mask = np.zeros((120, 160), bool)
+    mask[30:80, 50:110] = True
+    low = emb.to_frame(mask, tiny_segmenter.low_res_size)
+    assert low.shape == (64, 64)
+    assert low[48:].max() == 0 and low[:, 64:].size == 0  # padding rows stay empty
+    logits = torch.from_numpy(low * 20 - 10)
+    back = tiny_segmenter.upscale(emb, logits)
+    assert mask_iou(back, mask) > 0.9
+
+
+def test_mask_iou_edge_cases():
+    a = np.zeros((4, 4), bool)
+    assert mask_iou(a, a) == 1.0
+    b = a.copy()
+    b[0, 0] = True
+    assert mask_iou(a, b) == 0.0
+    assert mask_iou(b, b) == 1.0
+    with pytest.raises(ValueError):
+        mask_iou(a, np.zeros((3, 3), bool))
+
+
+def test_unknown_segmenter_name():
+    with pytest.raises(SegmenterError, match="choose one of"):
+        build_segmenter("sam_vit_z")
+
+
+def test_missing_checkpoint_is_clear(tmp_path):
+    with pytest.raises(SegmenterError, match="does not exist"):
+        build_segmenter("mobile_sam", checkpoint=tmp_path / "nope.pt")
+
+
+def test_corrupt_checkpoint_is_clear(tmp_path):
+    bad = tmp_path / "mobile_sam.pt"
+    bad.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(SegmenterError, match="corrupt"):
+        build_segmenter("mobile_sam", checkpoint=bad)
+
+
+def test_wrong_architecture_checkpoint_is_clear(tmp_path):
+    seg = build_tiny_sam()
+    path = tmp_path / "tiny.pt"
+    torch.save(seg.model.state_dict(), path)
+    with pytest.raises(SegmenterError, match="does not fit the mobile_sam"):
+        build_segmenter("mobile_sam", checkpoint=path)
+    # and the right one loads strictly
+    fresh = build_tiny_sam(seed=5).model
+    load_state_dict(fresh, path, "tiny")
+
+
+def test_fetch_from_local_file_verifies_hash(isolated_home, tmp_path):
+    fake = tmp_path / "mobile_sam.pt"
+    fake.write_bytes(b"x" * 100)
+    with pytest.raises(SegmenterError, match="SHA-256"):
+        W.fetch("mobile_sam", source=fake)
+    assert not W.checkpoint_path("mobile_sam").exists()
+
+
+def test_weights_listing(isolated_home):
+    rows = W.listing()
+    assert {r["name"] for r in rows} == {"mobile_sam", "sam_vit_b", "sam_vit_l", "sam_vit_h"}
+    assert not any(r["present"] for r in rows)
+
+
+# -- embedding cache ------------------------------------------------------------------------
+
+
+def test_cache_roundtrip_and_hits(tiny_segmenter, rgb_image, tmp_path):
+    cache = EmbeddingCache(tmp_path / "emb")
+    cold = cache.get_or_encode(tiny_segmenter, rgb_image)
+    warm = cache.get_or_encode(tiny_segmenter, rgb_image)
+    assert (cache.misses, cache.hits) == (1, 1)
+    assert torch.equal(cold.features, warm.features)
+    assert warm.original_size == cold.original_size and warm.input_size == cold.input_size
+    files = list((tmp_path / "emb").rglob("*"))
+    assert not [f for f in files if f.name.endswith(".tmp")]
+
+
+def test_cache_detects_corruption(tiny_segmenter, rgb_image, tmp_path):
+    cache = EmbeddingCache(tmp_path / "emb")
+    emb = cache.get_or_encode(tiny_segmenter, rgb_image)
+    path = cache.path_for(emb.model_id, emb.image_hash)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    again = cache.get_or_encode(tiny_segmenter, rgb_image)
+    assert cache.recomputed_corrupt == 1 and cache.misses == 2
+    assert torch.equal(again.features, emb.features)
+    path.write_bytes(b"")  # truncated to nothing
+    cache.get_or_encode(tiny_segmenter, rgb_image)
+    assert cache.recomputed_corrupt == 2
+
+
+def _embed_worker(root: str, seed: int) -> str:
+    seg = build_tiny_sam()
+    rng = np.random.default_rng(seed)
+    img = rng.integers(0, 255, size=(64, 80, 3), dtype=np.uint8)
+    for _ in range(5):
+        cache = EmbeddingCache(root)
+        cache.store(seg.encode(img))
+    return cache.path_for(seg.model_id, seg.encode(img).image_hash).as_posix()
+
+
+def test_cache_concurrent_writers_leave_one_valid_entry(tmp_path, tiny_segmenter):
+    root = str(tmp_path / "emb")
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(2) as pool:
+        paths = pool.starmap(_embed_worker, [(root, 7), (root, 7)])
+    assert paths[0] == paths[1]
+    entries = [p for p in Path(root).rglob("*") if p.is_file()]
+    assert len(entries) == 1 and entries[0].suffix == ".npz"
+    rng = np.random.default_rng(7)
+    img = rng.integers(0, 255, size=(64, 80, 3), dtype=np.uint8)
+    cache = EmbeddingCache(root)
+    assert cache.load(tiny_segmenter.model_id, tiny_segmenter.encode(img).image_hash) is not None
+
+
+# -- the real MobileSAM ---------------------------------------------------------------------
+
+
+@pytest.mark.mobilesam
+def test_mobile_sam_segments_an_obvious_object(mobile_sam):
+    img = np.full((300, 400, 3), 235, np.uint8)
+    yy, xx = np.mgrid[:300, :400]
+    disk = (yy - 150) ** 2 + (xx - 200) ** 2 < 60**2
+    img[disk] = (30, 60, 160)
+    emb = mobile_sam.encode(img)
+    assert emb.features.shape == (1, 256, 64, 64)
+    pred = mobile_sam.decode(emb, [[200, 150]], [1], multimask=True, return_full=True)
+    assert mask_iou(pred.mask, disk) > 0.9
+
+
+@pytest.mark.mobilesam
+def test_fp16_cache_agrees_with_fp32(mobile_sam, tmp_path):
+    rng = np.random.default_rng(3)
+    img = (rng.random((200, 260, 3)) * 60 + 100).astype(np.uint8)
+    img[50:150, 80:200] = (200, 90, 40)
+    emb32 = mobile_sam.encode(img)
+    emb16 = EmbeddingCache(tmp_path).get_or_encode(mobile_sam, img)
+    for pt in ([[140, 100]], [[20, 20]], [[100, 60]]):
+        a = mobile_sam.decode(emb32, pt, [1], return_full=True).mask
+        b = mobile_sam.decode(emb16, pt, [1], return_full=True).mask
+        assert mask_iou(a, b) > 0.98
