@@ -1,0 +1,400 @@
+"""``AlignSAM/PointPrompt-v0``: prompting a frozen segmenter as a Gymnasium environment.
+
+An episode is one image. The agent picks a patch centre on a ``G x G`` grid over the image
+(``Discrete(G*G)``); a labeler decides whether the click is foreground or background; the
+frozen segmenter decodes the whole prompt set against the cached embedding (exactly one
+decoder call per step); the reward compares the new mask with the ground truth.
+
+Observation (all float32, finite bounds; ``K = feature_channels``):
+
+- ``state``   ``(K, G, G)``: the paper's state ``E_I(x) * M_{t-1}``, reduced for a CPU policy:
+  the embedding is projected from C to K channels by a fixed orthonormal matrix (seeded, so
+  identical in every process), standardised per image, multiplied by the previous mask
+  probability and area-pooled to the action grid. Projection and pooling are linear and the
+  mask is a per-pixel scalar, so the projection is done once per image and each step costs one
+  ``K x He x We`` product and a pool (~0.1 ms).
+- ``image``   ``(K, G, G)``: the same features without the mask (what lies outside the mask).
+- ``mask``    ``(1, G, G)``: previous mask coverage of each cell.
+- ``fg``      ``(1, G, G)``: the labeler's foreground probability per cell (0.5 when it has none).
+- ``clicks``  ``(2, G, G)``: positive / negative clicks so far.
+- ``step``    ``(1,)``: ``t / T``.
+
+With K = 32 and G = 10 an observation is 6,901 floats (27.6 kB); 2,048 buffered steps ~57 MB.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium import spaces
+
+from recalibration.labelers import EpisodeState, Labeler, OracleLabeler, to_grid
+from segmenter.base import ImageEmbedding, Segmenter, mask_iou
+from segmenter.cache import EmbeddingCache
+
+logger = logging.getLogger(__name__)
+
+RewardMode = Literal["iou_gain", "iou", "hit"]
+StartMode = Literal["gt", "labeler", "none"]
+FEATURE_CLIP = 10.0
+
+
+@dataclass
+class EnvConfig:
+    """Settings of the prompting environment.
+
+    Attributes:
+        grid: G, the action grid side (the paper's 10 x 10 patches of an 800 x 800 image).
+        max_steps: T, prompting steps per episode (also ``max_episode_steps``).
+        reward: ``iou_gain`` (IoU_t - IoU_{t-1}), ``iou`` (IoU_t) or ``hit`` (+1/-1 for a
+            click inside / outside the ground truth, the paper's reward).
+        start: ``gt`` one random positive and one random negative ground-truth point
+            (training); ``labeler`` the labeler's most / least confident cells (evaluation);
+            ``none`` an empty prompt set.
+        mask_repeats: Forbid clicking a cell twice (``action_masks()``; a repeated click is
+            still legal in ``step`` and decoded, but flagged in ``info``).
+        feature_channels: K, channels of the projected embedding in the observation.
+        use_mask_input: Feed the previous low-res logits back to the decoder as SAM does in
+            interactive use.
+        success_iou: ``is_success`` threshold on the final IoU.
+        full_res_eval: Also report full-resolution IoU at the end of an episode.
+        sample_order: ``random`` (seeded) or ``sequential`` image order across resets.
+    """
+
+    grid: int = 10
+    max_steps: int = 15
+    reward: RewardMode = "iou_gain"
+    start: StartMode = "gt"
+    mask_repeats: bool = True
+    feature_channels: int = 32
+    use_mask_input: bool = True
+    success_iou: float = 0.8
+    full_res_eval: bool = False
+    sample_order: Literal["random", "sequential"] = "random"
+
+    def __post_init__(self) -> None:
+        if self.grid < 2:
+            raise ValueError(f"grid must be >= 2, got {self.grid}")
+        if self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.reward not in ("iou_gain", "iou", "hit"):
+            raise ValueError(f"reward must be iou_gain, iou or hit, got {self.reward!r}")
+        if self.start not in ("gt", "labeler", "none"):
+            raise ValueError(f"start must be gt, labeler or none, got {self.start!r}")
+
+
+def projection_matrix(in_channels: int, out_channels: int, seed: int = 0) -> torch.Tensor:
+    """Fixed ``(K, C)`` matrix with orthonormal rows (seeded; identical in every process)."""
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.randn(in_channels, max(out_channels, 1), generator=gen)
+    q, _ = torch.linalg.qr(g)
+    return q[:, :out_channels].T.contiguous()
+
+
+@dataclass
+class _Prepared:
+    """Per-image tensors computed once and reused by every episode on that image."""
+
+    embedding: ImageEmbedding
+    features: torch.Tensor  # (K, He, We) projected, standardised
+    gt_full: np.ndarray | None  # (H, W) bool
+    gt_low: np.ndarray | None  # (vh, vw) bool, ground truth in the valid low-res frame
+    gt_grid: np.ndarray | None  # (He, We) float coverage
+    fg_pixels: np.ndarray | None  # (P, 2) (y, x) foreground pixel coordinates
+    bg_pixels: np.ndarray | None
+    valid_low: tuple[int, int]
+
+
+class PointPromptEnv(gym.Env):
+    """Click-by-click prompting of a frozen segmenter, rewarded by mask quality.
+
+    Args:
+        samples: Sequence of objects with ``id``, ``mask`` (``(H, W)`` bool, may be ``None``
+            for unlabelled images when ``reward`` is not needed) and ``load_image()``.
+        segmenter: A frozen :class:`~segmenter.base.Segmenter` (never loaded by the env).
+        labeler: Decides click labels (SRM, oracle, always-positive).
+        config: :class:`EnvConfig`.
+        cache: Optional on-disk embedding cache shared by every env (and process).
+        render_mode: ``"rgb_array"`` or ``None``.
+    """
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 2}
+
+    def __init__(
+        self,
+        samples: Sequence[Any],
+        segmenter: Segmenter,
+        labeler: Labeler | None = None,
+        config: EnvConfig | None = None,
+        cache: EmbeddingCache | None = None,
+        render_mode: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config or EnvConfig()
+        if not len(samples):
+            raise ValueError("the environment needs at least one sample")
+        for s in samples:
+            m = getattr(s, "mask", None)
+            if m is not None and (not m.any() or m.all()):
+                raise ValueError(
+                    f"sample {s.id!r}: mask is {'empty' if not m.any() else 'all foreground'}; "
+                    "an episode needs foreground and background (drop the sample, e.g. "
+                    "with on_error='skip' in the data loader)"
+                )
+        if render_mode not in (None, "rgb_array"):
+            raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
+        self.samples = list(samples)
+        self.segmenter = segmenter
+        self.labeler = labeler or OracleLabeler()
+        self.cache = cache
+        self.render_mode = render_mode
+        self._prepared: dict[str, _Prepared] = {}
+        g, k = self.config.grid, self.config.feature_channels
+        channels = int(segmenter.embedding_shape[0])
+        self._proj = projection_matrix(channels, k)
+        self.action_space = spaces.Discrete(g * g)
+        box = lambda shape, lo, hi: spaces.Box(lo, hi, shape=shape, dtype=np.float32)  # noqa: E731
+        self.observation_space = spaces.Dict(
+            {
+                "state": box((k, g, g), -FEATURE_CLIP, FEATURE_CLIP),
+                "image": box((k, g, g), -FEATURE_CLIP, FEATURE_CLIP),
+                "mask": box((1, g, g), 0.0, 1.0),
+                "fg": box((1, g, g), 0.0, 1.0),
+                "clicks": box((2, g, g), 0.0, 1.0),
+                "step": box((1,), 0.0, 1.0),
+            }
+        )
+        self._next_index = 0
+        self._ep: EpisodeState | None = None
+
+    # -- per-image preparation ---------------------------------------------------------------
+    def _prepare(self, sample: Any) -> _Prepared:
+        if sample.id in self._prepared:
+            return self._prepared[sample.id]
+        image = sample.load_image()
+        if self.cache is not None:
+            emb = self.cache.get_or_encode(self.segmenter, image)
+        else:
+            emb = self.segmenter.encode(image)
+        feats = torch.einsum("kc,chw->khw", self._proj, emb.features[0].float().cpu())
+        feats = (feats - feats.mean()) / (feats.std() + 1e-6)
+        feats = feats.clamp(-FEATURE_CLIP, FEATURE_CLIP)
+        low = self.segmenter.low_res_size
+        valid_low = emb.valid_shape(low)
+        gt = getattr(sample, "mask", None)
+        gt_low = gt_grid = fg = bg = None
+        if gt is not None:
+            gt = np.asarray(gt, dtype=bool)
+            if gt.shape != emb.original_size:
+                raise ValueError(
+                    f"sample {sample.id!r}: mask {gt.shape} and image {emb.original_size} differ"
+                )
+            gt_low = emb.to_frame(gt, low)[: valid_low[0], : valid_low[1]] > 0.5
+            gt_grid = emb.to_frame(gt, emb.grid_size)
+            fg = np.argwhere(gt)
+            bg = np.argwhere(~gt)
+        prep = _Prepared(emb, feats, gt, gt_low, gt_grid, fg, bg, valid_low)
+        self._prepared[sample.id] = prep
+        return prep
+
+    # -- gym API ------------------------------------------------------------------------------
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        super().reset(seed=seed)
+        options = options or {}
+        if "index" in options:
+            index = int(options["index"]) % len(self.samples)
+        elif self.config.sample_order == "sequential":
+            index = self._next_index % len(self.samples)
+            self._next_index += 1
+        else:
+            index = int(self.np_random.integers(len(self.samples)))
+        sample = self.samples[index]
+        prep = self._prepare(sample)
+        self._sample, self._prep = sample, prep
+        he, we = prep.embedding.grid_size
+        self._ep = EpisodeState(
+            sample_id=sample.id,
+            embedding=prep.embedding,
+            mask_prob=np.zeros((he, we), np.float32),
+            gt_grid=prep.gt_grid,
+            gt_full=prep.gt_full,
+        )
+        self._t = 0
+        self._visited = np.zeros(self.action_space.n, bool)
+        self._clicks = np.zeros((2, self.config.grid, self.config.grid), np.float32)
+        self._logits: torch.Tensor | None = None
+        self._iou = 0.0
+        self.labeler.begin(self._ep)
+        self._fg = self.labeler.foreground_map(self._ep)
+
+        start = options.get("start", self.config.start)
+        points, labels = self._start_points(start, prep)
+        if len(points):
+            self._decode(points, labels)
+        return self._obs(), self._info(final=False)
+
+    def _start_points(self, start: str, prep: _Prepared) -> tuple[np.ndarray, np.ndarray]:
+        if start == "none":
+            return np.zeros((0, 2), np.float32), np.zeros((0,), np.int64)
+        if start == "gt":
+            if prep.fg_pixels is None or prep.bg_pixels is None:
+                raise RuntimeError("start='gt' needs ground-truth masks; use start='labeler'")
+            fy, fx = prep.fg_pixels[self.np_random.integers(len(prep.fg_pixels))]
+            by, bx = prep.bg_pixels[self.np_random.integers(len(prep.bg_pixels))]
+            pts = np.array([[fx + 0.5, fy + 0.5], [bx + 0.5, by + 0.5]], np.float32)
+            return pts, np.array([1, 0], np.int64)
+        if start == "labeler":
+            if self._fg is None:
+                raise RuntimeError(
+                    f"start='labeler' needs a labeler with a foreground map; "
+                    f"{self.labeler.name!r} has none"
+                )
+            emb = prep.embedding
+            vh, vw = emb.valid_shape(emb.grid_size)
+            fg = self._fg[:vh, :vw]
+            hi = np.unravel_index(np.argmax(fg), fg.shape)
+            lo = np.unravel_index(np.argmin(fg), fg.shape)
+            pts = np.array([self._grid_to_pixel(*hi), self._grid_to_pixel(*lo)], np.float32)
+            return pts, np.array([1, 0], np.int64)
+        raise ValueError(f"unknown start mode {start!r}")
+
+    def _grid_to_pixel(self, row: int, col: int) -> tuple[float, float]:
+        """Centre of embedding-grid cell ``(row, col)`` in original ``(x, y)`` pixels."""
+        emb = self._prep.embedding
+        he, we = emb.grid_size
+        side = max(emb.input_size)
+        h, w = emb.original_size
+        x = (col + 0.5) / we * side * w / emb.input_size[1]
+        y = (row + 0.5) / he * side * h / emb.input_size[0]
+        return min(x, w - 0.5), min(y, h - 0.5)
+
+    def cell_to_pixel(self, action: int) -> tuple[float, float]:
+        """Centre of action-grid cell ``action`` in original ``(x, y)`` pixels."""
+        g = self.config.grid
+        row, col = divmod(int(action), g)
+        h, w = self._prep.embedding.original_size
+        return (col + 0.5) * w / g, (row + 0.5) * h / g
+
+    def step(self, action: int) -> tuple[dict[str, np.ndarray], float, bool, bool, dict[str, Any]]:
+        if self._ep is None:
+            raise RuntimeError("call reset() before step()")
+        if isinstance(action, np.ndarray):
+            action = action.item() if action.size == 1 else action
+        if not isinstance(action, (int, np.integer)) or not 0 <= int(action) < self.action_space.n:
+            raise ValueError(
+                f"action {action!r} is out of range: expected an int in [0, {self.action_space.n})"
+            )
+        action = int(action)
+        x, y = self.cell_to_pixel(action)
+        repeated = bool(self._visited[action])
+        self._visited[action] = True
+        label = int(self.labeler.label(self._ep, x, y))
+        row, col = divmod(action, self.config.grid)
+        self._clicks[0 if label == 1 else 1, row, col] = 1.0
+        points = np.concatenate([self._ep.points, [[x, y]]]).astype(np.float32)
+        labels = np.concatenate([self._ep.labels, [label]]).astype(np.int64)
+        prev_iou = self._iou
+        self._decode(points, labels)
+        self._t += 1
+        learn = self.labeler.after_step(self._ep)
+        self._fg = self.labeler.foreground_map(self._ep)
+
+        if self.config.reward == "iou_gain":
+            reward = self._iou - prev_iou
+        elif self.config.reward == "iou":
+            reward = self._iou
+        else:
+            gt = self._prep.gt_full
+            if gt is None:
+                raise RuntimeError("reward='hit' needs ground truth")
+            h, w = gt.shape
+            reward = 1.0 if gt[min(int(y), h - 1), min(int(x), w - 1)] else -1.0
+        final = self._t >= self.config.max_steps
+        info = self._info(final=final)
+        info.update(click=(x, y, label), repeated=repeated, **{f"labeler/{k}": v for k, v in learn.items()})
+        return self._obs(), float(reward), False, False, info
+
+    def _decode(self, points: np.ndarray, labels: np.ndarray) -> None:
+        ep = self._ep
+        mask_input = self._logits if (self.config.use_mask_input and self._logits is not None) else None
+        pred = self.segmenter.decode(
+            ep.embedding, points, labels, mask_input=mask_input, multimask=len(points) == 1
+        )
+        self._logits = pred.low_res_logits
+        ep.points, ep.labels = points, labels
+        prob = torch.sigmoid(pred.low_res_logits)
+        ep.mask_prob = to_grid(prob, ep.embedding.grid_size)
+        if self._prep.gt_low is not None:
+            vh, vw = self._prep.valid_low
+            self._iou = mask_iou(pred.low_res_logits[:vh, :vw].numpy() > 0, self._prep.gt_low)
+
+    # -- observation / info -------------------------------------------------------------------
+    def _obs(self) -> dict[str, np.ndarray]:
+        g = (self.config.grid, self.config.grid)
+        ep = self._ep
+        emb = ep.embedding
+        vh, vw = emb.valid_shape(emb.grid_size)
+        feats = self._prep.features[:, :vh, :vw]
+        mask = torch.from_numpy(ep.mask_prob[:vh, :vw])
+        pool = torch.nn.functional.adaptive_avg_pool2d
+        state = pool((feats * mask)[None], g)[0]
+        image = pool(feats[None], g)[0]
+        mask_g = pool(mask[None, None], g)[0]
+        if self._fg is None:
+            fg = np.full((1, *g), 0.5, np.float32)
+        else:
+            fg = to_grid(self._fg[:vh, :vw], g)[None]
+        return {
+            "state": state.numpy().astype(np.float32),
+            "image": image.numpy().astype(np.float32),
+            "mask": mask_g.numpy().astype(np.float32).clip(0, 1),
+            "fg": np.asarray(fg, np.float32).clip(0, 1),
+            "clicks": self._clicks.copy(),
+            "step": np.array([self._t / self.config.max_steps], np.float32),
+        }
+
+    def _info(self, final: bool) -> dict[str, Any]:
+        ep = self._ep
+        info: dict[str, Any] = {
+            "sample_id": ep.sample_id,
+            "iou": self._iou,
+            "prompts": [(float(x), float(y), int(lab)) for (x, y), lab in zip(ep.points, ep.labels)],
+        }
+        if final:
+            info["is_success"] = bool(self._iou >= self.config.success_iou)
+            if self.config.full_res_eval and self._prep.gt_full is not None:
+                info["iou_full"] = mask_iou(self.current_mask(), self._prep.gt_full)
+        return info
+
+    def action_masks(self) -> np.ndarray:
+        """Boolean ``(G*G,)`` of allowed actions (unvisited cells when ``mask_repeats``)."""
+        if not self.config.mask_repeats:
+            return np.ones(self.action_space.n, bool)
+        allowed = ~self._visited
+        return allowed if allowed.any() else np.ones_like(allowed)
+
+    def current_mask(self) -> np.ndarray:
+        """``(H, W)`` bool full-resolution mask of the current prompt set."""
+        h, w = self._prep.embedding.original_size
+        if self._logits is None:
+            return np.zeros((h, w), bool)
+        return self.segmenter.upscale(self._prep.embedding, self._logits)
+
+    def render(self) -> np.ndarray | None:
+        if self.render_mode != "rgb_array":
+            return None
+        from envs.render import overlay
+
+        return overlay(self._sample.load_image(), self.current_mask(), self._ep.points, self._ep.labels)
+
+    def describe(self) -> dict[str, Any]:
+        """Config and sizes, for run folders and logs."""
+        return {**asdict(self.config), "labeler": self.labeler.name, "samples": len(self.samples)}
