@@ -1,0 +1,229 @@
+"""The ``alignsam`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+logger = logging.getLogger("alignsam")
+
+
+def _setup(args: argparse.Namespace) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
+def _segmenter(args: argparse.Namespace):
+    from segmenter import build_segmenter
+
+    return build_segmenter(
+        args.segmenter, checkpoint=args.checkpoint, device=args.device, autocast_bf16=args.bf16
+    )
+
+
+def _print_table(rows: list[dict], keys: list[str]) -> None:
+    widths = {k: max(len(k), *(len(_fmt(r.get(k))) for r in rows)) for k in keys}
+    print("  ".join(k.ljust(widths[k]) for k in keys))
+    for r in rows:
+        print("  ".join(_fmt(r.get(k)).ljust(widths[k]) for k in keys))
+
+
+def _fmt(v: object) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "" if v is None else str(v)
+
+
+# -- weights --------------------------------------------------------------------------------
+def cmd_weights(args: argparse.Namespace) -> int:
+    from segmenter import weights as W
+
+    if args.action == "list":
+        _print_table(W.listing(verify=args.verify), ["name", "present", "size_mb", "verified", "file"])
+        print(f"cache: {W.weights_dir()}  (override with ${W.CACHE_ENV})")
+        return 0
+    names = [args.name] if args.name else ["mobile_sam"]
+    for name in names:
+        path = W.fetch(name, source=args.source, force=args.force)
+        print(f"{name}: {path} (SHA-256 verified)")
+    return 0
+
+
+# -- embed ------------------------------------------------------------------------------------
+def cmd_embed(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from experiments.datasets import load_dataset
+    from segmenter import EmbeddingCache
+
+    samples = load_dataset(args.dataset, on_error="skip" if args.skip_bad else "raise")
+    if args.limit:
+        samples = samples[: args.limit]
+    seg = _segmenter(args)
+    cache = EmbeddingCache(args.cache)
+    t0 = time.perf_counter()
+    for s in tqdm(samples, desc=f"embed {args.dataset}", unit="img"):
+        cache.get_or_encode(seg, s.load_image())
+    dt = time.perf_counter() - t0
+    n = len(samples)
+    print(
+        f"{n} images in {dt:.1f} s ({n / dt:.2f} images/s): {cache.misses} encoded, "
+        f"{cache.hits} already cached, {cache.recomputed_corrupt} corrupt entries recomputed; "
+        f"cache {cache.root}"
+    )
+    return 0
+
+
+# -- bench -----------------------------------------------------------------------------------
+def cmd_bench(args: argparse.Namespace) -> int:
+    from experiments.datasets import load_dataset
+    from experiments.segmenter_bench import time_env, time_segmenter
+    from segmenter import EmbeddingCache
+
+    samples = load_dataset(args.dataset)[: args.limit]
+    seg = _segmenter(args)
+    result: dict[str, object] = {"segmenter": seg.model_id, "dataset": args.dataset}
+    if args.what in ("segmenter", "all"):
+        result["segmenter_timing"] = time_segmenter(seg, samples, decode_calls=args.decode_calls)
+        t = result["segmenter_timing"]
+        print(
+            f"[{seg.model_id}, {t['threads']} threads, {t['images']} images]\n"
+            f"  encode cold   {t['encode_cold_s_per_image'] * 1000:8.1f} ms/image "
+            f"({t['encode_cold_images_per_s']:.2f} images/s)\n"
+            f"  encode cached {t['encode_cached_s_per_image'] * 1000:8.1f} ms/image "
+            f"({t['encode_cached_images_per_s']:.1f} images/s)\n"
+            f"  decode        {t['decode_ms_per_call']:8.1f} ms/call (median of {t['decode_calls']})"
+        )
+    if args.what in ("env", "all"):
+        t = time_env(seg, samples, episodes=args.episodes, cache=EmbeddingCache(args.cache))
+        result["env_timing"] = t
+        print(
+            f"  env step      {t['env_step_ms']:8.1f} ms ({t['env_steps_per_s']:.1f} steps/s, "
+            f"{t['labeler']} labels)\n"
+            f"  bare decoder  {t['decoder_call_ms']:8.1f} ms ({t['decoder_calls_per_s']:.1f} calls/s)"
+            f"\n  ratio env step / decoder call = {t['ratio_step_over_decoder']:.3f} (target <= 1.10)"
+        )
+    _write_json(args.out, result)
+    return 0
+
+
+def _write_json(path: str | None, obj: object) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(obj, indent=2, default=str))
+        print(f"wrote {path}")
+
+
+# -- oneclick ----------------------------------------------------------------------------------
+def cmd_oneclick(args: argparse.Namespace) -> int:
+    from experiments.datasets import load_dataset
+    from experiments.segmenter_bench import one_click_iou
+    from segmenter import EmbeddingCache
+
+    samples = load_dataset(args.dataset)
+    if args.limit:
+        samples = samples[: args.limit]
+    seg = _segmenter(args)
+    res = one_click_iou(seg, samples, EmbeddingCache(args.cache))
+    m = res["mean_iou"]
+    print(
+        f"{seg.model_id} on {args.dataset} ({res['n']} images), one positive click at the deepest "
+        f"interior point:\n  mean IoU single-mask head {m['single']:.4f} | multimask, best "
+        f"predicted score {m['score']:.4f} | multimask, oracle best-of-3 {m['oracle']:.4f}"
+    )
+    _write_json(args.out, res)
+    return 0
+
+
+# -- demo ------------------------------------------------------------------------------------
+def cmd_demo(args: argparse.Namespace) -> int:
+    from experiments.demo import run_demo
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="alignsam", description="Automatic prompting of a frozen Segment Anything model."
+    )
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def seg_opts(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--segmenter", default="mobile_sam", help="registry name (default mobile_sam)")
+        sp.add_argument("--checkpoint", default=None, help="weights file (default: cached/fetched)")
+        sp.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+        sp.add_argument("--bf16", action="store_true", help="bf16 autocast")
+        sp.add_argument("--cache", default=None, help="embedding cache dir ($ALIGNSAM_HOME/embeddings)")
+
+    w = sub.add_parser("weights", help="list or fetch segmenter checkpoints")
+    w.add_argument("action", choices=["list", "fetch"])
+    w.add_argument("name", nargs="?", help="checkpoint name (default mobile_sam)")
+    w.add_argument("--from", dest="source", default=None, help="import a local file instead")
+    w.add_argument("--force", action="store_true", help="fetch again even if present")
+    w.add_argument("--verify", action="store_true", help="check SHA-256 of present files")
+    w.set_defaults(func=cmd_weights)
+
+    e = sub.add_parser("embed", help="pre-compute image embeddings into the cache")
+    e.add_argument("dataset", help="dataset spec, e.g. kvasir:train or a folder of images")
+    e.add_argument("--limit", type=int, default=0)
+    e.add_argument("--skip-bad", action="store_true", help="skip unreadable files (counted)")
+    seg_opts(e)
+    e.set_defaults(func=cmd_embed)
+
+    b = sub.add_parser("bench", help="time encoder, decoder and env steps")
+    b.add_argument("what", choices=["segmenter", "env", "all"], nargs="?", default="all")
+    b.add_argument("--dataset", default="kvasir:train")
+    b.add_argument("--limit", type=int, default=10)
+    b.add_argument("--decode-calls", type=int, default=40)
+    b.add_argument("--episodes", type=int, default=8)
+    b.add_argument("--out", default=None, help="write the figures as JSON here")
+    seg_opts(b)
+    b.set_defaults(func=cmd_bench)
+
+    o = sub.add_parser("oneclick", help="mean IoU of one click at the deepest interior point")
+    o.add_argument("dataset", nargs="?", default="kvasir:train")
+    o.add_argument("--limit", type=int, default=0)
+    o.add_argument("--out", default=None)
+    seg_opts(o)
+    o.set_defaults(func=cmd_oneclick)
+
+    d = sub.add_parser("demo", help="end-to-end run on the embedded synthetic task")
+    d.add_argument("--out", default="runs/demo", help="output folder")
+    d.add_argument("--quick", action="store_true", help="tiny budget (smoke test)")
+    seg_opts(d)
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    _setup(args)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, RuntimeError, OSError) as exc:
+        if args.verbose:
+            raise
+        print(f"alignsam {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""Dataset specifications as command-line strings.
+
+Forms (``ROOT`` defaults to the shared data folder, see :func:`envs.data.shared_data_root`):
+
+- ``kvasir:SPLIT`` or ``kvasir:SPLIT:ROOT``          Kvasir-SEG with its ``splits.json``
+- ``camvid:SPLIT:CLASS`` or ``camvid:SPLIT:CLASS:ROOT`` CamVid, one class vs rest
+- ``folder:IMAGES_DIR:MASKS_DIR``                   image / mask pairs matched by stem
+- ``coco:ANNOTATIONS.json:IMAGES_DIR[:CATEGORY]``    COCO instances (pycocotools)
+- ``synthetic:SPLIT``                                the embedded procedural task
+- ``images:DIR`` or a plain folder                   images without masks (``embed``, ``segment``)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from envs import data as D
+
+
+@dataclass(frozen=True)
+class ImageOnly:
+    """An image without ground truth (for embedding and automatic segmentation)."""
+
+    id: str
+    image_path: Path
+    mask: None = None
+
+    def load_image(self) -> np.ndarray:
+        return D.load_image(self.image_path)
+
+
+def _root(parts: list[str], index: int, sub: str) -> Path:
+    if len(parts) > index and parts[index]:
+        return Path(parts[index]).expanduser()
+    shared = D.shared_data_root()
+    if shared is None:
+        raise D.DataError(
+            f"no data root given and no shared data folder found: pass ROOT in the spec or set "
+            f"${D.DATA_ENV} to the folder holding {sub}/"
+        )
+    return shared / sub
+
+
+def load_dataset(spec: str, on_error: D.OnError = "raise"):
+    """Resolve a dataset spec (see module docstring) to a sequence of samples."""
+    path = Path(spec).expanduser()
+    if ":" not in spec or path.is_dir():
+        return image_folder(path)
+    kind, *parts = spec.split(":")
+    if kind == "kvasir":
+        if not parts:
+            raise D.DataError("kvasir needs a split: kvasir:train | kvasir:val | kvasir:test")
+        return D.kvasir_seg(_root(parts, 1, "kvasir-seg"), parts[0], on_error=on_error)
+    if kind == "camvid":
+        if len(parts) < 2:
+            raise D.DataError("camvid needs a split and a class: e.g. camvid:val:car")
+        return D.camvid(_root(parts, 2, "camvid"), parts[0], parts[1], on_error=on_error)
+    if kind == "folder":
+        if len(parts) != 2:
+            raise D.DataError("folder needs two folders: folder:IMAGES_DIR:MASKS_DIR")
+        return D.folder_pairs(parts[0], parts[1], on_error=on_error)
+    if kind == "coco":
+        if len(parts) < 2:
+            raise D.DataError("coco needs coco:ANNOTATIONS.json:IMAGES_DIR[:CATEGORY]")
+        category = parts[2] if len(parts) > 2 else None
+        return D.coco_dataset(parts[0], parts[1], category=category, on_error=on_error)
+    if kind == "synthetic":
+        from envs.synthetic import synthetic_task
+
+        return synthetic_task(parts[0] if parts else "train")
+    if kind == "images":
+        return image_folder(Path(parts[0]).expanduser())
+    raise D.DataError(
+        f"unknown dataset kind {kind!r} in {spec!r}; use kvasir:, camvid:, folder:, coco:, "
+        "synthetic: or images:"
+    )
+
+
+def image_folder(folder: Path) -> list[ImageOnly]:
+    """Every image file of a folder (sorted), without masks."""
+    if not folder.is_dir():
+        raise D.DataError(f"{folder} is not a folder of images")
+    files = sorted(
+        p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in D.IMAGE_SUFFIXES
+    )
+    if not files:
+        raise D.DataError(f"no images ({', '.join(D.IMAGE_SUFFIXES)}) in {folder}")
+    return [ImageOnly(p.stem, p) for p in files]
