@@ -14,7 +14,9 @@ if ENV_ID not in gym.registry:
     gym.register(id=ENV_ID, entry_point="envs.prompt_env:PointPromptEnv", max_episode_steps=15)
 
 
-def make_env(samples, segmenter, labeler=None, config: EnvConfig | None = None, **kwargs: Any) -> gym.Env:
+def make_env(
+    samples, segmenter, labeler=None, config: EnvConfig | None = None, **kwargs: Any
+) -> gym.Env:
     """``gym.make`` the prompting env with ``max_episode_steps = config.max_steps``."""
     config = config or EnvConfig()
     return gym.make(

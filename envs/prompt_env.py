@@ -226,6 +226,7 @@ class PointPromptEnv(gym.Env):
             mask_prob=np.zeros((he, we), np.float32),
             gt_grid=prep.gt_grid,
             gt_full=prep.gt_full,
+            load_image=sample.load_image,
         )
         self._t = 0
         self._visited = np.zeros(self.action_space.n, bool)
@@ -319,12 +320,16 @@ class PointPromptEnv(gym.Env):
             reward = 1.0 if gt[min(int(y), h - 1), min(int(x), w - 1)] else -1.0
         final = self._t >= self.config.max_steps
         info = self._info(final=final)
-        info.update(click=(x, y, label), repeated=repeated, **{f"labeler/{k}": v for k, v in learn.items()})
+        info.update(
+            click=(x, y, label), repeated=repeated, **{f"labeler/{k}": v for k, v in learn.items()}
+        )
         return self._obs(), float(reward), False, False, info
 
     def _decode(self, points: np.ndarray, labels: np.ndarray) -> None:
         ep = self._ep
-        mask_input = self._logits if (self.config.use_mask_input and self._logits is not None) else None
+        mask_input = (
+            self._logits if (self.config.use_mask_input and self._logits is not None) else None
+        )
         pred = self.segmenter.decode(
             ep.embedding, points, labels, mask_input=mask_input, multimask=len(points) == 1
         )
@@ -366,7 +371,10 @@ class PointPromptEnv(gym.Env):
         info: dict[str, Any] = {
             "sample_id": ep.sample_id,
             "iou": self._iou,
-            "prompts": [(float(x), float(y), int(lab)) for (x, y), lab in zip(ep.points, ep.labels)],
+            "prompts": [
+                (float(x), float(y), int(lab))
+                for (x, y), lab in zip(ep.points, ep.labels, strict=True)
+            ],
         }
         if final:
             info["is_success"] = bool(self._iou >= self.config.success_iou)
@@ -393,7 +401,9 @@ class PointPromptEnv(gym.Env):
             return None
         from envs.render import overlay
 
-        return overlay(self._sample.load_image(), self.current_mask(), self._ep.points, self._ep.labels)
+        return overlay(
+            self._sample.load_image(), self.current_mask(), self._ep.points, self._ep.labels
+        )
 
     def describe(self) -> dict[str, Any]:
         """Config and sizes, for run folders and logs."""

@@ -42,7 +42,9 @@ def overlay(
     if points is not None and len(points):
         draw = ImageDraw.Draw(pil)
         r = max(3, round(min(image.shape[:2]) / 60))
-        for i, ((x, y), lab) in enumerate(zip(points, labels if labels is not None else [])):
+        for i, ((x, y), lab) in enumerate(
+            zip(points, labels if labels is not None else [], strict=True)
+        ):
             fill = (40, 220, 60) if int(lab) == 1 else (235, 40, 40)
             draw.ellipse([x - r, y - r, x + r, y + r], fill=fill, outline=(255, 255, 255))
             draw.line([x - r + 2, y, x + r - 2, y], fill=(255, 255, 255), width=2)

@@ -37,7 +37,9 @@ def _noise(rng: np.random.Generator, size: int, sigma: float) -> np.ndarray:
     return (n - n.min()) / (np.ptp(n) + 1e-9)
 
 
-def _blob(rng: np.random.Generator, size: int, radius: float, centre: tuple[float, float]) -> np.ndarray:
+def _blob(
+    rng: np.random.Generator, size: int, radius: float, centre: tuple[float, float]
+) -> np.ndarray:
     yy, xx = np.mgrid[:size, :size].astype(np.float32)
     theta = np.arctan2(yy - centre[0], xx - centre[1])
     r = np.hypot(yy - centre[0], xx - centre[1])
@@ -59,7 +61,9 @@ def make_scene(seed: int) -> tuple[np.ndarray, np.ndarray]:
     s = SIZE
     bg_hue = rng.uniform()
     bg_a = _hue_colour(rng, bg_hue, rng.uniform(0.2, 0.5), rng.uniform(0.45, 0.8))
-    bg_b = _hue_colour(rng, bg_hue + rng.uniform(0.1, 0.3), rng.uniform(0.2, 0.5), rng.uniform(0.3, 0.7))
+    bg_b = _hue_colour(
+        rng, bg_hue + rng.uniform(0.1, 0.3), rng.uniform(0.2, 0.5), rng.uniform(0.3, 0.7)
+    )
     t = _noise(rng, s, 12)[..., None]
     img = bg_a * t + bg_b * (1 - t)
     img += (_noise(rng, s, 1.2)[..., None] - 0.5) * 40  # fine background grain
@@ -81,7 +85,9 @@ def make_scene(seed: int) -> tuple[np.ndarray, np.ndarray]:
 
     yy, xx = np.mgrid[:s, :s]
     for i, blob in enumerate(blobs):
-        base = _hue_colour(rng, obj_hue + rng.uniform(-0.06, 0.06), rng.uniform(0.4, 0.8), rng.uniform(0.45, 0.8))
+        base = _hue_colour(
+            rng, obj_hue + rng.uniform(-0.06, 0.06), rng.uniform(0.4, 0.8), rng.uniform(0.45, 0.8)
+        )
         shade = _noise(rng, s, 6)[..., None] * 0.4 + 0.8
         fill = base * shade
         if i == 0:  # target: spots

@@ -51,7 +51,9 @@ def cmd_weights(args: argparse.Namespace) -> int:
     from segmenter import weights as W
 
     if args.action == "list":
-        _print_table(W.listing(verify=args.verify), ["name", "present", "size_mb", "verified", "file"])
+        _print_table(
+            W.listing(verify=args.verify), ["name", "present", "size_mb", "verified", "file"]
+        )
         print(f"cache: {W.weights_dir()}  (override with ${W.CACHE_ENV})")
         return 0
     names = [args.name] if args.name else ["mobile_sam"]
@@ -104,7 +106,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             f"({t['encode_cold_images_per_s']:.2f} images/s)\n"
             f"  encode cached {t['encode_cached_s_per_image'] * 1000:8.1f} ms/image "
             f"({t['encode_cached_images_per_s']:.1f} images/s)\n"
-            f"  decode        {t['decode_ms_per_call']:8.1f} ms/call (median of {t['decode_calls']})"
+            f"  decode        {t['decode_ms_per_call']:8.1f} ms/call "
+            f"(median of {t['decode_calls']})"
         )
     if args.what in ("env", "all"):
         t = time_env(seg, samples, episodes=args.episodes, cache=EmbeddingCache(args.cache))
@@ -112,8 +115,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(
             f"  env step      {t['env_step_ms']:8.1f} ms ({t['env_steps_per_s']:.1f} steps/s, "
             f"{t['labeler']} labels)\n"
-            f"  bare decoder  {t['decoder_call_ms']:8.1f} ms ({t['decoder_calls_per_s']:.1f} calls/s)"
-            f"\n  ratio env step / decoder call = {t['ratio_step_over_decoder']:.3f} (target <= 1.10)"
+            f"  bare decoder  {t['decoder_call_ms']:8.1f} ms "
+            f"({t['decoder_calls_per_s']:.1f} calls/s)\n"
+            f"  ratio env step / decoder call = {t['ratio_step_over_decoder']:.3f} "
+            "(target <= 1.10)"
         )
     _write_json(args.out, result)
     return 0
@@ -163,11 +168,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def seg_opts(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--segmenter", default="mobile_sam", help="registry name (default mobile_sam)")
+        sp.add_argument(
+            "--segmenter", default="mobile_sam", help="registry name (default mobile_sam)"
+        )
         sp.add_argument("--checkpoint", default=None, help="weights file (default: cached/fetched)")
         sp.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
         sp.add_argument("--bf16", action="store_true", help="bf16 autocast")
-        sp.add_argument("--cache", default=None, help="embedding cache dir ($ALIGNSAM_HOME/embeddings)")
+        sp.add_argument(
+            "--cache", default=None, help="embedding cache dir ($ALIGNSAM_HOME/embeddings)"
+        )
 
     w = sub.add_parser("weights", help="list or fetch segmenter checkpoints")
     w.add_argument("action", choices=["list", "fetch"])

@@ -65,7 +65,9 @@ def run_demo(args: argparse.Namespace) -> int:
             if i == 0:
                 pts = np.array([p[:2] for p in info["prompts"]])
                 lbl = np.array([p[2] for p in info["prompts"]])
-                examples.append(overlay(test[0].image, env.current_mask(), pts, lbl, outline=test[0].mask))
+                examples.append(
+                    overlay(test[0].image, env.current_mask(), pts, lbl, outline=test[0].mask)
+                )
         rows.append({"method": name, "clicks": steps, "mIoU": float(np.mean(ious))})
 
     print(f"\nalignsam demo: synthetic task, {len(test)} test images, {seg.model_id}")

@@ -10,6 +10,7 @@ train itself online, never to label.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,7 +33,8 @@ class EpisodeState:
         gt_grid: ``(He, We)`` float32 ground-truth coverage on the embedding grid, or ``None``
             when there is no ground truth (automatic segmentation).
         gt_full: ``(H, W)`` bool ground truth in original pixels, or ``None``.
-        semantic: ``(He, We)`` float32 text-guided similarity map (explicit tasks), or ``None``.
+        load_image: Returns the ``(H, W, 3)`` uint8 RGB image (for labelers that look at
+            pixels, e.g. CLIP); ``None`` when unavailable.
     """
 
     sample_id: str
@@ -42,7 +44,7 @@ class EpisodeState:
     labels: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int64))
     gt_grid: np.ndarray | None = None
     gt_full: np.ndarray | None = None
-    semantic: np.ndarray | None = None
+    load_image: Callable[[], np.ndarray] | None = None
 
     def grid_cell(self, x: float, y: float) -> tuple[int, int]:
         """Embedding-grid ``(row, col)`` holding original-image pixel ``(x, y)``."""

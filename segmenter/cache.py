@@ -51,7 +51,9 @@ class EmbeddingCache:
         safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", model_id)
         return self.root / safe / key[:2] / f"{key}.npz"
 
-    def load(self, model_id: str, key: str, device: torch.device | str = "cpu") -> ImageEmbedding | None:
+    def load(
+        self, model_id: str, key: str, device: torch.device | str = "cpu"
+    ) -> ImageEmbedding | None:
         """The cached embedding, or ``None`` when absent or corrupt (corrupt files are removed)."""
         path = self.path_for(model_id, key)
         if not path.is_file():

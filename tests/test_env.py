@@ -62,7 +62,9 @@ def test_gymnasium_check_env(env):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         gym_check_env(env, skip_render_check=True)
-    assert not [w for w in caught if "alignsam" in str(w.filename) or "gymnasium" in str(w.filename)]
+    assert not [
+        w for w in caught if "alignsam" in str(w.filename) or "gymnasium" in str(w.filename)
+    ]
 
 
 def test_sb3_check_env(env):
@@ -104,7 +106,7 @@ def test_determinism_same_seed_same_actions(tiny_segmenter):
 
     (t1, r1), (t2, r2) = rollout(), rollout()
     assert r1 == r2
-    for a, b in zip(t1, t2):
+    for a, b in zip(t1, t2, strict=True):
         for key in a:
             np.testing.assert_array_equal(a[key], b[key])
 
@@ -129,7 +131,9 @@ def test_iou_gain_rewards_sum_to_final_minus_start(env):
 
 def test_hit_reward_and_oracle_labels_agree(tiny_segmenter):
     samples = make_samples()
-    e = PointPromptEnv(samples, tiny_segmenter, OracleLabeler(), EnvConfig(reward="hit", max_steps=3))
+    e = PointPromptEnv(
+        samples, tiny_segmenter, OracleLabeler(), EnvConfig(reward="hit", max_steps=3)
+    )
     e.reset(seed=0, options={"index": 0})
     for a in (0, 45, 99):
         _, r, _, _, info = e.step(a)
@@ -137,7 +141,9 @@ def test_hit_reward_and_oracle_labels_agree(tiny_segmenter):
 
 
 def test_always_positive_labeler(tiny_segmenter):
-    e = PointPromptEnv(make_samples(), tiny_segmenter, AlwaysPositiveLabeler(), EnvConfig(start="none"))
+    e = PointPromptEnv(
+        make_samples(), tiny_segmenter, AlwaysPositiveLabeler(), EnvConfig(start="none")
+    )
     _, info = e.reset(seed=0)
     assert info["prompts"] == []
     for a in (0, 1, 2):
@@ -167,10 +173,14 @@ def test_empty_and_full_masks_rejected_at_construction(tiny_segmenter):
 
 
 def test_labeler_start_needs_a_map(tiny_segmenter):
-    e = PointPromptEnv(make_samples(), tiny_segmenter, AlwaysPositiveLabeler(), EnvConfig(start="labeler"))
+    e = PointPromptEnv(
+        make_samples(), tiny_segmenter, AlwaysPositiveLabeler(), EnvConfig(start="labeler")
+    )
     with pytest.raises(RuntimeError, match="foreground map"):
         e.reset(seed=0)
-    oracle = PointPromptEnv(make_samples(), tiny_segmenter, OracleLabeler(), EnvConfig(start="labeler"))
+    oracle = PointPromptEnv(
+        make_samples(), tiny_segmenter, OracleLabeler(), EnvConfig(start="labeler")
+    )
     _, info = oracle.reset(seed=0)
     assert [p[2] for p in info["prompts"]] == [1, 0]
 

@@ -1,0 +1,104 @@
+"""Packaging guards and subprocess smoke tests of every CLI command with tiny budgets."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ["envs", "agents", "segmenter", "recalibration", "experiments"]
+
+
+@pytest.mark.parametrize("name", PACKAGES)
+def test_project_packages_come_from_this_repo(name):
+    """Generic names like ``envs`` collide with other distributions: make sure we import ours."""
+    mod = importlib.import_module(name)
+    assert Path(mod.__file__).resolve().is_relative_to(REPO), mod.__file__
+
+
+def test_library_never_imports_experiments():
+    for pkg in ("envs", "agents", "segmenter", "recalibration"):
+        for path in (REPO / pkg).rglob("*.py"):
+            text = path.read_text()
+            assert "from experiments" not in text and "import experiments" not in text, path
+
+
+def test_no_sys_path_hacks():
+    needle = "sys.path." + "insert"
+    for pkg in [*PACKAGES, "tests"]:
+        for path in (REPO / pkg).rglob("*.py"):
+            assert needle not in path.read_text(), path
+
+
+def run_cli(*args: str, tmp_path: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "ALIGNSAM_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=timeout,
+    )
+
+
+def test_cli_weights_list(tmp_path):
+    proc = run_cli("weights", "list", tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "mobile_sam" in proc.stdout and "sam_vit_h" in proc.stdout
+
+
+def test_cli_weights_fetch_bad_file_is_clear(tmp_path):
+    bad = tmp_path / "fake.pt"
+    bad.write_bytes(b"123")
+    proc = run_cli("weights", "fetch", "mobile_sam", "--from", str(bad), tmp_path=tmp_path)
+    assert proc.returncode == 2
+    assert "SHA-256" in proc.stderr
+
+
+def test_cli_embed_oneclick_bench_tiny(tmp_path):
+    cache = str(tmp_path / "emb")
+    proc = run_cli(
+        "embed", "synthetic:val", "--segmenter", "tiny", "--limit", "3", "--cache", cache,
+        tmp_path=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "3 images" in proc.stdout and "3 encoded" in proc.stdout
+    again = run_cli(
+        "embed", "synthetic:val", "--segmenter", "tiny", "--limit", "3", "--cache", cache,
+        tmp_path=tmp_path,
+    )
+    assert "3 already cached" in again.stdout, again.stdout
+
+    out = tmp_path / "oneclick.json"
+    proc = run_cli(
+        "oneclick", "synthetic:val", "--segmenter", "tiny", "--limit", "2", "--out", str(out),
+        tmp_path=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(out.read_text())["n"] == 2
+
+    proc = run_cli(
+        "bench", "all", "--segmenter", "tiny", "--dataset", "synthetic:val", "--limit", "2",
+        "--decode-calls", "3", "--episodes", "1", "--cache", cache, tmp_path=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "ratio env step / decoder call" in proc.stdout
+
+
+def test_cli_unknown_dataset_is_clear(tmp_path):
+    proc = run_cli("embed", "nonsense:thing", "--segmenter", "tiny", tmp_path=tmp_path)
+    assert proc.returncode == 2 and "unknown dataset kind" in proc.stderr
+
+
+def test_cli_demo_quick_tiny(tmp_path):
+    proc = run_cli("demo", "--quick", "--segmenter", "tiny", "--out", "demo", tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "demo" / "overlays.png").is_file()
+    assert "mIoU" in proc.stdout
