@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from experiments.runtime import tune_malloc
+
 logger = logging.getLogger("alignsam")
 
 
@@ -152,6 +154,49 @@ def cmd_oneclick(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- train / evaluate -------------------------------------------------------------------------
+def cmd_train(args: argparse.Namespace) -> int:
+    from experiments.train import resolve_task, train
+
+    if not args.task and not args.resume:
+        raise ValueError("give a TASK (YAML file or shipped name) or --resume RUN_DIR")
+    if args.resume:
+        task = None
+    else:
+        task = resolve_task(args.task)
+        overrides = {
+            "segmenter": args.segmenter,
+            "device": args.device,
+            "seed": args.seed,
+            "total_timesteps": args.steps,
+        }
+        for key, value in overrides.items():
+            if value is not None:
+                setattr(task, key, value)
+    summary = train(
+        task,
+        runs=Path(args.runs),
+        resume=Path(args.resume) if args.resume else None,
+        cache_dir=args.cache,
+        progress=not args.no_progress,
+    )
+    print(
+        f"run {summary['run_dir']}: {summary['steps']} steps in {summary['wall_seconds']:.0f} s "
+        f"(PPO learn {summary['learn_seconds']:.0f} s), best val mIoU "
+        f"{summary['best_val_miou']:.4f}"
+    )
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from experiments.train import evaluate_run
+
+    res = evaluate_run(Path(args.run), args.split, args.limit)
+    print(f"{args.run} on {args.split}: mIoU {res['miou']:.4f} over {len(res['per_image'])} images")
+    _write_json(args.out, res)
+    return 0
+
+
 # -- demo ------------------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
     from experiments.demo import run_demo
@@ -210,6 +255,27 @@ def build_parser() -> argparse.ArgumentParser:
     seg_opts(o)
     o.set_defaults(func=cmd_oneclick)
 
+    t = sub.add_parser("train", help="train a prompt agent (PPO + SRM) for a task")
+    t.add_argument("task", nargs="?", help="task YAML or shipped task name (experiments/tasks)")
+    t.add_argument(
+        "--resume", default=None, help="continue this run folder from its last checkpoint"
+    )
+    t.add_argument("--runs", default="runs", help="parent folder of run folders")
+    t.add_argument("--steps", type=int, default=None, help="override total_timesteps")
+    t.add_argument("--seed", type=int, default=None)
+    t.add_argument("--segmenter", default=None, help="override the task's segmenter")
+    t.add_argument("--device", default=None)
+    t.add_argument("--cache", default=None, help="embedding cache dir")
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("evaluate", help="evaluate a run's best agent on a split")
+    ev.add_argument("run")
+    ev.add_argument("--split", default="test", choices=["train", "val", "test"])
+    ev.add_argument("--limit", type=int, default=None)
+    ev.add_argument("--out", default=None)
+    ev.set_defaults(func=cmd_evaluate)
+
     d = sub.add_parser("demo", help="end-to-end run on the embedded synthetic task")
     d.add_argument("--out", default="runs/demo", help="output folder")
     d.add_argument("--quick", action="store_true", help="tiny budget (smoke test)")
@@ -220,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    tune_malloc()
     args = build_parser().parse_args(argv)
     _setup(args)
     try:

@@ -1,0 +1,252 @@
+"""A trained prompt agent: PPO policy + SRM + the task it was trained for.
+
+Checkpoints are folders written atomically: the files go into a temporary sibling folder that
+is renamed into place, and a small ``latest`` pointer file is replaced last. A run killed at
+any moment leaves the previous checkpoint intact and pointed to.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from agents.config import TaskConfig
+from envs import EnvConfig, PointPromptEnv
+from recalibration.srm import SemanticRecalibrationModule
+from segmenter import EmbeddingCache, Segmenter, build_segmenter
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+
+
+class AgentLoadError(RuntimeError):
+    """A run folder or checkpoint cannot be loaded; the message says why and what to do."""
+
+
+def _versions() -> dict[str, str]:
+    import gymnasium
+    import stable_baselines3
+
+    return {
+        "torch": torch.__version__,
+        "gymnasium": gymnasium.__version__,
+        "stable_baselines3": stable_baselines3.__version__,
+        "numpy": np.__version__,
+    }
+
+
+def _ppo_class(maskable: bool):
+    if maskable:
+        from sb3_contrib import MaskablePPO
+
+        return MaskablePPO
+    from stable_baselines3 import PPO
+
+    return PPO
+
+
+def write_checkpoint(
+    ckpt_root: Path,
+    model: Any,
+    srm: SemanticRecalibrationModule,
+    task: TaskConfig,
+    step: int,
+    segmenter_model_id: str,
+    extra: dict[str, Any] | None = None,
+    name: str | None = None,
+    keep: int = 2,
+) -> Path:
+    """Write ``ckpt_root/{name or step_N}`` atomically and point ``ckpt_root/latest`` at it."""
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    name = name or f"step_{step:09d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=ckpt_root))
+    try:
+        model.save(tmp / "agent.zip")
+        srm.save(tmp / "srm.pt")
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "step": int(step),
+            "task": task.to_dict(),
+            "segmenter_model_id": segmenter_model_id,
+            "versions": _versions(),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            **(extra or {}),
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
+        final = ckpt_root / name
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if not name.startswith("step_"):
+        return final
+    pointer_tmp = ckpt_root / f".latest.{os.getpid()}.tmp"
+    pointer_tmp.write_text(name)
+    os.replace(pointer_tmp, ckpt_root / "latest")
+    steps = sorted(p for p in ckpt_root.glob("step_*") if p.is_dir())
+    for old in steps[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The folder the ``latest`` pointer names, or ``None`` when the run has none yet."""
+    pointer = run_dir / "checkpoints" / "latest"
+    if not pointer.is_file():
+        return None
+    path = run_dir / "checkpoints" / pointer.read_text().strip()
+    return path if (path / "meta.json").is_file() else None
+
+
+def read_meta(ckpt: Path) -> dict[str, Any]:
+    """``meta.json`` of a checkpoint, checked for format version."""
+    try:
+        meta = json.loads((ckpt / "meta.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise AgentLoadError(f"{ckpt} is not a readable alignsam checkpoint ({exc})") from exc
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise AgentLoadError(
+            f"{ckpt} has checkpoint format {version}, this alignsam reads {FORMAT_VERSION}: "
+            "use the alignsam version that wrote it"
+        )
+    return meta
+
+
+class PromptAgent:
+    """Automatic segmentation with a trained agent: SRM initial points, then T policy clicks.
+
+    Args:
+        model: The SB3 (Maskable)PPO model.
+        srm: The trained SRM (kept frozen here: no online updates without ground truth).
+        task: The task configuration it was trained with.
+        segmenter: The frozen segmenter (must match the one used in training).
+        cache: Optional embedding cache.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        srm: SemanticRecalibrationModule,
+        task: TaskConfig,
+        segmenter: Segmenter,
+        cache: EmbeddingCache | None = None,
+    ) -> None:
+        self.model = model
+        self.srm = srm
+        self.task = task
+        self.segmenter = segmenter
+        self.cache = cache
+        self.maskable = task.ppo.maskable
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        segmenter: Segmenter | None = None,
+        device: str | None = None,
+        cache: EmbeddingCache | None = None,
+        which: str = "best",
+    ) -> PromptAgent:
+        """Load from a run folder (its ``best`` or ``latest`` checkpoint) or a checkpoint folder."""
+        path = Path(path)
+        if (path / "meta.json").is_file():
+            ckpt = path
+        elif which == "best" and (path / "checkpoints" / "best" / "meta.json").is_file():
+            ckpt = path / "checkpoints" / "best"
+        else:
+            ckpt = latest_checkpoint(path)
+        if ckpt is None:
+            raise AgentLoadError(
+                f"{path} holds no alignsam checkpoint (expected meta.json, or a run folder with "
+                "checkpoints/best or checkpoints/latest): pass a run folder made by alignsam train"
+            )
+        meta = read_meta(ckpt)
+        task = TaskConfig.from_dict(meta["task"], where=f"{ckpt}/meta.json")
+        device = device or task.device
+        if segmenter is None:
+            segmenter = build_segmenter(
+                task.segmenter, checkpoint=task.checkpoint, device=device, autocast_bf16=task.bf16
+            )
+        want = meta.get("segmenter_model_id")
+        if want and want != segmenter.model_id:
+            raise AgentLoadError(
+                f"{ckpt} was trained with segmenter {want}, but {segmenter.model_id} is loaded: "
+                "agents are tied to their segmenter's embeddings; use the same checkpoint"
+            )
+        srm = SemanticRecalibrationModule.load(
+            ckpt / "srm.pt",
+            device=device,
+            branch=task.srm.branch,
+            embed_channels=int(segmenter.embedding_shape[0]),
+            online=False,
+        )
+        model = _ppo_class(task.ppo.maskable).load(ckpt / "agent.zip", device=device)
+        return cls(model, srm, task, segmenter, cache)
+
+    def eval_config(self, **changes: Any) -> EnvConfig:
+        """The task's env settings for evaluation: SRM start, no online learning."""
+        return dataclasses.replace(
+            self.task.env,
+            start="labeler",
+            labeler_learns=False,
+            sample_order="sequential",
+            **changes,
+        )
+
+    def act(
+        self, env: PointPromptEnv, obs: dict[str, np.ndarray], deterministic: bool = True
+    ) -> int:
+        """The policy's action for ``obs`` (respecting action masks when maskable)."""
+        kwargs = {"action_masks": env.action_masks()} if self.maskable else {}
+        action, _ = self.model.predict(obs, deterministic=deterministic, **kwargs)
+        return int(action)
+
+    def run_episode(
+        self, env: PointPromptEnv, index: int, steps: int | None = None, deterministic: bool = True
+    ) -> dict[str, Any]:
+        """One automatic episode on ``env.samples[index]``; returns the final info."""
+        obs, info = env.reset(options={"index": index})
+        for _ in range(steps if steps is not None else env.config.max_steps):
+            obs, _, _, _, info = env.step(self.act(env, obs, deterministic))
+        return info
+
+    def segment(self, image: np.ndarray, steps: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Segment one image with no human input.
+
+        Args:
+            image: ``(H, W, 3)`` uint8 RGB.
+            steps: Agent clicks (default T of the task).
+
+        Returns:
+            ``mask`` ``(H, W)`` bool and ``clicks`` ``(N, 3)`` float array of ``(x, y, label)``
+            (the two SRM initial points first, then the agent's clicks).
+        """
+        sample = _InMemory("image", image)
+        env = PointPromptEnv([sample], self.segmenter, self.srm, self.eval_config(), self.cache)
+        info = self.run_episode(env, 0, steps)
+        clicks = np.array(info["prompts"], np.float32).reshape(-1, 3)
+        return env.current_mask(), clicks
+
+
+@dataclasses.dataclass(frozen=True)
+class _InMemory:
+    id: str
+    image: np.ndarray
+    mask: None = None
+
+    def load_image(self) -> np.ndarray:
+        return self.image

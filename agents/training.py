@@ -1,0 +1,197 @@
+"""Pieces of PPO training on the prompting env: vectorised envs, evaluation, callbacks."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gymnasium.wrappers import TimeLimit
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.logger import Image as TBImage
+from stable_baselines3.common.monitor import Monitor
+from stable_baselines3.common.vec_env import DummyVecEnv
+
+from agents.config import TaskConfig
+from agents.prompt_agent import PromptAgent, write_checkpoint
+from envs import EnvConfig, PointPromptEnv
+from envs.render import overlay
+from recalibration.labelers import Labeler
+from segmenter import EmbeddingCache, Segmenter
+
+logger = logging.getLogger(__name__)
+
+
+def make_vec_env(
+    samples: Sequence[Any],
+    segmenter: Segmenter,
+    labeler: Labeler,
+    config: EnvConfig,
+    n_envs: int = 1,
+    cache: EmbeddingCache | None = None,
+    seed: int = 0,
+) -> DummyVecEnv:
+    """``n_envs`` monitored, time-limited envs in one process sharing segmenter, cache and SRM.
+
+    One process on purpose: the SRM learns online from every env's steps, and a single shared
+    module is what the agent is saved with. (Each env's decoder call already uses every core.)
+    """
+
+    def factory(rank: int) -> Callable[[], Any]:
+        def build() -> Any:
+            env = PointPromptEnv(samples, segmenter, labeler, config, cache=cache)
+            env = TimeLimit(env, max_episode_steps=config.max_steps)
+            return Monitor(env, info_keywords=("iou", "is_success"))
+
+        return build
+
+    venv = DummyVecEnv([factory(i) for i in range(n_envs)])
+    venv.seed(seed)
+    return venv
+
+
+def evaluate_agent(
+    agent: PromptAgent,
+    samples: Sequence[Any],
+    cache: EmbeddingCache | None = None,
+    config: EnvConfig | None = None,
+    limit: int | None = None,
+) -> dict[str, Any]:
+    """Deterministic automatic episodes on ``samples`` (SRM start, no online learning)."""
+    config = config or agent.eval_config(full_res_eval=True)
+    env = PointPromptEnv(samples, agent.segmenter, agent.srm, config, cache=cache)
+    n = len(samples) if limit is None else min(limit, len(samples))
+    ious, full = [], []
+    first_overlay = None
+    for i in range(n):
+        info = agent.run_episode(env, i)
+        ious.append(info["iou"])
+        full.append(info.get("iou_full", info["iou"]))
+        if i == 0:
+            pts = np.array([p[:2] for p in info["prompts"]]).reshape(-1, 2)
+            lbl = np.array([p[2] for p in info["prompts"]])
+            s = samples[0]
+            first_overlay = overlay(
+                s.load_image(), env.current_mask(), pts, lbl, outline=getattr(s, "mask", None)
+            )
+    return {
+        "miou_lowres": float(np.mean(ious)),
+        "miou": float(np.mean(full)),
+        "per_image": full,
+        "overlay": first_overlay,
+    }
+
+
+class AlignSAMCallback(BaseCallback):
+    """Logging, periodic validation, best-model keeping and resumable checkpoints.
+
+    Logs ``rollout/final_iou`` and ``rollout/srm_loss`` every rollout, ``eval/miou`` and an
+    overlay image every ``eval_every`` steps, keeps ``checkpoints/best`` (highest val mIoU)
+    and writes ``checkpoints/step_N`` + ``latest`` every ``checkpoint_every`` steps, always at
+    a rollout boundary so a resumed run continues exactly from a finished update.
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        task: TaskConfig,
+        srm: Any,
+        segmenter: Segmenter,
+        val_samples: Sequence[Any] | None,
+        cache: EmbeddingCache | None,
+        best_score: float = -math.inf,
+        verbose: int = 0,
+    ) -> None:
+        super().__init__(verbose)
+        self.run_dir = Path(run_dir)
+        self.task = task
+        self.srm = srm
+        self.segmenter = segmenter
+        self.val_samples = val_samples
+        self.cache = cache
+        self.best_score = best_score
+        self._final_ious: list[float] = []
+        self._srm_losses: list[float] = []
+        self._last_eval = -1
+        self._last_ckpt = -1
+        self.history: list[dict[str, float]] = []
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def _on_training_start(self) -> None:
+        self._last_eval = self.num_timesteps
+        self._last_ckpt = self.num_timesteps
+
+    def _on_step(self) -> bool:
+        for info, done in zip(self.locals["infos"], self.locals["dones"], strict=True):
+            loss = info.get("labeler/loss")
+            if loss is not None:
+                if not math.isfinite(loss):
+                    raise FloatingPointError(
+                        f"SRM loss is {loss} on sample {info.get('sample_id')}: stopping before "
+                        "non-finite values reach the optimizer"
+                    )
+                self._srm_losses.append(float(loss))
+            if done:
+                self._final_ious.append(float(info["iou"]))
+        return True
+
+    def _on_rollout_end(self) -> None:
+        if self._final_ious:
+            self.logger.record("rollout/final_iou", float(np.mean(self._final_ious)))
+            self._final_ious.clear()
+        if self._srm_losses:
+            self.logger.record("rollout/srm_loss", float(np.mean(self._srm_losses)))
+            self._srm_losses.clear()
+        step = self.num_timesteps
+        if self.val_samples and step - self._last_eval >= self.task.eval_every:
+            self._last_eval = step
+            self.evaluate(step)
+        if step - self._last_ckpt >= self.task.checkpoint_every:
+            self._last_ckpt = step
+            self.save("latest")
+
+    def evaluate(self, step: int) -> float:
+        t0 = time.perf_counter()
+        agent = PromptAgent(self.model, self.srm, self.task, self.segmenter, self.cache)
+        res = evaluate_agent(agent, self.val_samples, self.cache)  # no online SRM updates
+        score = res["miou"]
+        self.logger.record("eval/miou", score)
+        self.logger.record("eval/seconds", time.perf_counter() - t0)
+        if res["overlay"] is not None:
+            self.logger.record(
+                "eval/overlay",
+                TBImage(res["overlay"], "HWC"),
+                exclude=("stdout", "log", "json", "csv"),
+            )
+        self.history.append({"step": step, "val_miou": score})
+        logger.info("step %d: val mIoU %.4f (best %.4f)", step, score, max(score, self.best_score))
+        if score > self.best_score:
+            self.best_score = score
+            self.save("best", extra={"val_miou": score})
+        return score
+
+    def save(self, kind: str, extra: dict[str, Any] | None = None) -> Path:
+        extra = {"best_val_miou": self.best_score, "history": self.history, **(extra or {})}
+        return write_checkpoint(
+            self.ckpt_root,
+            self.model,
+            self.srm,
+            self.task,
+            self.num_timesteps,
+            self.segmenter.model_id,
+            extra=extra,
+            name="best" if kind == "best" else None,
+        )
+
+
+def train_env_config(task: TaskConfig) -> EnvConfig:
+    """The task's env settings for training episodes."""
+    return dataclasses.replace(task.env, start=task.train_start, labeler_learns=True)

@@ -1,0 +1,204 @@
+"""``alignsam train TASK``: train a prompt agent (PPO) and its SRM for one task.
+
+Readable top to bottom: resolve the task, seed, build the frozen segmenter and data, pretrain
+the SRM offline, build the envs, then PPO with validation, checkpoints and TensorBoard.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from agents.config import ConfigError, TaskConfig
+from agents.features import GridFeaturesExtractor
+from agents.prompt_agent import (
+    AgentLoadError,
+    PromptAgent,
+    _ppo_class,
+    latest_checkpoint,
+    read_meta,
+)
+from agents.training import AlignSAMCallback, evaluate_agent, make_vec_env, train_env_config
+from experiments.datasets import load_dataset
+from recalibration.evaluate import collect_items
+from recalibration.srm import SemanticRecalibrationModule
+from segmenter import EmbeddingCache, build_segmenter
+
+logger = logging.getLogger(__name__)
+
+TASKS_DIR = Path(__file__).resolve().parent / "tasks"
+
+
+def resolve_task(name_or_path: str) -> TaskConfig:
+    """A task by YAML path or by the name of a shipped task (``experiments/tasks/NAME.yaml``)."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        return TaskConfig.load(path)
+    shipped = TASKS_DIR / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return TaskConfig.load(shipped)
+    names = sorted(p.stem for p in TASKS_DIR.glob("*.yaml"))
+    raise ConfigError(f"no task file {name_or_path!r}; shipped tasks: {', '.join(names)}")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def new_run_dir(runs: Path, task: TaskConfig) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run = runs / f"{task.name}__ppo__{task.seed}__{stamp}"
+    run.mkdir(parents=True, exist_ok=False)
+    return run
+
+
+def train(
+    task: TaskConfig,
+    runs: Path = Path("runs"),
+    resume: Path | None = None,
+    cache_dir: str | None = None,
+    progress: bool = True,
+    total_timesteps: int | None = None,
+) -> dict[str, Any]:
+    """Train (or resume) a prompt agent. Returns a summary with the run folder and figures."""
+    t_start = time.perf_counter()
+    start_step = 0
+    best = -float("inf")
+    ckpt = None
+    if resume is not None:
+        ckpt = latest_checkpoint(resume)
+        if ckpt is None:
+            raise AgentLoadError(f"--resume {resume}: no checkpoint there yet; start a new run")
+        meta = read_meta(ckpt)
+        task = TaskConfig.from_dict(meta["task"], where=f"{ckpt}/meta.json")
+        start_step = int(meta["step"])
+        best = float(meta.get("best_val_miou", best))
+        run_dir = resume
+        logger.info("resuming %s from step %d (%s)", run_dir, start_step, ckpt.name)
+    else:
+        run_dir = new_run_dir(runs, task)
+    total = total_timesteps or task.total_timesteps
+    seed_everything(task.seed + start_step)
+    (run_dir / "config.json").write_text(json.dumps(task.to_dict(), indent=2, default=str))
+
+    segmenter = build_segmenter(
+        task.segmenter, checkpoint=task.checkpoint, device=task.device, autocast_bf16=task.bf16
+    )
+    cache = EmbeddingCache(cache_dir)
+    train_set = load_dataset(task.data.train)
+    if task.data.train_subset and len(train_set) > task.data.train_subset:
+        pick = np.random.default_rng(task.seed).choice(
+            len(train_set), task.data.train_subset, replace=False
+        )
+        train_set = [train_set[int(i)] for i in sorted(pick)]
+    val_set = load_dataset(task.data.val) if task.data.val else None
+    logger.info("train %d images, val %d", len(train_set), len(val_set) if val_set else 0)
+
+    channels = int(segmenter.embedding_shape[0])
+    if ckpt is not None:
+        srm = SemanticRecalibrationModule.load(
+            ckpt / "srm.pt", device=task.device, branch=task.srm.branch, embed_channels=channels
+        )
+    else:
+        srm = SemanticRecalibrationModule(task.srm, channels, device=task.device)
+        if task.srm_pretrain_epochs > 0:
+            items = collect_items(train_set, segmenter, cache, progress=progress, desc="train")
+            val_items = (
+                collect_items(val_set, segmenter, cache, progress=progress, desc="val")
+                if val_set
+                else None
+            )
+            srm.pretrain(
+                items,
+                epochs=task.srm_pretrain_epochs,
+                rng=task.seed,
+                val_items=val_items,
+                segmenter=segmenter,
+                progress=progress,
+            )
+
+    venv = make_vec_env(
+        train_set, segmenter, srm, train_env_config(task), task.ppo.n_envs, cache, task.seed
+    )
+    ppo_cls = _ppo_class(task.ppo.maskable)
+    if ckpt is not None:
+        model = ppo_cls.load(ckpt / "agent.zip", env=venv, device=task.device)
+        model.set_random_seed(task.seed + start_step)
+    else:
+        p = task.ppo
+        model = ppo_cls(
+            "MultiInputPolicy",
+            venv,
+            learning_rate=p.learning_rate,
+            n_steps=p.n_steps,
+            batch_size=p.batch_size,
+            n_epochs=p.n_epochs,
+            gamma=p.gamma,
+            gae_lambda=p.gae_lambda,
+            clip_range=p.clip_range,
+            ent_coef=p.ent_coef,
+            vf_coef=p.vf_coef,
+            max_grad_norm=p.max_grad_norm,
+            policy_kwargs={
+                "features_extractor_class": GridFeaturesExtractor,
+                "features_extractor_kwargs": {
+                    "features_dim": p.features_dim,
+                    "channels": p.cnn_channels,
+                },
+                "net_arch": {"pi": [], "vf": [64]},
+            },
+            tensorboard_log=str(run_dir / "tb"),
+            seed=task.seed,
+            device=task.device,
+            verbose=0,
+        )
+    callback = AlignSAMCallback(run_dir, task, srm, segmenter, val_set, cache, best_score=best)
+    remaining = max(0, total - start_step)
+    t_learn = time.perf_counter()
+    if remaining:
+        model.learn(
+            total_timesteps=remaining,
+            callback=callback,
+            tb_log_name="ppo",
+            reset_num_timesteps=ckpt is None,
+            progress_bar=progress,
+        )
+    learn_seconds = time.perf_counter() - t_learn
+    callback.save("latest")
+    if (
+        val_set is not None
+        and (callback.history[-1:] or [{}])[0].get("step") != model.num_timesteps
+    ):
+        callback.evaluate(model.num_timesteps)
+    summary = {
+        "run_dir": str(run_dir),
+        "steps": int(model.num_timesteps),
+        "best_val_miou": callback.best_score,
+        "history": callback.history,
+        "learn_seconds": learn_seconds,
+        "wall_seconds": time.perf_counter() - t_start,
+        "decoder_calls": segmenter.decoder_calls,
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def evaluate_run(run_dir: Path, split: str = "test", limit: int | None = None) -> dict[str, Any]:
+    """Load a run's best agent and evaluate it on the task's ``split``."""
+    agent = PromptAgent.load(run_dir, cache=EmbeddingCache())
+    spec = getattr(agent.task.data, split)
+    if not spec:
+        raise ConfigError(f"task {agent.task.name} has no {split} split")
+    samples = load_dataset(spec)
+    res = evaluate_agent(agent, samples, agent.cache, limit=limit)
+    res.pop("overlay", None)
+    return res

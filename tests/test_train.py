@@ -1,0 +1,88 @@
+"""`alignsam train` on the tiny segmenter: finishes fast, checkpoints, resumes from its step."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from agents.config import ConfigError, DataConfig, PPOConfig, TaskConfig
+from agents.prompt_agent import AgentLoadError, PromptAgent, latest_checkpoint, read_meta
+from envs import EnvConfig
+from experiments.train import resolve_task, train
+from recalibration.srm import SRMConfig
+
+
+def tiny_task(steps: int = 64) -> TaskConfig:
+    return TaskConfig(
+        name="tiny",
+        data=DataConfig(train="synthetic:val", val="synthetic:val"),
+        segmenter="tiny",
+        env=EnvConfig(max_steps=4),
+        srm=SRMConfig(),
+        srm_pretrain_epochs=2,
+        ppo=PPOConfig(n_steps=32, batch_size=16, n_epochs=2, features_dim=32, cnn_channels=8),
+        total_timesteps=steps,
+        eval_every=32,
+        checkpoint_every=32,
+    )
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs")
+    cache = str(tmp_path_factory.mktemp("emb"))
+    return train(tiny_task(64), runs=runs, cache_dir=cache, progress=False), cache
+
+
+def test_train_writes_run_folder(first_run):
+    summary, _ = first_run
+    run = __import__("pathlib").Path(summary["run_dir"])
+    assert run.name.startswith("tiny__ppo__0__")
+    assert summary["steps"] == 64
+    ckpt = latest_checkpoint(run)
+    assert ckpt is not None and read_meta(ckpt)["step"] == 64
+    assert (run / "checkpoints" / "best" / "agent.zip").is_file()
+    assert list((run / "tb").rglob("events.out.tfevents.*"))
+    assert json.loads((run / "config.json").read_text())["name"] == "tiny"
+
+
+def test_resume_continues_from_saved_step(first_run):
+    summary, cache = first_run
+    run = __import__("pathlib").Path(summary["run_dir"])
+    meta_path = latest_checkpoint(run) / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["task"]["total_timesteps"] = 96
+    meta_path.write_text(json.dumps(meta))
+    resumed = train(None, resume=run, cache_dir=cache, progress=False)
+    assert resumed["steps"] == 96  # 64 done before + 32 more, not 96 from scratch
+    assert read_meta(latest_checkpoint(run))["step"] == 96
+
+
+def test_agent_segments_an_image(first_run):
+    summary, _ = first_run
+    agent = PromptAgent.load(summary["run_dir"])
+    image = np.random.default_rng(0).integers(0, 255, (90, 120, 3), dtype=np.uint8)
+    mask, clicks = agent.segment(image)
+    assert mask.shape == (90, 120) and mask.dtype == bool
+    assert clicks.shape == (2 + 4, 3)  # SRM start (+, -) then T = 4 agent clicks
+    assert set(clicks[:, 2]) <= {0.0, 1.0}
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(AgentLoadError, match="no alignsam checkpoint"):
+        PromptAgent.load(tmp_path)
+    with pytest.raises(AgentLoadError, match="no checkpoint"):
+        train(None, resume=tmp_path, progress=False)
+
+
+def test_task_files_parse_and_reject_unknown_keys(tmp_path):
+    for name in ("synthetic", "kvasir_polyp", "camvid_car", "camvid_road"):
+        assert resolve_task(name).name == name
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ndata: {train: 'synthetic:train'}\nppo: {learning_rat: 1}\n")
+    with pytest.raises(ConfigError, match="learning_rat"):
+        TaskConfig.load(bad)
+    with pytest.raises(ConfigError, match="shipped tasks"):
+        resolve_task("no_such_task")
