@@ -197,6 +197,29 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- SRM label accuracy ---------------------------------------------------------------------------
+def cmd_srm_eval(args: argparse.Namespace) -> int:
+    from experiments.datasets import load_dataset
+    from recalibration.evaluate import pretrain_and_evaluate, summarize
+    from segmenter import EmbeddingCache
+
+    seg = _segmenter(args)
+    res = pretrain_and_evaluate(
+        load_dataset(args.train),
+        load_dataset(args.val),
+        load_dataset(args.eval) if args.eval else None,
+        seg,
+        cache=EmbeddingCache(args.cache),
+        epochs=args.epochs,
+        seed=args.seed,
+        save_path=args.save,
+    )
+    print(f"SRM (implicit) trained on {args.train}, early-stopped on {args.val}:")
+    print(summarize(res))
+    _write_json(args.out, res)
+    return 0
+
+
 # -- demo ------------------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
     from experiments.demo import run_demo
@@ -275,6 +298,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, default=None)
     ev.add_argument("--out", default=None)
     ev.set_defaults(func=cmd_evaluate)
+
+    se = sub.add_parser("srm-eval", help="SRM label accuracy at the grid cells vs majority class")
+    se.add_argument("--train", default="kvasir:train")
+    se.add_argument("--val", default="kvasir:val")
+    se.add_argument("--eval", default="kvasir:test", help="reported split ('' for none)")
+    se.add_argument("--epochs", type=int, default=60)
+    se.add_argument("--seed", type=int, default=0)
+    se.add_argument("--save", default=None, help="write the trained SRM here")
+    se.add_argument("--out", default=None)
+    seg_opts(se)
+    se.set_defaults(func=cmd_srm_eval)
 
     d = sub.add_parser("demo", help="end-to-end run on the embedded synthetic task")
     d.add_argument("--out", default="runs/demo", help="output folder")
