@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import warnings
-from dataclasses import dataclass
 
 import gymnasium as gym
 import numpy as np
@@ -15,19 +14,10 @@ from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
 
 import envs
 from envs import ENV_ID, EnvConfig, PointPromptEnv, make_env
+from envs.synthetic import ArraySample
 from recalibration.labelers import AlwaysPositiveLabeler, OracleLabeler
 from segmenter import EmbeddingCache
 from segmenter.registry import build_tiny_sam
-
-
-@dataclass(frozen=True)
-class ArraySample:
-    id: str
-    image: np.ndarray
-    mask: np.ndarray
-
-    def load_image(self) -> np.ndarray:
-        return self.image
 
 
 def make_samples(n: int = 3, seed: int = 0) -> list[ArraySample]:
