@@ -225,15 +225,10 @@ def deepest_point(mask: np.ndarray) -> tuple[float, float]:
 def grid_to_pixel(embedding: ImageEmbedding, row: int, col: int) -> tuple[float, float]:
     """Centre of embedding-grid cell ``(row, col)`` in original ``(x, y)`` pixels.
 
-    The inverse of :meth:`recalibration.labelers.EpisodeState.grid_cell` (the same rule as the
-    environment's ``_grid_to_pixel``), clipped into the image.
+    The inverse of :meth:`recalibration.labelers.EpisodeState.grid_cell`, clipped into the
+    image (:meth:`segmenter.base.ImageEmbedding.cell_centre`, the rule the environment uses).
     """
-    he, we = embedding.grid_size
-    side = max(embedding.input_size)
-    h, w = embedding.original_size
-    x = (col + 0.5) / we * side * w / embedding.input_size[1]
-    y = (row + 0.5) / he * side * h / embedding.input_size[0]
-    return min(x, w - 0.5), min(y, h - 0.5)
+    return embedding.cell_centre(row, col)
 
 
 def spiral_order(grid: int) -> np.ndarray:

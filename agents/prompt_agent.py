@@ -24,6 +24,7 @@ from agents.config import TaskConfig
 from envs import EnvConfig, PointPromptEnv
 from recalibration.srm import SemanticRecalibrationModule
 from segmenter import EmbeddingCache, Segmenter, build_segmenter
+from segmenter.io import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -93,9 +94,7 @@ def write_checkpoint(
         raise
     if not name.startswith("step_"):
         return final
-    pointer_tmp = ckpt_root / f".latest.{os.getpid()}.tmp"
-    pointer_tmp.write_text(name)
-    os.replace(pointer_tmp, ckpt_root / "latest")
+    atomic_write(ckpt_root / "latest", lambda fh: fh.write(name.encode()))
     steps = sorted(p for p in ckpt_root.glob("step_*") if p.is_dir())
     for old in steps[:-keep]:
         shutil.rmtree(old, ignore_errors=True)

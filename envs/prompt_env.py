@@ -271,19 +271,9 @@ class PointPromptEnv(gym.Env):
             fg = self._fg[:vh, :vw]
             hi = np.unravel_index(np.argmax(fg), fg.shape)
             lo = np.unravel_index(np.argmin(fg), fg.shape)
-            pts = np.array([self._grid_to_pixel(*hi), self._grid_to_pixel(*lo)], np.float32)
+            pts = np.array([emb.cell_centre(*hi), emb.cell_centre(*lo)], np.float32)
             return pts, np.array([1, 0], np.int64)
         raise ValueError(f"unknown start mode {start!r}")
-
-    def _grid_to_pixel(self, row: int, col: int) -> tuple[float, float]:
-        """Centre of embedding-grid cell ``(row, col)`` in original ``(x, y)`` pixels."""
-        emb = self._prep.embedding
-        he, we = emb.grid_size
-        side = max(emb.input_size)
-        h, w = emb.original_size
-        x = (col + 0.5) / we * side * w / emb.input_size[1]
-        y = (row + 0.5) / he * side * h / emb.input_size[0]
-        return min(x, w - 0.5), min(y, h - 0.5)
 
     def cell_to_pixel(self, action: int) -> tuple[float, float]:
         """Centre of action-grid cell ``action`` in original ``(x, y)`` pixels."""

@@ -37,7 +37,6 @@ import logging
 import math
 import os
 import pickle
-import tempfile
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -52,6 +51,7 @@ from torch import nn
 from recalibration.clip_surgery import ClipLoadError, ClipSpec, ClipSurgery
 from recalibration.labelers import EpisodeState, Labeler, to_grid
 from segmenter.base import ImageEmbedding, Segmenter
+from segmenter.io import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -1209,19 +1209,8 @@ class SemanticRecalibrationModule(Labeler):
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the module atomically (temp file in the same folder, then ``os.replace``)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                torch.save(self.state_dict(), fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        state = self.state_dict()
+        return atomic_write(path, lambda fh: torch.save(state, fh))
 
     @classmethod
     def load(

@@ -56,6 +56,18 @@ class ImageEmbedding:
         fy, fx = self.valid_fraction()
         return max(1, math.ceil(frame[0] * fy)), max(1, math.ceil(frame[1] * fx))
 
+    def cell_centre(self, row: int, col: int) -> tuple[float, float]:
+        """Centre of embedding-grid cell ``(row, col)`` in original ``(x, y)`` pixels.
+
+        The grid covers the padded square input; the result is clipped into the image.
+        """
+        he, we = self.grid_size
+        side = max(self.input_size)
+        h, w = self.original_size
+        x = (col + 0.5) / we * side * w / self.input_size[1]
+        y = (row + 0.5) / he * side * h / self.input_size[0]
+        return min(x, w - 0.5), min(y, h - 0.5)
+
     def to_frame(self, mask: np.ndarray, frame: tuple[int, int]) -> np.ndarray:
         """Map an original-size map into the padded square frame of size ``frame``.
 

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import tempfile
 import zipfile
 import zlib
 from pathlib import Path
@@ -22,6 +20,7 @@ import numpy as np
 import torch
 
 from segmenter.base import ImageEmbedding, Segmenter
+from segmenter.io import atomic_write
 from segmenter.sam import image_hash
 from segmenter.weights import cache_dir
 
@@ -91,17 +90,10 @@ class EmbeddingCache:
             "original_size": list(emb.original_size),
             "input_size": list(emb.input_size),
         }
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, features=feats, meta=json.dumps(meta), crc=zlib.crc32(feats.tobytes()))
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        crc = zlib.crc32(feats.tobytes())
+        return atomic_write(
+            path, lambda fh: np.savez(fh, features=feats, meta=json.dumps(meta), crc=crc)
+        )
 
     def get_or_encode(self, segmenter: Segmenter, image: np.ndarray) -> ImageEmbedding:
         """The embedding of ``image`` for ``segmenter``, encoding and storing it on a miss.

@@ -24,6 +24,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from segmenter.base import SegmenterError
+from segmenter.io import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -127,10 +128,8 @@ def _install_verified(src: Path, spec: CheckpointSpec, origin: str) -> Path:
             "the download is corrupt or a different version: delete it and fetch again"
         )
     dest = checkpoint_path(spec.name)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dest)
+    with open(src, "rb") as fin:
+        atomic_write(dest, lambda fh: shutil.copyfileobj(fin, fh))
     logger.info("installed %s from %s at %s", spec.name, origin, dest)
     return dest
 
