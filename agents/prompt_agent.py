@@ -234,11 +234,45 @@ class PromptAgent:
             ``mask`` ``(H, W)`` bool and ``clicks`` ``(N, 3)`` float array of ``(x, y, label)``
             (the two SRM initial points first, then the agent's clicks).
         """
-        sample = _InMemory("image", image)
-        env = PointPromptEnv([sample], self.segmenter, self.srm, self.eval_config(), self.cache)
+        out = self.segment_detailed(image, steps)
+        return out["mask"], out["clicks"]
+
+    def segment_detailed(self, image: np.ndarray, steps: int | None = None) -> dict[str, Any]:
+        """:meth:`segment` plus ``score`` (mean decoder foreground probability inside the
+        mask), ``encode_seconds`` (0 when the embedding came from the cache) and
+        ``decoder_calls``."""
+        t0 = time.perf_counter()
+        hits = self.cache.hits if self.cache is not None else 0
+        emb = (
+            self.cache.get_or_encode(self.segmenter, image)
+            if self.cache is not None
+            else self.segmenter.encode(image)
+        )
+        cached = self.cache is not None and self.cache.hits > hits
+        encode_seconds = 0.0 if cached else time.perf_counter() - t0
+        calls = getattr(self.segmenter, "decoder_calls", 0)
+        env = PointPromptEnv(
+            [_InMemory("image", image)], self.segmenter, self.srm, self.eval_config(), _Encoded(emb)
+        )
         info = self.run_episode(env, 0, steps)
-        clicks = np.array(info["prompts"], np.float32).reshape(-1, 3)
-        return env.current_mask(), clicks
+        return {
+            "mask": env.current_mask(),
+            "clicks": np.array(info["prompts"], np.float32).reshape(-1, 3),
+            "score": env.mask_score(),
+            "encode_seconds": encode_seconds,
+            "decoder_calls": int(getattr(self.segmenter, "decoder_calls", 0) - calls),
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class _Encoded:
+    """A one-entry stand-in for :class:`~segmenter.EmbeddingCache`: the environment gets the
+    embedding that :meth:`PromptAgent.segment_detailed` already computed (encode once)."""
+
+    embedding: Any
+
+    def get_or_encode(self, segmenter: Segmenter, image: np.ndarray) -> Any:
+        return self.embedding
 
 
 @dataclasses.dataclass(frozen=True)

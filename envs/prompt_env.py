@@ -398,6 +398,16 @@ class PointPromptEnv(gym.Env):
             return np.zeros((h, w), bool)
         return self.segmenter.upscale(self._prep.embedding, self._logits)
 
+    def mask_score(self) -> float:
+        """Mean decoder foreground probability inside the current mask (0.0 when empty): a
+        confidence score for the final mask, computed without ground truth."""
+        if self._logits is None:
+            return 0.0
+        vh, vw = self._prep.valid_low
+        logits = self._logits[:vh, :vw]
+        inside = logits > 0
+        return float(torch.sigmoid(logits[inside]).mean()) if bool(inside.any()) else 0.0
+
     def render(self) -> np.ndarray | None:
         if self.render_mode != "rgb_array":
             return None

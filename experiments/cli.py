@@ -197,6 +197,36 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- segment -----------------------------------------------------------------------------------
+def cmd_segment(args: argparse.Namespace) -> int:
+    from agents.prompt_agent import PromptAgent
+    from experiments.segment import gather_inputs, segment_images
+    from segmenter import EmbeddingCache
+
+    samples = gather_inputs(args.inputs)
+    cache = None if args.no_cache else EmbeddingCache(args.cache)
+    agent = PromptAgent.load(args.run, device=args.device, cache=cache, which=args.which)
+    rep = segment_images(
+        agent,
+        samples,
+        args.out,
+        steps=args.steps,
+        overlays=not args.no_overlays,
+        skip_bad=args.skip_bad,
+        progress=not args.no_progress,
+    )
+    iou = f", mean IoU vs ground truth {rep.mean_iou:.4f}" if rep.mean_iou is not None else ""
+    print(
+        f"segmented {rep.images} images in {rep.seconds:.1f} s ({rep.images_per_s:.2f} images/s; "
+        f"encoding {rep.encode_seconds:.1f} s, {rep.decoder_calls} decoder calls, "
+        f"{rep.clicks_per_image:.1f} clicks/image){iou}; skipped {len(rep.skipped)}"
+    )
+    for s in rep.skipped:
+        print(f"  skipped {s['id']}: {s['reason']}")
+    print(f"masks, overlays, results.json (COCO RLE), summary.json in {rep.out}")
+    return 0
+
+
 # -- SRM label accuracy ---------------------------------------------------------------------------
 def cmd_srm_eval(args: argparse.Namespace) -> int:
     from experiments.datasets import load_dataset
@@ -298,6 +328,20 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, default=None)
     ev.add_argument("--out", default=None)
     ev.set_defaults(func=cmd_evaluate)
+
+    sg = sub.add_parser("segment", help="automatic segmentation of images with a trained agent")
+    sg.add_argument("run", help="run folder of alignsam train (or a checkpoint folder)")
+    sg.add_argument("inputs", nargs="+", help="image files, folders, or dataset specs")
+    sg.add_argument("--out", required=True, help="output folder")
+    sg.add_argument("--steps", type=int, default=None, help="agent clicks (default: task's T)")
+    sg.add_argument("--which", choices=["best", "latest"], default="best")
+    sg.add_argument("--device", default=None, help="default: the run's device")
+    sg.add_argument("--cache", default=None, help="embedding cache dir")
+    sg.add_argument("--no-cache", action="store_true", help="encode without the cache")
+    sg.add_argument("--no-overlays", action="store_true")
+    sg.add_argument("--skip-bad", action="store_true", help="skip unreadable images (listed)")
+    sg.add_argument("--no-progress", action="store_true")
+    sg.set_defaults(func=cmd_segment)
 
     se = sub.add_parser("srm-eval", help="SRM label accuracy at the grid cells vs majority class")
     se.add_argument("--train", default="kvasir:train")

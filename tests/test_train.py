@@ -86,3 +86,38 @@ def test_task_files_parse_and_reject_unknown_keys(tmp_path):
         TaskConfig.load(bad)
     with pytest.raises(ConfigError, match="shipped tasks"):
         resolve_task("no_such_task")
+
+
+def test_segment_writes_masks_coco_rle_and_summary(first_run, tmp_path):
+    from PIL import Image
+    from pycocotools.coco import COCO
+
+    from envs.data import DataError
+    from experiments.segment import gather_inputs, segment_images
+
+    summary, cache = first_run
+    folder = tmp_path / "my images"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)).save(folder / "a.png")
+    Image.fromarray(rng.integers(0, 255, (50, 40), dtype=np.uint8)).save(folder / "gray é.jpg")
+    (folder / "broken.png").write_bytes(b"not a png")
+    agent = PromptAgent.load(summary["run_dir"])
+    samples = gather_inputs([str(folder), str(folder / "a.png")])
+    assert sorted(s.id for s in samples) == ["a", "a__1", "broken", "gray é"]
+    with pytest.raises(DataError, match="broken.*--skip-bad"):
+        segment_images(agent, samples, tmp_path / "out0", progress=False)
+    rep = segment_images(agent, samples, tmp_path / "out", skip_bad=True, progress=False)
+    assert rep.images == 3 and [s["id"] for s in rep.skipped] == ["broken"]
+    assert rep.decoder_calls == 3 * (1 + 4)  # one decode for the SRM start, then T = 4 clicks
+    mask = np.asarray(Image.open(tmp_path / "out" / "masks" / "gray é.png"))
+    assert mask.shape == (50, 40) and set(np.unique(mask)) <= {0, 255}
+    assert (tmp_path / "out" / "overlays" / "a__1.png").is_file()
+    coco = COCO(str(tmp_path / "out" / "results.json"))
+    ann = coco.loadAnns(coco.getAnnIds())[1]
+    img = coco.loadImgs(ann["image_id"])[0]
+    assert img["file_name"] == "gray é"
+    np.testing.assert_array_equal(coco.annToMask(ann).astype(bool), mask > 0)
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["images"] == 3
+    with pytest.raises(DataError, match="no such file"):
+        gather_inputs([str(tmp_path / "missing.png")])
