@@ -115,6 +115,9 @@ class SRMConfig:
         dilation: Dilation of the second 3x3 convolution (1 = the plain paper head; 2 widens the
             receptive field from 5x5 to 7x7 cells at no cost).
         context: Implicit branch: pooling factor of an added coarse-context path (0 = none).
+        tta: Test-time augmentation: predictions are averaged over this many rotations / flips
+            of the state (1 = off, 2 = with the left-right flip, up to 8); costs ``tta`` times
+            the head. Calibration is fitted with the value set at pretraining time.
         dice_weight: Weight of the Dice term (BCE has weight 1).
         attn_grid: Explicit branch: side of the pooled token grid of the self-attention layer.
         attn_heads: Explicit branch: attention heads.
@@ -135,6 +138,7 @@ class SRMConfig:
     dropout: float = 0.1
     dilation: int = 2
     context: int = 0
+    tta: int = 1
     dice_weight: float = 0.5
     attn_grid: int = 16
     attn_heads: int = 4
@@ -150,6 +154,8 @@ class SRMConfig:
             )
         if self.hidden < 4 or self.hidden % 4:
             raise ValueError(f"hidden must be a positive multiple of 4, got {self.hidden}")
+        if not 1 <= self.tta <= 8:
+            raise ValueError(f"tta must lie in [1, 8], got {self.tta}")
         if self.q_steps is not None and self.q_steps < 0:
             raise ValueError(f"q_steps must be >= 0 or None, got {self.q_steps}")
         if not 0.0 <= self.threshold <= 1.0:
@@ -440,6 +446,28 @@ def _dihedral(t: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
     return t
 
 
+def _undihedral(t: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
+    """Inverse of :func:`_dihedral`."""
+    if flip:
+        t = torch.flip(t, dims=(-1,))
+    if k:
+        t = torch.rot90(t, -k, dims=(-2, -1))
+    return t
+
+
+#: Dihedral transforms of test-time augmentation, in order of use (identity first).
+_TTA_TRANSFORMS: tuple[tuple[int, bool], ...] = (
+    (0, False),
+    (0, True),
+    (2, False),
+    (2, True),
+    (1, False),
+    (1, True),
+    (3, False),
+    (3, True),
+)
+
+
 def _binary_morph(mask: np.ndarray, radius: int, dilate: bool) -> np.ndarray:
     """Square dilation/erosion of a ``(H, W)`` float map (by max-pooling)."""
     t = torch.from_numpy(np.asarray(mask, np.float32))[None, None]
@@ -503,6 +531,7 @@ def simulate_mask_states(
     grid: int = 10,
     record_at: Sequence[int] = (0, 1, 3, 7, 15),
     label_noise: Sequence[float] = (0.0, 0.15),
+    wrong_start: Sequence[bool] = (False,),
     labeler: Callable[[np.ndarray, float, float], int] | None = None,
 ) -> list[np.ndarray]:
     """Mask states the SRM meets in the environment, made with the real decoder.
@@ -511,7 +540,10 @@ def simulate_mask_states(
     random background ground-truth pixel), then clicks random unvisited cells of the ``grid x
     grid`` action grid, labelled by the ground truth with each label flipped with probability
     ``label_noise[episode % len(label_noise)]`` (or by ``labeler(mask_prob, x, y)`` when given),
-    decoding with the previous logits as mask input as the environment does.
+    decoding with the previous logits as mask input as the environment does. Episodes with
+    ``wrong_start[episode % len(wrong_start)]`` put the positive start click on a random
+    background pixel instead: the state of an evaluation episode whose SRM start was wrong, which
+    teaches the head not to copy the mask where the embedding disagrees.
 
     Args:
         segmenter: The frozen segmenter whose embedding ``emb`` is.
@@ -523,6 +555,7 @@ def simulate_mask_states(
         grid: Action grid side.
         record_at: Steps (0 = after the start clicks) whose mask states are returned.
         label_noise: Per-episode probability of flipping a click label.
+        wrong_start: Per-episode flag: positive start click on the background.
         labeler: Optional label source ``(mask_prob, x, y) -> 0/1`` instead of noisy ground truth.
 
     Returns:
@@ -537,7 +570,8 @@ def simulate_mask_states(
     record = set(record_at)
     for ep in range(episodes):
         noise = float(label_noise[ep % len(label_noise)]) if len(label_noise) else 0.0
-        fy, fx = fg[rng.integers(len(fg))]
+        wrong = bool(wrong_start[ep % len(wrong_start)]) if len(wrong_start) else False
+        fy, fx = (bg if wrong else fg)[rng.integers(len(bg) if wrong else len(fg))]
         by, bx = bg[rng.integers(len(bg))]
         points = np.array([[fx + 0.5, fy + 0.5], [bx + 0.5, by + 0.5]], np.float32)
         labels = np.array([1, 0], np.int64)
@@ -771,8 +805,25 @@ class SemanticRecalibrationModule(Labeler):
         if self.branch == "explicit":
             s = semantic if semantic is not None else self.semantic_map(state)
             sem = torch.as_tensor(np.asarray(s, np.float32), device=self.device)[None]
-        logits = self.head.forward_projected(proj, self._maps(mask, sem))
+        logits = self._infer(proj, self._maps(mask, sem))
         return self._apply_calibration(logits)[0, 0]
+
+    def _infer(self, proj: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+        """Head logits ``(B, 1, H, W)``, averaged over ``config.tta`` dihedral transforms.
+
+        The 1x1 projection commutes with rotations and flips, so the cached projection is
+        transformed instead of the embedding; the transforms run as one batch.
+        """
+        n = self.config.tta
+        if n <= 1:
+            return self.head.forward_projected(proj, maps)
+        b = proj.shape[0]
+        ts = _TTA_TRANSFORMS[:n]
+        p = torch.cat([_dihedral(proj, k, f) for k, f in ts])
+        m = torch.cat([_dihedral(maps, k, f) for k, f in ts])
+        out = self.head.forward_projected(p, m)
+        back = [_undihedral(out[i * b : (i + 1) * b], k, f) for i, (k, f) in enumerate(ts)]
+        return torch.stack(back).mean(dim=0)
 
     def predict(self, state: EpisodeState, semantic: np.ndarray | None = None) -> np.ndarray:
         """Foreground probability of every embedding-grid cell.
@@ -950,11 +1001,15 @@ class SemanticRecalibrationModule(Labeler):
         return e, maps_t, torch.stack(tgts).to(self.device), valid
 
     def _eval_logits(
-        self, prepared: Sequence[_Prepared], mask_state: str = "zeros"
+        self,
+        prepared: Sequence[_Prepared],
+        mask_state: str = "zeros",
+        max_states: int | None = None,
     ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Uncalibrated logits ``(He, We)``, targets and valid maps of every item (eval mode).
 
-        ``mask_state``: ``zeros`` or ``states`` (every stored mask state, plus zeros).
+        ``mask_state``: ``zeros`` or ``states`` (the stored mask states, at most
+        ``max_states`` evenly spaced ones per item, plus zeros).
         """
         self.head.eval()
         out = []
@@ -964,19 +1019,25 @@ class SemanticRecalibrationModule(Labeler):
                 e = self._normalize(p.features[None].to(self.device), valid)
                 proj = self.head.project(e)
                 states = [np.zeros(tuple(p.gt_grid.shape), np.float32)]
-                if mask_state == "states":
-                    states += list(p.mask_states)
+                if mask_state == "states" and p.mask_states:
+                    chosen = list(p.mask_states)
+                    if max_states is not None and len(chosen) > max_states:
+                        idx = np.linspace(0, len(chosen) - 1, max_states).round().astype(int)
+                        chosen = [chosen[i] for i in idx]
+                    states += chosen
                 for m in states:
                     mask = torch.from_numpy(np.asarray(m, np.float32)).to(self.device)[None]
                     sem = None if p.semantic is None else p.semantic[None].to(self.device)
-                    logits = self.head.forward_projected(proj, self._maps(mask, sem))[0, 0]
+                    logits = self._infer(proj, self._maps(mask, sem))[0, 0]
                     out.append((logits.cpu(), p.gt_grid, p.valid))
         return out
 
-    def _val_score(self, prepared: Sequence[_Prepared]) -> dict[str, float]:
+    def _val_score(
+        self, prepared: Sequence[_Prepared], max_states: int | None = 2
+    ) -> dict[str, float]:
         """Validation loss (Dice + BCE) and cell accuracy over zero and stored mask states."""
         losses, correct, total = [], 0.0, 0.0
-        for logits, tgt, valid in self._eval_logits(prepared, "states"):
+        for logits, tgt, valid in self._eval_logits(prepared, "states", max_states):
             losses.append(
                 float(
                     dice_bce_loss(
@@ -1007,6 +1068,7 @@ class SemanticRecalibrationModule(Labeler):
         segmenter: Segmenter | None = None,
         lr: float | None = None,
         patience: int = 15,
+        eval_every: int = 2,
         p_zero: float = 0.3,
         p_synthetic: float = 0.2,
         calibrate: bool = True,
@@ -1037,6 +1099,7 @@ class SemanticRecalibrationModule(Labeler):
             segmenter: Simulates mask states for items without ``mask_states``.
             lr: Peak learning rate (cosine schedule); default ``config.lr``.
             patience: Early-stopping patience in epochs (with ``val_items``).
+            eval_every: Score the validation set every this many epochs (and at the last).
             p_zero: Probability of the zero mask state.
             p_synthetic: Probability of a synthetic mask state.
             calibrate: Fit the logit calibration on ``val_items`` at the end.
@@ -1095,7 +1158,7 @@ class SemanticRecalibrationModule(Labeler):
                 losses.append(float(loss.detach()))
             history.append(float(np.mean(losses)))
             postfix = {"loss": f"{history[-1]:.4f}"}
-            if val is not None:
+            if val is not None and ((epoch + 1) % eval_every == 0 or epoch == epochs - 1):
                 score = self._val_score(val)
                 postfix.update(val_loss=f"{score['loss']:.4f}", val_acc=f"{score['acc']:.4f}")
                 if score["loss"] < best[0]:

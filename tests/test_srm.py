@@ -406,3 +406,26 @@ def test_label_accuracy_with_decoded_states(seg, items) -> None:
         assert res["n_cells"] == 50 and 0.0 <= res["accuracy"] <= 1.0
     with pytest.raises(ValueError, match="segmenter"):
         label_accuracy(srm, items[:1], mask_state="self_start")
+
+
+def test_tta_is_equivariant(seg) -> None:
+    """With all 8 dihedral transforms the prediction commutes with rotating the input."""
+    img = np.random.default_rng(3).integers(0, 255, size=(96, 96, 3), dtype=np.uint8)
+    emb = seg.encode(img)  # square image: no padding, so the grid is rotation-symmetric
+    mask = np.random.default_rng(4).random((16, 16)).astype(np.float32)
+    srm = make_srm(tta=8, normalize="none")
+    rot = ImageEmbedding(
+        torch.rot90(emb.features, 1, dims=(-2, -1)).contiguous(),
+        emb.original_size,
+        emb.input_size,
+        emb.model_id,
+        "rotated",
+    )
+    a = srm.predict(EpisodeState("a", emb, mask))
+    b = srm.predict(EpisodeState("b", rot, np.ascontiguousarray(np.rot90(mask, 1))))
+    np.testing.assert_allclose(np.rot90(a, 1), b, atol=1e-5)
+    plain = make_srm(tta=1, normalize="none")
+    c = plain.predict(EpisodeState("c", rot, np.ascontiguousarray(np.rot90(mask, 1))))
+    assert np.abs(np.rot90(plain.predict(EpisodeState("a", emb, mask)), 1) - c).max() > 1e-4
+    with pytest.raises(ValueError, match="tta"):
+        SRMConfig(tta=9)
