@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -41,6 +41,8 @@ logger = logging.getLogger(__name__)
 
 Selection = Literal["single", "score", "oracle"]
 Policy = Literal["random", "centre", "grid", "srm_confident"]
+#: A click policy as a function ``(env, obs, allowed) -> action`` (e.g. a trained agent).
+PolicyFn = Callable[[PointPromptEnv, dict[str, np.ndarray], np.ndarray], int]
 
 SELECTIONS: tuple[str, ...] = ("single", "score", "oracle")
 POLICIES: tuple[str, ...] = ("random", "centre", "grid", "srm_confident")
@@ -48,6 +50,7 @@ POLICIES: tuple[str, ...] = ("random", "centre", "grid", "srm_confident")
 __all__ = [
     "POLICIES",
     "SELECTIONS",
+    "PolicyFn",
     "ClickTrace",
     "EnvClicker",
     "OneShotSimilarity",
@@ -372,16 +375,25 @@ class SimulatedAnnotator:
             best, logits = 0, pred.low_res_logits
         return logits, self.segmenter.upscale(embedding, logits), best
 
-    def run(self, embedding: ImageEmbedding, gt: np.ndarray, sample_id: str = "") -> ClickTrace:
+    def run(
+        self,
+        embedding: ImageEmbedding,
+        gt: np.ndarray,
+        sample_id: str = "",
+        keep_masks: Sequence[int] = (),
+    ) -> ClickTrace:
         """Click until ``max_clicks`` or an empty error region.
 
         Args:
             embedding: The cached embedding of the image.
             gt: ``(H, W)`` bool ground truth in original pixels (not empty).
             sample_id: Recorded in the trace.
+            keep_masks: Click counts ``k`` whose masks are kept in ``info["masks"][k]`` (a trace
+                that stopped before ``k`` clicks keeps its last mask there).
 
         Returns:
-            The trace; ``ious[i]`` is the full-resolution IoU after click ``i + 1``.
+            The trace; ``ious[i]`` is the full-resolution IoU after click ``i + 1`` and
+            ``info["seconds_at"][i]`` the wall time up to it.
         """
         t0 = time.perf_counter()
         gt = _check_gt(gt, embedding)
@@ -399,6 +411,8 @@ class SimulatedAnnotator:
         calls = 0
         stop = "max_clicks"
         first_candidate = -1
+        kept: dict[int, np.ndarray] = {}
+        seconds_at: list[float] = []
         for _ in range(self.max_clicks):
             click = self.next_click(gt, pred_mask, clicked)
             if click is None:
@@ -424,6 +438,11 @@ class SimulatedAnnotator:
                 logits = pred.low_res_logits
                 pred_mask = self.segmenter.upscale(embedding, logits)
             ious.append(mask_iou(pred_mask, gt))
+            seconds_at.append(time.perf_counter() - t0)
+            if len(points) in keep_masks:
+                kept[len(points)] = pred_mask
+        for k in keep_masks:
+            kept.setdefault(int(k), pred_mask)
         seconds = time.perf_counter() - t0
         logger.debug(
             "annotator %s: %d clicks, IoU %.3f, stop=%s",
@@ -445,6 +464,8 @@ class SimulatedAnnotator:
                 "selection": self.selection,
                 "mask_input": self.use_mask_input,
                 "first_candidate": first_candidate,
+                "masks": kept,
+                "seconds_at": seconds_at,
             },
         )
 
@@ -480,10 +501,12 @@ class EnvClicker:
       environment's ``fg`` and ``mask`` observations): where the labeler is sure and the mask
       disagrees with it. Ties go to the lowest cell index. Needs a labeler with a foreground
       map (the SRM, or the oracle as an upper bound).
+    * a callable :data:`PolicyFn`, e.g. a trained agent:
+      ``lambda env, obs, allowed: agent.act(env, obs)``.
 
     Args:
         env: The environment (wrappers are looked through: ``steps`` bounds each run).
-        policy: One of :data:`POLICIES`.
+        policy: One of :data:`POLICIES`, or a :data:`PolicyFn`.
         seed: Seed of the ``random`` policy and of ``env.reset`` (the ``gt`` start's points).
         start: Start mode for every run (``"labeler"``, ``"gt"``, ``"none"``); ``None`` keeps
             the environment's configured start.
@@ -492,11 +515,14 @@ class EnvClicker:
     def __init__(
         self,
         env: PointPromptEnv,
-        policy: Policy | str,
+        policy: Policy | str | PolicyFn,
         seed: int = 0,
         start: str | None = None,
     ) -> None:
-        if policy not in POLICIES:
+        self._fn = policy if callable(policy) else None
+        if self._fn is not None:
+            policy = getattr(policy, "__name__", "custom")
+        elif policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
         env = env.unwrapped  # accept make_env()'s TimeLimit-wrapped env too
         if policy == "srm_confident" and not _has_foreground_map(env.labeler):
@@ -514,6 +540,8 @@ class EnvClicker:
     def _choose(
         self, obs: dict[str, np.ndarray], allowed: np.ndarray, rng: np.random.Generator
     ) -> int:
+        if self._fn is not None:
+            return int(self._fn(self.env, obs, allowed))
         cells = np.flatnonzero(allowed)
         if self.policy == "random":
             return int(rng.choice(cells))

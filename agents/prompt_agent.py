@@ -35,7 +35,8 @@ class AgentLoadError(RuntimeError):
     """A run folder or checkpoint cannot be loaded; the message says why and what to do."""
 
 
-def _versions() -> dict[str, str]:
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries a checkpoint or a result depends on."""
     import gymnasium
     import stable_baselines3
 
@@ -47,7 +48,8 @@ def _versions() -> dict[str, str]:
     }
 
 
-def _ppo_class(maskable: bool):
+def ppo_class(maskable: bool) -> type:
+    """``MaskablePPO`` (sb3-contrib) when action masking is on, else SB3's ``PPO``."""
     if maskable:
         from sb3_contrib import MaskablePPO
 
@@ -80,7 +82,7 @@ def write_checkpoint(
             "step": int(step),
             "task": task.to_dict(),
             "segmenter_model_id": segmenter_model_id,
-            "versions": _versions(),
+            "versions": library_versions(),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
             **(extra or {}),
         }
@@ -193,7 +195,7 @@ class PromptAgent:
             embed_channels=int(segmenter.embedding_shape[0]),
             online=False,
         )
-        model = _ppo_class(task.ppo.maskable).load(ckpt / "agent.zip", device=device)
+        model = ppo_class(task.ppo.maskable).load(ckpt / "agent.zip", device=device)
         return cls(model, srm, task, segmenter, cache)
 
     def eval_config(self, **changes: Any) -> EnvConfig:

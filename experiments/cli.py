@@ -173,6 +173,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         for key, value in overrides.items():
             if value is not None:
                 setattr(task, key, value)
+        if args.branch:
+            task.srm.branch = args.branch
     summary = train(
         task,
         runs=Path(args.runs),
@@ -224,6 +226,34 @@ def cmd_segment(args: argparse.Namespace) -> int:
     for s in rep.skipped:
         print(f"  skipped {s['id']}: {s['reason']}")
     print(f"masks, overlays, results.json (COCO RLE), summary.json in {rep.out}")
+    return 0
+
+
+# -- benchmark ---------------------------------------------------------------------------------
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    from experiments.benchmark import render_markdown, run_benchmark
+    from experiments.train import resolve_task
+    from segmenter import EmbeddingCache
+
+    task = resolve_task(args.task)
+    if args.device:
+        task.device = args.device
+    result = run_benchmark(
+        task,
+        args.runs,
+        split=args.split,
+        limit=args.limit,
+        out=args.out,
+        seed=args.seed,
+        cache=EmbeddingCache(args.cache),
+        manual_clicks=args.manual_clicks,
+        progress=not args.no_progress,
+    )
+    print(render_markdown(result))
+    print(
+        f"wrote results.json, results.md, curves.png, examples.png to {args.out} "
+        f"({result['seconds']:.0f} s)"
+    )
     return 0
 
 
@@ -317,6 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int, default=None, help="override total_timesteps")
     t.add_argument("--seed", type=int, default=None)
     t.add_argument("--segmenter", default=None, help="override the task's segmenter")
+    t.add_argument(
+        "--branch", choices=["implicit", "explicit"], default=None, help="override the SRM branch"
+    )
     t.add_argument("--device", default=None)
     t.add_argument("--cache", default=None, help="embedding cache dir")
     t.add_argument("--no-progress", action="store_true")
@@ -342,6 +375,19 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument("--skip-bad", action="store_true", help="skip unreadable images (listed)")
     sg.add_argument("--no-progress", action="store_true")
     sg.set_defaults(func=cmd_segment)
+
+    bm = sub.add_parser("benchmark", help="agents vs manual clicks, ablations and baselines")
+    bm.add_argument("task", help="task YAML or shipped task name (its data and segmenter)")
+    bm.add_argument("--runs", nargs="+", required=True, help="run folders of trained agents")
+    bm.add_argument("--split", default="test", choices=["train", "val", "test"])
+    bm.add_argument("--limit", type=int, default=None, help="first N images only")
+    bm.add_argument("--out", default="benchmark", help="output folder")
+    bm.add_argument("--seed", type=int, default=0)
+    bm.add_argument("--manual-clicks", type=int, default=20, help="annotator click budget")
+    bm.add_argument("--device", default=None)
+    bm.add_argument("--cache", default=None, help="embedding cache dir")
+    bm.add_argument("--no-progress", action="store_true")
+    bm.set_defaults(func=cmd_benchmark)
 
     se = sub.add_parser("srm-eval", help="SRM label accuracy at the grid cells vs majority class")
     se.add_argument("--train", default="kvasir:train")

@@ -21,8 +21,8 @@ from agents.features import GridFeaturesExtractor
 from agents.prompt_agent import (
     AgentLoadError,
     PromptAgent,
-    _ppo_class,
     latest_checkpoint,
+    ppo_class,
     read_meta,
 )
 from agents.training import AlignSAMCallback, evaluate_agent, make_vec_env, train_env_config
@@ -129,7 +129,7 @@ def train(
     venv = make_vec_env(
         train_set, segmenter, srm, train_env_config(task), task.ppo.n_envs, cache, task.seed
     )
-    ppo_cls = _ppo_class(task.ppo.maskable)
+    ppo_cls = ppo_class(task.ppo.maskable)
     if ckpt is not None:
         model = ppo_cls.load(ckpt / "agent.zip", env=venv, device=task.device)
         model.set_random_seed(task.seed + start_step)

@@ -104,6 +104,28 @@ class AlwaysPositiveLabeler(Labeler):
         return 1
 
 
+class PositiveWithMap(Labeler):
+    """Every click foreground, while the observation and start keep ``base``'s foreground map.
+
+    The "w/o SRM" ablation of a trained agent: the agent sees exactly what it was trained on
+    (the SRM map in its observation, the SRM start points) but its clicks lose the SRM labels.
+    """
+
+    name = "positive+map"
+
+    def __init__(self, base: Labeler) -> None:
+        self.base = base
+
+    def begin(self, state: EpisodeState) -> None:
+        self.base.begin(state)
+
+    def foreground_map(self, state: EpisodeState) -> np.ndarray | None:
+        return self.base.foreground_map(state)
+
+    def label(self, state: EpisodeState, x: float, y: float) -> int:
+        return 1
+
+
 def to_grid(prob: torch.Tensor | np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Area-average a 2-D map to ``size``."""
     t = torch.as_tensor(np.asarray(prob, dtype=np.float32))[None, None]

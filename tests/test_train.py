@@ -121,3 +121,46 @@ def test_segment_writes_masks_coco_rle_and_summary(first_run, tmp_path):
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["images"] == 3
     with pytest.raises(DataError, match="no such file"):
         gather_inputs([str(tmp_path / "missing.png")])
+
+
+def test_benchmark_runs_every_method(first_run, tmp_path):
+    from experiments.benchmark import run_benchmark
+
+    summary, cache = first_run
+    agent = PromptAgent.load(summary["run_dir"])
+    from segmenter import EmbeddingCache
+
+    res = run_benchmark(
+        agent.task,
+        [summary["run_dir"]],
+        split="val",
+        limit=3,
+        out=tmp_path / "bench",
+        cache=EmbeddingCache(cache),
+        segmenter=agent.segmenter,
+        manual_clicks=5,
+        progress=False,
+    )
+    rows = {r["method"]: r for r in res["methods"]}
+    assert list(rows)[0] == "agent" and "diff_vs_agent" not in rows["agent"]
+    for name in (
+        "agent w/o SRM (all positive)",
+        "random + SRM (w/o RL)",
+        "SRM-confident",
+        "one-shot similarity (1 ref)",
+        "manual @5",
+    ):
+        assert rows[name]["n"] == 3 and len(rows[name]["diff_vs_agent"]) == 3
+    assert rows["agent"]["clicks"] == 2 + 4  # SRM start + T
+    assert rows["agent single step"]["clicks"] == 3
+    assert rows["SRM start only"]["clicks"] == 2
+    assert rows["manual @3"]["clicks"] <= 3
+    assert "manual @10" not in rows  # beyond the 5-click budget
+    m = res["manual"]
+    assert set(m["miou_at_k"]) == {"1", "2", "3", "4", "5"} and 1 <= m["noc@90"] <= 5
+    # The annotator's IoU after k clicks is what manual @k scored.
+    assert rows["manual @5"]["iou"] == pytest.approx(m["miou_at_k"]["5"])
+    out = tmp_path / "bench"
+    assert json.loads((out / "results.json").read_text())["n_images"] == 3
+    assert "| agent |" in (out / "results.md").read_text()
+    assert (out / "curves.png").stat().st_size > 1000 and (out / "examples.png").is_file()

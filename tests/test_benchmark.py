@@ -1,0 +1,39 @@
+"""Benchmark statistics: bootstrap intervals and the agent's place on the manual curve."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from experiments.benchmark import bootstrap_ci, paired_diff_ci, position_on_curve
+
+
+def test_bootstrap_interval_contains_mean_and_shrinks_with_n():
+    rng = np.random.default_rng(0)
+    small = rng.random(20)
+    big = rng.random(2000)
+    lo, hi = bootstrap_ci(small)
+    assert lo < small.mean() < hi
+    blo, bhi = bootstrap_ci(big)
+    assert bhi - blo < (hi - lo) / 3
+    assert bootstrap_ci([0.5]) == (0.5, 0.5)
+
+
+def test_paired_difference_detects_a_shift_but_not_noise():
+    rng = np.random.default_rng(1)
+    a = rng.random(100)
+    d, lo, hi = paired_diff_ci(a + 0.05, a)
+    assert d == pytest.approx(0.05) and lo > 0
+    d, lo, hi = paired_diff_ci(a + rng.normal(0, 0.01, 100), a)
+    assert lo < 0 < hi
+
+
+def test_position_on_manual_curve():
+    curve = [0.4, 0.6, 0.7, 0.8]
+    assert position_on_curve(0.6, curve) == pytest.approx(2.0)
+    assert position_on_curve(0.65, curve) == pytest.approx(2.5)
+    assert position_on_curve(0.4, curve) == 1.0
+    assert position_on_curve(0.3, curve) == 0.0  # below one click
+    assert position_on_curve(0.9, curve) is None  # beyond the budget
+    # A dip in the curve does not make the position ambiguous.
+    assert position_on_curve(0.55, [0.4, 0.6, 0.5, 0.8]) == pytest.approx(1.75)
