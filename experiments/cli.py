@@ -264,6 +264,18 @@ def cmd_srm_eval(args: argparse.Namespace) -> int:
     from segmenter import EmbeddingCache
 
     seg = _segmenter(args)
+    if args.srm:
+        from recalibration.evaluate import evaluate_saved
+
+        if not args.eval:
+            raise ValueError("--srm evaluates a saved SRM: give the split to measure with --eval")
+        res = evaluate_saved(
+            args.srm, load_dataset(args.eval), seg, cache=EmbeddingCache(args.cache)
+        )
+        print(f"saved SRM {args.srm} on {args.eval}:")
+        print(summarize(res))
+        _write_json(args.out, res)
+        return 0
     res = pretrain_and_evaluate(
         load_dataset(args.train),
         load_dataset(args.val),
@@ -396,6 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--epochs", type=int, default=60)
     se.add_argument("--seed", type=int, default=0)
     se.add_argument("--save", default=None, help="write the trained SRM here")
+    se.add_argument(
+        "--srm", default=None, help="evaluate this saved SRM file on --eval (no training)"
+    )
     se.add_argument("--out", default=None)
     seg_opts(se)
     se.set_defaults(func=cmd_srm_eval)

@@ -39,6 +39,7 @@ __all__ = [
     "action_cell_centres",
     "cell_metrics",
     "collect_items",
+    "evaluate_saved",
     "label_accuracy",
     "pretrain_and_evaluate",
     "summarize",
@@ -418,6 +419,41 @@ def pretrain_and_evaluate(
     result["seconds"] = time.perf_counter() - t0
     result["srm"] = srm
     return result
+
+
+def evaluate_saved(
+    srm_path: str | Path,
+    eval_samples: Sequence[Any],
+    segmenter: Segmenter,
+    *,
+    cache: EmbeddingCache | None = None,
+    seed: int = 0,
+    grid: int = 10,
+    eval_mask_states: Sequence[MaskStateMode] = ("zeros", "self_start"),
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Label accuracy of a saved SRM (e.g. ``RUN/checkpoints/best/srm.pt``, after its online
+    updates during RL) on ``eval_samples``; no training. Same result layout as
+    :func:`pretrain_and_evaluate`, with ``val`` empty."""
+    t0 = time.perf_counter()
+    channels = int(segmenter.embedding_shape[0])
+    srm = SemanticRecalibrationModule.load(srm_path, embed_channels=channels, online=False)
+    if srm.branch != "implicit":
+        raise ValueError(
+            f"{srm_path} is an {srm.branch} SRM; evaluate_saved measures the implicit branch"
+        )
+    ev = collect_items(eval_samples, segmenter, cache, progress=progress, desc="eval")
+    return {
+        "config": srm.config.to_dict(),
+        "loaded": str(srm_path),
+        "val": None,
+        "eval": {
+            m: label_accuracy(srm, ev, grid, m, segmenter=segmenter, rng=seed)
+            for m in eval_mask_states
+        },
+        "timing": time_srm(srm, ev[0]),
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def summarize(result: dict[str, Any]) -> str:

@@ -429,3 +429,16 @@ def test_tta_is_equivariant(seg) -> None:
     assert np.abs(np.rot90(plain.predict(EpisodeState("a", emb, mask)), 1) - c).max() > 1e-4
     with pytest.raises(ValueError, match="tta"):
         SRMConfig(tta=9)
+
+
+def test_evaluate_saved_srm_matches_label_accuracy(seg, items, tmp_path) -> None:
+    from recalibration.evaluate import evaluate_saved
+
+    srm = make_srm()
+    srm.pretrain(items, epochs=2, rng=0, progress=False)
+    path = srm.save(tmp_path / "srm.pt")
+    samples = make_samples(4)
+    res = evaluate_saved(path, samples, seg, eval_mask_states=("zeros",), progress=False)
+    direct = label_accuracy(srm, [(seg.encode(s.image), s.mask, None) for s in samples])
+    assert res["eval"]["zeros"]["accuracy"] == pytest.approx(direct["accuracy"])
+    assert res["eval"]["zeros"]["n_cells"] == 4 * 100
