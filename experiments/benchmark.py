@@ -49,6 +49,16 @@ from segmenter.metrics import mask_metrics
 logger = logging.getLogger(__name__)
 
 METRICS: tuple[str, ...] = ("iou", "dice", "f_beta", "mae", "ber", "e_measure")
+#: Method groups of :func:`run_benchmark` (``methods=``); the agents and the simulated manual
+#: annotator (the headline's reference) always run.
+METHOD_GROUPS: tuple[str, ...] = (
+    "wo_srm",
+    "single_step",
+    "random",
+    "heuristics",
+    "start_only",
+    "oneshot",
+)
 MANUAL_KS: tuple[int, ...] = (1, 3, 5, 10, 20)
 
 
@@ -162,6 +172,7 @@ def run_benchmark(
     cache: EmbeddingCache | None = None,
     segmenter: Segmenter | None = None,
     manual_clicks: int = 20,
+    methods: Sequence[str] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run every method on ``task``'s ``split`` and write the results to ``out``.
@@ -176,6 +187,7 @@ def run_benchmark(
         cache: Embedding cache (default: the user cache).
         segmenter: The frozen segmenter (default: built from the task).
         manual_clicks: Click budget of the simulated annotator.
+        methods: Subset of :data:`METHOD_GROUPS` to run besides the agents (default: all).
         progress: Progress bars.
 
     Returns:
@@ -183,6 +195,10 @@ def run_benchmark(
     """
     if not run_dirs:
         raise ValueError("benchmark needs at least one trained run (--runs RUN_DIR)")
+    want = set(METHOD_GROUPS if methods is None else methods)
+    unknown = want - set(METHOD_GROUPS)
+    if unknown:
+        raise ValueError(f"unknown methods {sorted(unknown)}; choose from {METHOD_GROUPS}")
     t_start = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -210,7 +226,7 @@ def run_benchmark(
     encode_s = (time.perf_counter() - t0) / encoded if encoded else None
     gts = [np.asarray(s.mask, bool) for s in samples]
 
-    methods: list[MethodResult] = []
+    results: list[MethodResult] = []
     ref = agents[0]
     config = ref.eval_config(full_res_eval=False)
 
@@ -232,32 +248,37 @@ def run_benchmark(
                 _trace_points(tr),
             )
             res.curve.append(list(tr.ious))
-        methods.append(res)
+        results.append(res)
         return res
 
     for name, agent in zip(names, agents, strict=True):
         env_method(name, _agent_policy(agent), agent.srm)
-    env_method("agent w/o SRM (all positive)", _agent_policy(ref), PositiveWithMap(ref.srm))
-    env_method("agent single step", _agent_policy(ref), ref.srm, steps=1)
-    env_method("random + SRM (w/o RL)", "random", ref.srm)
-    env_method("centre + SRM", "centre", ref.srm)
-    env_method("grid + SRM", "grid", ref.srm)
-    env_method("SRM-confident", "srm_confident", ref.srm)
-    env_method("SRM start only", "random", ref.srm, steps=0)
+    if "wo_srm" in want:
+        env_method("agent w/o SRM (all positive)", _agent_policy(ref), PositiveWithMap(ref.srm))
+    if "single_step" in want:
+        env_method("agent single step", _agent_policy(ref), ref.srm, steps=1)
+    if "random" in want:
+        env_method("random + SRM (w/o RL)", "random", ref.srm)
+    if "heuristics" in want:
+        env_method("centre + SRM", "centre", ref.srm)
+        env_method("grid + SRM", "grid", ref.srm)
+        env_method("SRM-confident", "srm_confident", ref.srm)
+    if "start_only" in want:
+        env_method("SRM start only", "random", ref.srm, steps=0)
 
-    # One-shot / few-shot similarity prompts from the training split.
-    train = list(load_dataset(task.data.train))
-    refs = [(cache.get_or_encode(seg, s.load_image()), np.asarray(s.mask, bool)) for s in train]
-    for name, fit in (
-        ("one-shot similarity (1 ref)", lambda o: o.fit(*refs[0])),
-        (f"few-shot similarity ({len(refs)} refs)", lambda o: o.fit_many(refs)),
-    ):
-        oneshot = fit(OneShotSimilarity(seg))
-        res = MethodResult(name, "automatic")
-        for s, emb, gt in zip(samples, embeddings, gts, strict=True):
-            tr = oneshot.run(emb, gt, s.id)
-            res.add(s.id, tr.final_mask, gt, tr.n_clicks, tr.seconds, 1, _trace_points(tr))
-        methods.append(res)
+    if "oneshot" in want:  # one-shot / few-shot similarity prompts from the training split
+        train = list(load_dataset(task.data.train))
+        refs = [(cache.get_or_encode(seg, s.load_image()), np.asarray(s.mask, bool)) for s in train]
+        for name, fit in (
+            ("one-shot similarity (1 ref)", lambda o: o.fit(*refs[0])),
+            (f"few-shot similarity ({len(refs)} refs)", lambda o: o.fit_many(refs)),
+        ):
+            oneshot = fit(OneShotSimilarity(seg))
+            res = MethodResult(name, "automatic")
+            for s, emb, gt in zip(samples, embeddings, gts, strict=True):
+                tr = oneshot.run(emb, gt, s.id)
+                res.add(s.id, tr.final_mask, gt, tr.n_clicks, tr.seconds, 1, _trace_points(tr))
+            results.append(res)
 
     # Manual prompting: the simulated annotator, masks kept at each reported k.
     ks = tuple(k for k in MANUAL_KS if k <= manual_clicks)
@@ -277,16 +298,16 @@ def run_benchmark(
             secs = tr.info["seconds_at"][n - 1] if n else 0.0
             pts = _trace_points(tr)[:n]
             manual[k].add(s.id, tr.info["masks"][k], gt, n, secs, n, pts)
-    methods.extend(manual.values())
+    results.extend(manual.values())
 
     result = _assemble(
-        task, split, samples, seg, run_dirs, methods, traces, manual_clicks, seed, encode_s
+        task, split, samples, seg, run_dirs, results, traces, manual_clicks, seed, encode_s
     )
     result["seconds"] = time.perf_counter() - t_start
     atomic_write(out / "results.json", lambda fh: fh.write(json.dumps(result, indent=2).encode()))
     (out / "results.md").write_text(render_markdown(result))
-    plot_curves(result, methods, traces, out / "curves.png")
-    plot_examples(samples, gts, methods, out / "examples.png")
+    plot_curves(result, results, traces, out / "curves.png")
+    plot_examples(samples, gts, results, out / "examples.png")
     return result
 
 

@@ -247,6 +247,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         seed=args.seed,
         cache=EmbeddingCache(args.cache),
         manual_clicks=args.manual_clicks,
+        methods=args.methods,
         progress=not args.no_progress,
     )
     print(render_markdown(result))
@@ -396,6 +397,13 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("--out", default="benchmark", help="output folder")
     bm.add_argument("--seed", type=int, default=0)
     bm.add_argument("--manual-clicks", type=int, default=20, help="annotator click budget")
+    bm.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        help="subset besides agents and manual: wo_srm single_step random heuristics "
+        "start_only oneshot (default: all)",
+    )
     bm.add_argument("--device", default=None)
     bm.add_argument("--cache", default=None, help="embedding cache dir")
     bm.add_argument("--no-progress", action="store_true")

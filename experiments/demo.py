@@ -1,85 +1,90 @@
-"""``alignsam demo``: the end-to-end job on the embedded synthetic task.
+"""``alignsam demo``: the whole job, end to end, on the embedded synthetic task.
 
-The stages that exist run for real on MobileSAM: generate the task, fetch weights, encode the
-held-out images once into the cache, run prompting episodes in the environment with several
-click policies and labelers, print a table and write overlays.
+On a fresh machine with nothing but the package: generate the task (spotted target blobs among
+striped look-alikes, :mod:`envs.synthetic`), fetch the segmenter's weights if needed, train a
+small prompt agent (SRM pretraining + PPO) on the 24 training scenes, then segment the 24
+held-out test scenes automatically and compare, on the same frozen segmenter and cached
+embeddings, with random clicks labelled by the same SRM and with the simulated manual annotator.
+Prints a short table and the paths of the run folder, overlays and plots.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import logging
 import time
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-from tqdm.auto import tqdm
-
-from envs import EnvConfig, PointPromptEnv
-from envs.render import overlay
-from envs.synthetic import synthetic_task
-from recalibration.labelers import AlwaysPositiveLabeler, OracleLabeler
-from segmenter import EmbeddingCache, build_segmenter
+from experiments.benchmark import run_benchmark
+from experiments.train import resolve_task, train
+from segmenter import EmbeddingCache
 
 logger = logging.getLogger(__name__)
 
-
-def random_policy_episode(env: PointPromptEnv, index: int, seed: int) -> dict:
-    """One episode of uniformly random unvisited cells; returns final IoU and prompts."""
-    rng = np.random.default_rng(seed)
-    _, info = env.reset(seed=seed, options={"index": index})
-    for _ in range(env.config.max_steps):
-        action = int(rng.choice(np.flatnonzero(env.action_masks())))
-        _, _, _, _, info = env.step(action)
-    return info
+#: The demo's training budget (the shipped task's own budget is for ``alignsam train``).
+DEMO_BUDGET = {"total_timesteps": 1800, "eval_every": 900, "checkpoint_every": 900}
+QUICK_BUDGET = {
+    "total_timesteps": 32,
+    "eval_every": 32,
+    "checkpoint_every": 32,
+    "srm_pretrain_epochs": 2,
+}
 
 
 def run_demo(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    n_test = 4 if args.quick else 24
-    steps = 3 if args.quick else 15
-    seg = build_segmenter(
-        args.segmenter, checkpoint=args.checkpoint, device=args.device, autocast_bf16=args.bf16
+    task = resolve_task("synthetic")
+    task.segmenter = args.segmenter
+    task.checkpoint = args.checkpoint
+    task.device = args.device
+    task.bf16 = bool(args.bf16)
+    for key, value in (QUICK_BUDGET if args.quick else DEMO_BUDGET).items():
+        setattr(task, key, value)
+    if args.quick:
+        task.env = dataclasses.replace(task.env, max_steps=3)
+        task.ppo = dataclasses.replace(task.ppo, n_steps=16, batch_size=16, n_epochs=1)
+
+    summary = train(task, runs=out / "runs", cache_dir=args.cache, progress=not args.quick)
+    t_train = time.perf_counter() - t_start
+    result = run_benchmark(
+        task,
+        [summary["run_dir"]],
+        split="test",
+        limit=4 if args.quick else None,
+        out=out / "benchmark",
+        cache=EmbeddingCache(args.cache),
+        manual_clicks=3 if args.quick else 10,
+        methods=["random"],
+        progress=not args.quick,
     )
-    cache = EmbeddingCache(args.cache)
-    test = synthetic_task("test", n=n_test)
-    for s in tqdm(test, desc="encode test images", unit="img"):
-        cache.get_or_encode(seg, s.image)
-
-    methods = {
-        "random clicks + true labels": OracleLabeler(),
-        "random clicks, all positive": AlwaysPositiveLabeler(),
-    }
-    config = EnvConfig(max_steps=steps, start="none", full_res_eval=True)
-    rows, examples = [], []
-    for name, labeler in methods.items():
-        env = PointPromptEnv(test, seg, labeler, config, cache=cache)
-        ious = []
-        for i in tqdm(range(len(test)), desc=name, unit="img"):
-            info = random_policy_episode(env, i, seed=i)
-            ious.append(info["iou_full"])
-            if i == 0:
-                pts = np.array([p[:2] for p in info["prompts"]])
-                lbl = np.array([p[2] for p in info["prompts"]])
-                examples.append(
-                    overlay(test[0].image, env.current_mask(), pts, lbl, outline=test[0].mask)
-                )
-        rows.append({"method": name, "clicks": steps, "mIoU": float(np.mean(ious))})
-
-    print(f"\nalignsam demo: synthetic task, {len(test)} test images, {seg.model_id}")
-    print(f"{'method':34s} {'clicks':>6s} {'mIoU':>7s}")
-    for r in rows:
-        print(f"{r['method']:34s} {r['clicks']:6d} {r['mIoU']:7.3f}")
-    grid = np.concatenate(examples, axis=1)
-    Image.fromarray(grid).save(out / "overlays.png")
-    (out / "results.json").write_text(json.dumps(rows, indent=2))
-    print(f"overlays: {out / 'overlays.png'}\nresults:  {out / 'results.json'}")
+    rows = {r["method"]: r for r in result["methods"]}
+    show = ["agent", "random + SRM (w/o RL)"] + [m for m in rows if m.startswith("manual @")]
     print(
-        "The trained prompt agent and the SRM labeler join this table as they land "
-        f"(issues #4-#6). Wall time {time.perf_counter() - t_start:.0f} s."
+        f"\nalignsam demo: synthetic task ({result['n_images']} held-out test scenes), "
+        f"{result['segmenter']}, agent trained for {summary['steps']} steps in {t_train:.0f} s"
     )
+    print(f"{'method':26s} {'clicks':>6s} {'mIoU':>6s}  95% CI          vs agent")
+    for name in show:
+        r = rows[name]
+        lo, hi = r["iou_ci95"]
+        diff = ""
+        if "diff_vs_agent" in r:
+            d, dlo, dhi = r["diff_vs_agent"]
+            diff = f"{d:+.3f}" + ("" if dlo <= 0 <= dhi else " (significant)")
+        print(f"{name:26s} {r['clicks']:6.1f} {r['iou']:6.3f}  [{lo:.3f}, {hi:.3f}]  {diff}")
+    k = result["headline"]["agent_equals_manual_clicks"]
+    where = (
+        "above the manual budget"
+        if k is None
+        else ("below one manual click" if k < 1 else f"{k:.1f} manual clicks")
+    )
+    bench = out / "benchmark"
+    print(f"The agent's mIoU equals {where} (simulated annotator on the same SAM).")
+    print(f"run folder: {summary['run_dir']}  (tensorboard --logdir {summary['run_dir']}/tb)")
+    print(f"overlays:   {bench / 'examples.png'}\nplot:       {bench / 'curves.png'}")
+    print(f"table:      {bench / 'results.md'}")
+    print(f"Wall time {time.perf_counter() - t_start:.0f} s.")
     return 0

@@ -100,5 +100,6 @@ def test_cli_unknown_dataset_is_clear(tmp_path):
 def test_cli_demo_quick_tiny(tmp_path):
     proc = run_cli("demo", "--quick", "--segmenter", "tiny", "--out", "demo", tmp_path=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert (tmp_path / "demo" / "overlays.png").is_file()
+    assert (tmp_path / "demo" / "benchmark" / "examples.png").is_file()
+    assert "agent" in proc.stdout and "manual @3" in proc.stdout
     assert "mIoU" in proc.stdout
