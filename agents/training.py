@@ -130,6 +130,13 @@ class AlignSAMCallback(BaseCallback):
         self._last_ckpt = self.num_timesteps
 
     def _on_step(self) -> bool:
+        rewards = np.asarray(self.locals.get("rewards", ()), np.float64)
+        for i in np.flatnonzero(~np.isfinite(rewards)):
+            raise FloatingPointError(
+                f"reward {rewards[i]} on sample {self.locals['infos'][i].get('sample_id')} at step "
+                f"{self.num_timesteps}: stopping before it reaches the optimizer (check that "
+                "image's embedding and mask)"
+            )
         for info, done in zip(self.locals["infos"], self.locals["dones"], strict=True):
             loss = info.get("labeler/loss")
             if loss is not None:

@@ -161,7 +161,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not args.task and not args.resume:
         raise ValueError("give a TASK (YAML file or shipped name) or --resume RUN_DIR")
     if args.resume:
-        task = None
+        task = resolve_task(args.task) if args.task else None  # checked against the run's
     else:
         task = resolve_task(args.task)
         overrides = {
@@ -181,6 +181,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         resume=Path(args.resume) if args.resume else None,
         cache_dir=args.cache,
         progress=not args.no_progress,
+        total_timesteps=args.steps if args.resume else None,
     )
     print(
         f"run {summary['run_dir']}: {summary['steps']} steps in {summary['wall_seconds']:.0f} s "

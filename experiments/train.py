@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -79,7 +80,16 @@ def train(
         if ckpt is None:
             raise AgentLoadError(f"--resume {resume}: no checkpoint there yet; start a new run")
         meta = read_meta(ckpt)
-        task = TaskConfig.from_dict(meta["task"], where=f"{ckpt}/meta.json")
+        saved = TaskConfig.from_dict(meta["task"], where=f"{ckpt}/meta.json")
+        if task is not None and task.name != saved.name:
+            raise AgentLoadError(
+                f"--resume {resume} is a run of task {saved.name!r}, not {task.name!r}: resume "
+                "without a TASK (the run keeps its own config) or start a new run"
+            )
+        task = saved
+        for stale in (resume / "checkpoints").glob(".*"):  # temp folders of a killed writer
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
         start_step = int(meta["step"])
         best = float(meta.get("best_val_miou", best))
         run_dir = resume
