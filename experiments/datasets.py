@@ -8,10 +8,15 @@ Forms (``ROOT`` defaults to the shared data folder, see :func:`envs.data.shared_
 - ``coco:ANNOTATIONS.json:IMAGES_DIR[:CATEGORY]``    COCO instances (pycocotools)
 - ``synthetic:SPLIT``                                the embedded procedural task
 - ``images:DIR`` or a plain folder                   images without masks (``embed``, ``segment``)
+
+Any spec may end in a Python slice, ``SPEC[a:b]``, to keep part of it in its (sorted) order,
+e.g. ``camvid:train:car[:300]`` and ``camvid:train:car[300:]`` for disjoint training and
+validation frames.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,8 +49,20 @@ def _root(parts: list[str], index: int, sub: str) -> Path:
     return shared / sub
 
 
+_SLICE = re.compile(r"(?P<base>.+)\[(?P<start>-?\d*):(?P<stop>-?\d*)\]")
+
+
 def load_dataset(spec: str, on_error: D.OnError = "raise"):
     """Resolve a dataset spec (see module docstring) to a sequence of samples."""
+    sliced = _SLICE.fullmatch(spec)
+    if sliced and not Path(spec).expanduser().exists():
+        base = load_dataset(sliced["base"], on_error)
+        start = int(sliced["start"]) if sliced["start"] else None
+        stop = int(sliced["stop"]) if sliced["stop"] else None
+        part = base[start:stop]
+        if not len(part):
+            raise D.DataError(f"{spec}: the slice keeps none of the {len(base)} samples")
+        return part
     path = Path(spec).expanduser()
     if ":" not in spec or path.is_dir():
         return image_folder(path)

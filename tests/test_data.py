@@ -613,3 +613,14 @@ def test_real_camvid_val_car(record_property):
     assert len(ds) > 0
     assert ds[0].mask.shape == (360, 480)
     assert ds[0].load_image().shape == (360, 480, 3)
+
+
+def test_dataset_spec_slices():
+    from experiments.datasets import load_dataset
+
+    full = load_dataset("synthetic:test")
+    head, tail = load_dataset("synthetic:test[:10]"), load_dataset("synthetic:test[10:]")
+    assert [s.id for s in head] + [s.id for s in tail] == [s.id for s in full]
+    assert [s.id for s in load_dataset("synthetic:test[-2:]")] == [s.id for s in full[-2:]]
+    with pytest.raises(DataError, match="keeps none"):
+        load_dataset("synthetic:test[30:]")
