@@ -164,3 +164,42 @@ def test_benchmark_runs_every_method(first_run, tmp_path):
     assert json.loads((out / "results.json").read_text())["n_images"] == 3
     assert "| agent |" in (out / "results.md").read_text()
     assert (out / "curves.png").stat().st_size > 1000 and (out / "examples.png").is_file()
+
+
+def test_checkpoint_mismatches_are_clear(first_run, tmp_path):
+    import shutil
+
+    summary, _ = first_run
+    run = __import__("pathlib").Path(summary["run_dir"])
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(run / "checkpoints" / "best", ckpt)
+    meta = read_meta(ckpt)
+    assert meta["versions"]["torch"] and meta["task"]["name"] == "tiny"
+    meta["segmenter_model_id"] = "mobile_sam:0123456789ab"
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(AgentLoadError, match="trained with segmenter mobile_sam"):
+        PromptAgent.load(ckpt)
+    meta["format_version"] = 99
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(AgentLoadError, match="format 99"):
+        PromptAgent.load(ckpt)
+    (ckpt / "meta.json").write_text("{not json")
+    with pytest.raises(AgentLoadError, match="not a readable"):
+        PromptAgent.load(ckpt)
+
+
+def test_non_finite_reward_stops_training_naming_the_sample(first_run):
+    from agents.training import AlignSAMCallback
+
+    summary, _ = first_run
+    cb = AlignSAMCallback(
+        __import__("pathlib").Path(summary["run_dir"]), tiny_task(), None, None, None, None
+    )
+    cb.locals = {
+        "rewards": np.array([0.1, np.nan]),
+        "infos": [{}, {"sample_id": "img_7"}],
+        "dones": [False, False],
+    }
+    cb.num_timesteps = 5
+    with pytest.raises(FloatingPointError, match="img_7"):
+        cb._on_step()
