@@ -584,18 +584,19 @@ class EnvClicker:
         if gt is not None and n_start:
             ious = [mask_iou(env.current_mask(), gt)] * n_start
         rng = np.random.default_rng([self.seed, int(index)])
-        n_cells = env.action_space.n
+        n_cells = env.config.grid**2  # the pass action (allow_pass) is the policy fn's to take
         visited = np.zeros(n_cells, bool)
         actions: list[int] = []
         for _ in range(steps):
-            allowed = env.action_masks() & ~visited
+            allowed = env.action_masks()[:n_cells] & ~visited
             if not allowed.any():  # more steps than cells: allow repeats rather than stop
                 allowed = np.ones(n_cells, bool)
             action = self._choose(obs, allowed, rng)
-            visited[action] = True
+            if action < n_cells:
+                visited[action] = True
             actions.append(action)
             obs, _, _, _, info = env.step(action)
-            calls += 1
+            calls += info.get("click") is not None  # a pass makes no decoder call
             env_ious.append(float(info["iou"]))
             if gt is not None:
                 ious.append(mask_iou(env.current_mask(), gt))

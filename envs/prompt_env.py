@@ -3,7 +3,10 @@
 An episode is one image. The agent picks a patch centre on a ``G x G`` grid over the image
 (``Discrete(G*G)``); a labeler decides whether the click is foreground or background; the
 frozen segmenter decodes the whole prompt set against the cached embedding (exactly one
-decoder call per step); the reward compares the new mask with the ground truth.
+decoder call per step); the reward compares the new mask with the ground truth. With
+``allow_pass`` the action space gains one more action, ``G*G`` = *pass*: no click, no decoder
+call, the mask stays (reward 0 under ``iou_gain``), so an agent whose labeler is unreliable
+can stop adding clicks that would hurt.
 
 Observation (all float32, finite bounds; ``K = feature_channels``):
 
@@ -71,6 +74,8 @@ class EnvConfig:
         sample_order: ``random`` (seeded) or ``sequential`` image order across resets.
         labeler_learns: Call the labeler's online update after each step (training). Off for
             evaluation and automatic segmentation, so no ground truth ever trains the SRM there.
+        allow_pass: Add the *pass* action ``G*G`` (no click, no decode; always allowed). Not in
+            the paper; off by default.
     """
 
     grid: int = 10
@@ -85,6 +90,12 @@ class EnvConfig:
     multimask_single_click: bool = False
     labeler_learns: bool = True
     sample_order: Literal["random", "sequential"] = "random"
+    allow_pass: bool = False
+
+    @property
+    def n_actions(self) -> int:
+        """``G*G`` cells, plus the pass action when ``allow_pass``."""
+        return self.grid * self.grid + int(self.allow_pass)
 
     def __post_init__(self) -> None:
         if self.grid < 2:
@@ -166,7 +177,7 @@ class PointPromptEnv(gym.Env):
         g, k = self.config.grid, self.config.feature_channels
         channels = int(segmenter.embedding_shape[0])
         self._proj = projection_matrix(channels, k)
-        self.action_space = spaces.Discrete(g * g)
+        self.action_space = spaces.Discrete(self.config.n_actions)
         box = lambda shape, lo, hi: spaces.Box(lo, hi, shape=shape, dtype=np.float32)  # noqa: E731
         self.observation_space = spaces.Dict(
             {
@@ -237,7 +248,7 @@ class PointPromptEnv(gym.Env):
             load_image=sample.load_image,
         )
         self._t = 0
-        self._visited = np.zeros(self.action_space.n, bool)
+        self._visited = np.zeros(self.config.grid**2, bool)
         self._clicks = np.zeros((2, self.config.grid, self.config.grid), np.float32)
         self._logits: torch.Tensor | None = None
         self._iou = 0.0
@@ -292,6 +303,8 @@ class PointPromptEnv(gym.Env):
                 f"action {action!r} is out of range: expected an int in [0, {self.action_space.n})"
             )
         action = int(action)
+        if self.is_pass(action):
+            return self._pass()
         x, y = self.cell_to_pixel(action)
         repeated = bool(self._visited[action])
         self._visited[action] = True
@@ -321,6 +334,18 @@ class PointPromptEnv(gym.Env):
         info.update(
             click=(x, y, label), repeated=repeated, **{f"labeler/{k}": v for k, v in learn.items()}
         )
+        return self._obs(), float(reward), False, False, info
+
+    def is_pass(self, action: int) -> bool:
+        """Whether ``action`` is the pass action (only with ``allow_pass``)."""
+        return self.config.allow_pass and int(action) == self.config.grid**2
+
+    def _pass(self) -> tuple[dict[str, np.ndarray], float, bool, bool, dict[str, Any]]:
+        """The pass action: no click, no decode; the step counter advances."""
+        self._t += 1
+        reward = {"iou_gain": 0.0, "iou": self._iou}.get(self.config.reward, 0.0)
+        info = self._info(final=self._t >= self.config.max_steps)
+        info.update(click=None, repeated=False)
         return self._obs(), float(reward), False, False, info
 
     def _decode(self, points: np.ndarray, labels: np.ndarray) -> None:
@@ -385,11 +410,14 @@ class PointPromptEnv(gym.Env):
         return info
 
     def action_masks(self) -> np.ndarray:
-        """Boolean ``(G*G,)`` of allowed actions (unvisited cells when ``mask_repeats``)."""
-        if not self.config.mask_repeats:
-            return np.ones(self.action_space.n, bool)
-        allowed = ~self._visited
-        return allowed if allowed.any() else np.ones_like(allowed)
+        """Boolean ``(n_actions,)`` of allowed actions: unvisited cells when ``mask_repeats``
+        (every cell again once all are visited), and the pass action when ``allow_pass``."""
+        cells = np.ones(self.config.grid**2, bool)
+        if self.config.mask_repeats and not self._visited.all():
+            cells = ~self._visited
+        if self.config.allow_pass:
+            cells = np.append(cells, True)
+        return cells
 
     def current_mask(self) -> np.ndarray:
         """``(H, W)`` bool full-resolution mask of the current prompt set."""

@@ -222,3 +222,33 @@ def test_import_registers_once():
 
     importlib.reload(envs)
     assert ENV_ID in gym.registry
+
+
+def test_pass_action_makes_no_click_and_no_decode(tiny_segmenter):
+    from agents.clickers import EnvClicker
+
+    g = 4
+    cfg = EnvConfig(grid=g, max_steps=g * g + 2, allow_pass=True)
+    e = PointPromptEnv(make_samples(), tiny_segmenter, OracleLabeler(), cfg)
+    assert e.action_space.n == g * g + 1 and e.is_pass(g * g) and not e.is_pass(0)
+    obs, info0 = e.reset(seed=0)
+    calls = tiny_segmenter.decoder_calls
+    obs1, r, _, _, info = e.step(g * g)
+    assert tiny_segmenter.decoder_calls == calls and r == 0.0 and info["click"] is None
+    assert info["iou"] == info0["iou"] and info["prompts"] == info0["prompts"]
+    assert obs1["step"][0] > obs["step"][0]
+    np.testing.assert_array_equal(obs1["clicks"], obs["clicks"])
+    for a in range(g * g):
+        e.step(a)
+    masks = e.action_masks()
+    assert masks.shape == (g * g + 1,) and masks.all()  # all visited: cells open again, pass too
+    # Fixed policies never pass; a policy function may, and a pass costs no decoder call.
+    tr = EnvClicker(e, "random", seed=0).run(0, steps=5)
+    assert tr.n_clicks == 2 + 5 and tr.decoder_calls == 6
+    passer = EnvClicker(e, lambda env, obs, allowed: g * g, seed=0).run(1, steps=5)
+    assert passer.n_clicks == 2 and passer.decoder_calls == 1
+    assert len(set(passer.ious)) == 1
+    plain = PointPromptEnv(make_samples(), tiny_segmenter, OracleLabeler(), EnvConfig(grid=g))
+    plain.reset(seed=0)
+    with pytest.raises(ValueError, match="out of range"):
+        plain.step(g * g)
