@@ -8,6 +8,8 @@ STAMP := $(VENV)/.alignsam-installed
 # Memory allocation is expensive on small VMs; these glibc settings roughly halve encoder time.
 export MALLOC_TRIM_THRESHOLD_ ?= 68719476736
 export MALLOC_TOP_PAD_ ?= 1073741824
+# Setting those turns off glibc's dynamic mmap threshold: keep large buffers in the heap too.
+export MALLOC_MMAP_THRESHOLD_ ?= 33554432
 export HF_HUB_OFFLINE ?= 0
 
 .PHONY: install weights demo test lint clean-venv
