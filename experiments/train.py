@@ -28,7 +28,7 @@ from agents.prompt_agent import (
 )
 from agents.training import AlignSAMCallback, evaluate_agent, make_vec_env, train_env_config
 from experiments.datasets import load_dataset
-from recalibration.evaluate import collect_items
+from recalibration.evaluate import attach_semantic_maps, collect_items
 from recalibration.srm import SemanticRecalibrationModule
 from segmenter import EmbeddingCache, build_segmenter
 
@@ -122,11 +122,11 @@ def train(
         srm = SemanticRecalibrationModule(task.srm, channels, device=task.device)
         if task.srm_pretrain_epochs > 0:
             items = collect_items(train_set, segmenter, cache, progress=progress, desc="train")
-            val_items = (
-                collect_items(val_set, segmenter, cache, progress=progress, desc="val")
-                if val_set
-                else None
-            )
+            items = attach_semantic_maps(srm, items, train_set, progress=progress)
+            val_items = None
+            if val_set:
+                val_items = collect_items(val_set, segmenter, cache, progress=progress, desc="val")
+                val_items = attach_semantic_maps(srm, val_items, val_set, progress=progress)
             srm.pretrain(
                 items,
                 epochs=task.srm_pretrain_epochs,

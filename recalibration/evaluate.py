@@ -38,6 +38,7 @@ __all__ = [
     "MaskStateMode",
     "action_cell_centres",
     "cell_metrics",
+    "attach_semantic_maps",
     "collect_items",
     "evaluate_saved",
     "label_accuracy",
@@ -267,6 +268,30 @@ def collect_items(
         emb.features = emb.features.detach().to("cpu", torch.float32)
         items.append((emb, np.asarray(s.mask, bool), None))
     return items
+
+
+def attach_semantic_maps(
+    srm: SemanticRecalibrationModule,
+    items: Sequence[SRMTrainItem],
+    samples: Sequence[Any],
+    *,
+    progress: bool = True,
+) -> list[SRMTrainItem]:
+    """Items with the explicit SRM's CLIP map of each sample as third element (memoised in
+    the module, so the environment reuses them); items unchanged for the implicit branch."""
+    if srm.branch != "explicit":
+        return list(items)
+    from tqdm.auto import tqdm
+
+    out: list[SRMTrainItem] = []
+    pairs = list(zip(items, samples, strict=True))
+    for (emb, gt, _), s in tqdm(pairs, desc="CLIP maps", disable=not progress):
+        he, we = emb.grid_size
+        state = EpisodeState(
+            str(s.id), emb, np.zeros((he, we), np.float32), load_image=s.load_image
+        )
+        out.append((emb, gt, srm.semantic_map(state)))
+    return out
 
 
 def time_srm(

@@ -40,3 +40,25 @@ def isolated_home(tmp_path, monkeypatch):
     """Point ALIGNSAM_HOME at a temp dir (weights and embeddings land there)."""
     monkeypatch.setenv(weights.CACHE_ENV, str(tmp_path / "home"))
     return tmp_path / "home"
+
+
+#: A random-init ViT CLIP small enough for CPU tests (no weights exist offline).
+TINY_CLIP_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_arch(tmp_path_factory) -> str:
+    """Register the tiny CLIP config with open_clip (``add_model_config``); returns its name."""
+    import json
+
+    import open_clip
+
+    name = "alignsam-srm-tiny-vit"
+    cfg_dir = tmp_path_factory.mktemp("clip_cfg")
+    (cfg_dir / f"{name}.json").write_text(json.dumps(TINY_CLIP_CONFIG))
+    open_clip.add_model_config(cfg_dir)
+    return name

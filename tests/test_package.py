@@ -65,28 +65,62 @@ def test_cli_weights_fetch_bad_file_is_clear(tmp_path):
 def test_cli_embed_oneclick_bench_tiny(tmp_path):
     cache = str(tmp_path / "emb")
     proc = run_cli(
-        "embed", "synthetic:val", "--segmenter", "tiny", "--limit", "3", "--cache", cache,
+        "embed",
+        "synthetic:val",
+        "--segmenter",
+        "tiny",
+        "--limit",
+        "3",
+        "--cache",
+        cache,
         tmp_path=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
     assert "3 images" in proc.stdout and "3 encoded" in proc.stdout
     again = run_cli(
-        "embed", "synthetic:val", "--segmenter", "tiny", "--limit", "3", "--cache", cache,
+        "embed",
+        "synthetic:val",
+        "--segmenter",
+        "tiny",
+        "--limit",
+        "3",
+        "--cache",
+        cache,
         tmp_path=tmp_path,
     )
     assert "3 already cached" in again.stdout, again.stdout
 
     out = tmp_path / "oneclick.json"
     proc = run_cli(
-        "oneclick", "synthetic:val", "--segmenter", "tiny", "--limit", "2", "--out", str(out),
+        "oneclick",
+        "synthetic:val",
+        "--segmenter",
+        "tiny",
+        "--limit",
+        "2",
+        "--out",
+        str(out),
         tmp_path=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(out.read_text())["n"] == 2
 
     proc = run_cli(
-        "bench", "all", "--segmenter", "tiny", "--dataset", "synthetic:val", "--limit", "2",
-        "--decode-calls", "3", "--episodes", "1", "--cache", cache, tmp_path=tmp_path,
+        "bench",
+        "all",
+        "--segmenter",
+        "tiny",
+        "--dataset",
+        "synthetic:val",
+        "--limit",
+        "2",
+        "--decode-calls",
+        "3",
+        "--episodes",
+        "1",
+        "--cache",
+        cache,
+        tmp_path=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
     assert "ratio env step / decoder call" in proc.stdout

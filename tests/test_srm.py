@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 
@@ -12,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import open_clip
 import pytest
 import torch
 
@@ -29,7 +27,6 @@ from recalibration.srm import (
 from segmenter.base import ImageEmbedding
 from segmenter.registry import build_tiny_sam
 
-TINY_CLIP = "alignsam-srm-tiny-vit"
 CHANNELS = 32  # tiny SAM embedding: (1, 32, 16, 16)
 
 
@@ -78,28 +75,8 @@ def items(seg):
 
 
 @pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> ClipSurgery:
-    cfg = {
-        "embed_dim": 32,
-        "vision_cfg": {
-            "image_size": 64,
-            "layers": 2,
-            "width": 64,
-            "head_width": 32,
-            "patch_size": 16,
-        },
-        "text_cfg": {
-            "context_length": 16,
-            "vocab_size": 49408,
-            "width": 32,
-            "heads": 2,
-            "layers": 1,
-        },
-    }
-    cfg_dir = tmp_path_factory.mktemp("srm_clip_cfg")
-    (cfg_dir / f"{TINY_CLIP}.json").write_text(json.dumps(cfg))
-    open_clip.add_model_config(cfg_dir)
-    return ClipSurgery(ClipSpec(arch=TINY_CLIP, pretrained=None, allow_random=True))
+def tiny_clip(tiny_clip_arch: str) -> ClipSurgery:
+    return ClipSurgery(ClipSpec(arch=tiny_clip_arch, pretrained=None, allow_random=True))
 
 
 @pytest.fixture()

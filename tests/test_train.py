@@ -203,3 +203,24 @@ def test_non_finite_reward_stops_training_naming_the_sample(first_run):
     cb.num_timesteps = 5
     with pytest.raises(FloatingPointError, match="img_7"):
         cb._on_step()
+
+
+def test_train_explicit_branch_with_tiny_clip(tiny_clip_arch, tmp_path):
+    """The explicit SRM (CLIP map + attention head) through offline pretraining, PPO with
+    online updates, checkpointing and automatic segmentation, with a random-init tiny CLIP."""
+    from recalibration.clip_surgery import ClipSpec
+
+    task = tiny_task(32)
+    task.srm = SRMConfig(
+        branch="explicit",
+        text="spotted blob",
+        clip=ClipSpec(arch=tiny_clip_arch, pretrained=None, allow_random=True),
+        attn_grid=8,
+    )
+    summary = train(task, runs=tmp_path / "runs", cache_dir=str(tmp_path / "emb"), progress=False)
+    assert summary["steps"] == 32
+    agent = PromptAgent.load(summary["run_dir"])
+    assert agent.srm.branch == "explicit" and agent.srm.clip is not None
+    image = np.random.default_rng(0).integers(0, 255, (64, 80, 3), dtype=np.uint8)
+    mask, clicks = agent.segment(image)
+    assert mask.shape == (64, 80) and clicks.shape == (2 + 4, 3)
