@@ -231,11 +231,15 @@ def run_benchmark(
     config = ref.eval_config(full_res_eval=False)
 
     def env_method(
-        name: str, policy: Any, labeler: Any, steps: int | None = None, kind: str = "automatic"
+        name: str,
+        policy: Any,
+        labeler: Any,
+        steps: int | None = None,
+        env_config: Any = None,
     ) -> MethodResult:
-        env = PointPromptEnv(samples, seg, labeler, config, cache=cache)
+        env = PointPromptEnv(samples, seg, labeler, env_config or config, cache=cache)
         clicker = EnvClicker(env, policy, seed=seed)
-        res = MethodResult(name, kind)
+        res = MethodResult(name, "automatic")
         for i in tqdm(range(len(samples)), desc=name, unit="img", disable=not progress):
             tr = clicker.run(i, steps)
             res.add(
@@ -251,8 +255,10 @@ def run_benchmark(
         results.append(res)
         return res
 
-    for name, agent in zip(names, agents, strict=True):
-        env_method(name, _agent_policy(agent), agent.srm)
+    for name, agent in zip(names, agents, strict=True):  # each in its own env settings
+        env_method(
+            name, _agent_policy(agent), agent.srm, env_config=agent.eval_config(full_res_eval=False)
+        )
     if "wo_srm" in want:
         env_method("agent w/o SRM (all positive)", _agent_policy(ref), PositiveWithMap(ref.srm))
     if "single_step" in want:

@@ -224,3 +224,30 @@ def test_train_explicit_branch_with_tiny_clip(tiny_clip_arch, tmp_path):
     image = np.random.default_rng(0).integers(0, 255, (64, 80, 3), dtype=np.uint8)
     mask, clicks = agent.segment(image)
     assert mask.shape == (64, 80) and clicks.shape == (2 + 4, 3)
+
+
+def test_benchmark_agents_with_different_action_spaces(first_run, tmp_path):
+    """A pass-action agent (G*G + 1 actions) beside a plain one, each in its own env settings."""
+    import dataclasses
+
+    from experiments.benchmark import run_benchmark
+    from segmenter import EmbeddingCache
+
+    summary, cache = first_run
+    task = tiny_task(32)
+    task.env = dataclasses.replace(task.env, allow_pass=True)
+    passing = train(task, runs=tmp_path / "runs", cache_dir=cache, progress=False)
+    res = run_benchmark(
+        task,
+        [summary["run_dir"], passing["run_dir"]],
+        split="val",
+        limit=2,
+        out=tmp_path / "bench",
+        cache=EmbeddingCache(cache),
+        manual_clicks=3,
+        methods=[],
+        progress=False,
+    )
+    names = [r["method"] for r in res["methods"]]
+    assert len([n for n in names if n.startswith("agent ")]) == 2
+    assert names[2:] == ["manual @1", "manual @3"]
