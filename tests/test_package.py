@@ -64,30 +64,11 @@ def test_cli_weights_fetch_bad_file_is_clear(tmp_path):
 
 def test_cli_embed_oneclick_bench_tiny(tmp_path):
     cache = str(tmp_path / "emb")
-    proc = run_cli(
-        "embed",
-        "synthetic:val",
-        "--segmenter",
-        "tiny",
-        "--limit",
-        "3",
-        "--cache",
-        cache,
-        tmp_path=tmp_path,
-    )
+    embed = ("embed", "synthetic:val", "--segmenter", "tiny", "--limit", "3", "--cache", cache)
+    proc = run_cli(*embed, tmp_path=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "3 images" in proc.stdout and "3 encoded" in proc.stdout
-    again = run_cli(
-        "embed",
-        "synthetic:val",
-        "--segmenter",
-        "tiny",
-        "--limit",
-        "3",
-        "--cache",
-        cache,
-        tmp_path=tmp_path,
-    )
+    again = run_cli(*embed, tmp_path=tmp_path)
     assert "3 already cached" in again.stdout, again.stdout
 
     out = tmp_path / "oneclick.json"
