@@ -493,7 +493,7 @@ def plot_examples(
             iou = next(r["iou"] for r in m.per_image if r["id"] == s.id)
             pil = Image.fromarray(tile)
             pil = pil.resize((max(1, round(pil.width * height / pil.height)), height))
-            ImageDraw.Draw(pil).text((4, 4), f"{label} | {m.name} | IoU {iou:.2f}", fill="white")
+            ImageDraw.Draw(pil).text((4, 4), f"{label} | IoU {iou:.2f} | {m.name}", fill="white")
             tiles.append(np.asarray(pil))
         rows.append(np.concatenate(tiles, axis=1))
     width = max(r.shape[1] for r in rows)
