@@ -35,7 +35,14 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from agents.clickers import ClickTrace, EnvClicker, OneShotSimilarity, SimulatedAnnotator, noc
+from agents.clickers import (
+    ClickTrace,
+    EnvClicker,
+    OneShotSimilarity,
+    SimulatedAnnotator,
+    miou_at_k,
+    noc,
+)
 from agents.config import TaskConfig
 from agents.prompt_agent import PromptAgent, library_versions
 from envs import PointPromptEnv
@@ -336,10 +343,7 @@ def _assemble(
         if m is not ref:
             row["diff_vs_agent"] = paired_diff_ci(m.values("iou"), ref.values("iou"), seed=seed)
         rows.append(row)
-    curve = [
-        float(np.mean([t.ious[min(k, len(t.ious)) - 1] for t in traces]))
-        for k in range(1, manual_clicks + 1)
-    ]
+    curve = [miou_at_k(traces, k) for k in range(1, manual_clicks + 1)]
     manual = {
         "miou_at_k": {str(k): v for k, v in enumerate(curve, start=1)},
         "noc@85": float(np.mean([noc(t.ious, 0.85, manual_clicks) for t in traces])),

@@ -20,7 +20,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,17 +55,7 @@ class SegmentReport:
         return self.images / self.seconds if self.seconds > 0 else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "out": self.out,
-            "images": self.images,
-            "skipped": self.skipped,
-            "seconds": self.seconds,
-            "images_per_s": self.images_per_s,
-            "encode_seconds": self.encode_seconds,
-            "decoder_calls": self.decoder_calls,
-            "clicks_per_image": self.clicks_per_image,
-            "mean_iou": self.mean_iou,
-        }
+        return {**asdict(self), "images_per_s": self.images_per_s}
 
 
 def gather_inputs(inputs: Sequence[str]) -> list[Any]:

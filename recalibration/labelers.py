@@ -104,7 +104,7 @@ class AlwaysPositiveLabeler(Labeler):
         return 1
 
 
-class PositiveWithMap(Labeler):
+class PositiveWithMap(AlwaysPositiveLabeler):
     """Every click foreground, while the observation and start keep ``base``'s foreground map.
 
     The "w/o SRM" ablation of a trained agent: the agent sees exactly what it was trained on
@@ -121,9 +121,6 @@ class PositiveWithMap(Labeler):
 
     def foreground_map(self, state: EpisodeState) -> np.ndarray | None:
         return self.base.foreground_map(state)
-
-    def label(self, state: EpisodeState, x: float, y: float) -> int:
-        return 1
 
 
 def to_grid(prob: torch.Tensor | np.ndarray, size: tuple[int, int]) -> np.ndarray:
