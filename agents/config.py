@@ -38,7 +38,12 @@ class DataConfig:
 class PPOConfig:
     """PPO hyperparameters (paper defaults: Adam 1e-4, gamma 0.99, clip 0.2, K = 20 epochs,
     Monte-Carlo returns bootstrapped at T, i.e. ``gae_lambda = 1.0``; E = 50 episodes per
-    update, i.e. ``n_steps = 50 * T`` with one env)."""
+    update, i.e. ``n_steps = 50 * T`` with one env).
+
+    ``policy``: ``cell`` (default) scores each grid cell with one shared network from that
+    cell's features plus global context (:class:`~agents.features.CellPolicy`); ``dense`` is
+    the first design, a CNN flattened to ``features_dim`` and a linear layer per action (its
+    runs still load). ``cnn_channels`` is the convolution width of both."""
 
     learning_rate: float = 1e-4
     gamma: float = 0.99
@@ -52,8 +57,13 @@ class PPOConfig:
     max_grad_norm: float = 0.5
     n_envs: int = 1
     maskable: bool = True
+    policy: Literal["cell", "dense"] = "cell"
     features_dim: int = 256
     cnn_channels: int = 64
+
+    def __post_init__(self) -> None:
+        if self.policy not in ("cell", "dense"):
+            raise ValueError(f"ppo.policy must be cell or dense, got {self.policy!r}")
 
 
 @dataclass

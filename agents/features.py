@@ -1,11 +1,25 @@
-"""SB3 features extractor for the prompting environment's spatial observation."""
+"""SB3 policies for the prompting environment's spatial observation.
+
+Two designs: :class:`GridFeaturesExtractor` flattens a small CNN's output into one vector and
+SB3's linear heads map it to the G*G action logits (each cell's logit has its own weights;
+runs trained before the cell policy existed use it), and :class:`CellPolicy` /
+:class:`MaskableCellPolicy`, the default, which score every cell with the same small network
+from that cell's own features plus global context (fully convolutional).
+"""
 
 from __future__ import annotations
 
+from functools import partial
+from typing import Any
+
 import gymnasium as gym
+import numpy as np
 import torch
 import torch.nn as nn
+from sb3_contrib.common.maskable.policies import MaskableMultiInputActorCriticPolicy
+from stable_baselines3.common.policies import ActorCriticPolicy, MultiInputActorCriticPolicy
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
+from stable_baselines3.common.type_aliases import Schedule
 
 SPATIAL_KEYS = ("state", "image", "mask", "fg", "clicks")
 
@@ -51,3 +65,145 @@ class GridFeaturesExtractor(BaseFeaturesExtractor):
         step = observations["step"].reshape(ref.shape[0], 1, 1, 1).expand(-1, 1, *ref.shape[-2:])
         x = torch.cat([*maps, step], dim=1)
         return self.linear(self.cnn(x))
+
+
+class CellFeaturesExtractor(BaseFeaturesExtractor):
+    """A fully convolutional trunk that keeps one feature vector per action cell.
+
+    The spatial keys, the step fraction and two coordinate planes (so a learned spatial prior
+    is possible, e.g. polyps near the centre) are stacked along channels and passed through two
+    3x3 convolutions; the mean over cells, projected, is broadcast back and fused by a 1x1
+    convolution so each cell also sees the whole image (is the mask already covering something
+    elsewhere?). The output is the ``(channels, G, G)`` map, flattened; :class:`CellPolicy`
+    scores each cell from its own vector with shared weights, so what is learned at one cell
+    applies at every cell (translation equivariance), which matters with 50 training images.
+
+    Args:
+        observation_space: The env's ``Dict`` space.
+        channels: Width of the per-cell features.
+    """
+
+    def __init__(self, observation_space: gym.spaces.Dict, channels: int = 64) -> None:
+        missing = [k for k in (*SPATIAL_KEYS, "step") if k not in observation_space.spaces]
+        if missing:
+            raise ValueError(f"observation space lacks keys {missing}")
+        grid = tuple(observation_space["mask"].shape[-2:])
+        super().__init__(observation_space, channels * grid[0] * grid[1])
+        self.channels = channels
+        self.grid = grid
+        in_ch = sum(observation_space[k].shape[0] for k in SPATIAL_KEYS) + 3
+        self.trunk = nn.Sequential(
+            nn.Conv2d(in_ch, channels, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(channels, channels, 3, padding=1),
+            nn.ReLU(),
+        )
+        self.context = nn.Linear(channels, channels)
+        self.fuse = nn.Sequential(nn.Conv2d(2 * channels, channels, 1), nn.ReLU())
+        ys, xs = torch.meshgrid(
+            torch.linspace(-1, 1, grid[0]), torch.linspace(-1, 1, grid[1]), indexing="ij"
+        )
+        self.register_buffer("coords", torch.stack([ys, xs])[None], persistent=False)
+
+    def cell_features(self, observations: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``(B, channels, G, G)`` per-cell features."""
+        maps = [observations[k] for k in SPATIAL_KEYS]
+        b = maps[0].shape[0]
+        step = observations["step"].reshape(b, 1, 1, 1).expand(-1, 1, *self.grid)
+        x = self.trunk(torch.cat([*maps, step, self.coords.expand(b, -1, -1, -1)], dim=1))
+        ctx = self.context(x.mean(dim=(2, 3)))[..., None, None].expand_as(x)
+        return self.fuse(torch.cat([x, ctx], dim=1))
+
+    def forward(self, observations: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.cell_features(observations).flatten(1)
+
+
+class CellActionHead(nn.Module):
+    """Per-cell logits from the flattened ``(channels, G, G)`` features (shared 1x1 convs),
+    plus, when the action space has one more action than cells (``allow_pass``), a pass logit
+    from the mean over cells."""
+
+    def __init__(self, channels: int, grid: tuple[int, int], n_actions: int) -> None:
+        super().__init__()
+        self.channels, self.grid = channels, grid
+        n_cells = grid[0] * grid[1]
+        if n_actions not in (n_cells, n_cells + 1):
+            raise ValueError(f"{n_actions} actions do not fit a {grid[0]}x{grid[1]} grid")
+        self.score = nn.Sequential(
+            nn.Conv2d(channels, channels, 1), nn.ReLU(), nn.Conv2d(channels, 1, 1)
+        )
+        self.pass_logit = nn.Linear(channels, 1) if n_actions == n_cells + 1 else None
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        x = latent.reshape(latent.shape[0], self.channels, *self.grid)
+        logits = self.score(x).flatten(1)
+        if self.pass_logit is not None:
+            logits = torch.cat([logits, self.pass_logit(x.mean(dim=(2, 3)))], dim=1)
+        return logits
+
+
+class CellValueHead(nn.Module):
+    """State value from the per-cell features: a 1x1 bottleneck, flattened, then an MLP."""
+
+    def __init__(self, channels: int, grid: tuple[int, int], hidden: int = 64) -> None:
+        super().__init__()
+        self.channels, self.grid = channels, grid
+        self.net = nn.Sequential(
+            nn.Conv2d(channels, 8, 1),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(8 * grid[0] * grid[1], hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, 1),
+        )
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.net(latent.reshape(latent.shape[0], self.channels, *self.grid))
+
+
+def _build_cell_heads(policy: ActorCriticPolicy, lr_schedule: Schedule) -> None:
+    """``_build`` of the cell policies: SB3's, with the cell heads instead of linear layers."""
+    fx = policy.features_extractor
+    if not isinstance(fx, CellFeaturesExtractor):
+        raise ValueError("the cell policy needs features_extractor_class=CellFeaturesExtractor")
+    policy._build_mlp_extractor()
+    policy.action_net = CellActionHead(fx.channels, fx.grid, int(policy.action_space.n))
+    policy.value_net = CellValueHead(fx.channels, fx.grid)
+    if policy.ortho_init:
+        gains = {fx: np.sqrt(2), policy.action_net: 0.01, policy.value_net: 1.0}
+        for module, gain in gains.items():
+            module.apply(partial(policy.init_weights, gain=gain))
+    policy.optimizer = policy.optimizer_class(
+        policy.parameters(), lr=lr_schedule(1), **policy.optimizer_kwargs
+    )
+
+
+def _cell_defaults(kwargs: dict[str, Any]) -> dict[str, Any]:
+    kwargs.setdefault("features_extractor_class", CellFeaturesExtractor)
+    kwargs.setdefault("net_arch", {"pi": [], "vf": []})
+    return kwargs
+
+
+class CellPolicy(MultiInputActorCriticPolicy):
+    """SB3 ``PPO`` policy scoring each action cell from its own features (shared weights)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **_cell_defaults(kwargs))
+
+    def _build(self, lr_schedule: Schedule) -> None:
+        _build_cell_heads(self, lr_schedule)
+
+
+class MaskableCellPolicy(MaskableMultiInputActorCriticPolicy):
+    """:class:`CellPolicy` for sb3-contrib's ``MaskablePPO``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **_cell_defaults(kwargs))
+
+    def _build(self, lr_schedule: Schedule) -> None:
+        _build_cell_heads(self, lr_schedule)
+
+
+def cell_policy_class(maskable: bool) -> type[ActorCriticPolicy]:
+    """The actor-critic policy with per-cell action logits, for ``MaskablePPO`` or ``PPO``."""
+    return MaskableCellPolicy if maskable else CellPolicy

@@ -1,11 +1,14 @@
 """The embedded default task: procedurally generated "spotted blobs" among look-alikes.
 
 Each image is a 256 x 256 scene on a smooth, random-coloured noise background. The target is
-one irregular blob filled with a *spotted* texture; one to three distractor blobs of the same
-size range and from the same colour family are filled with a *striped* texture, and some
+every irregular blob filled with a *spotted* texture: two to four of them, scattered, like
+several cars in a street or several polyps in one frame. One to three distractor blobs of the
+same size range and from the same colour family are filled with a *striped* texture, and some
 background clutter (small spots) shares the target's spot colour. Mean colour does not
-separate target from distractors: texture and shape do. Scenes are a pure function of
-``(split, index)``, so every machine generates the same data set without downloading anything.
+separate target from distractors: texture and shape do. One click segments one blob, so the
+SRM's start point finds one instance and the remaining ones must be found by the clicks that
+follow: where the agent clicks matters. Scenes are a pure function of ``(split, index)``, so
+every machine generates the same data set without downloading anything.
 """
 
 from __future__ import annotations
@@ -71,26 +74,31 @@ def make_scene(seed: int) -> tuple[np.ndarray, np.ndarray]:
     obj_hue = rng.uniform()
     spot_colour = _hue_colour(rng, obj_hue + 0.5, 0.7, 0.95)
     taken = np.zeros((s, s), bool)
-    blobs: list[np.ndarray] = []
+    blobs: list[tuple[np.ndarray, bool]] = []  # (blob, is target)
+    n_targets = int(rng.integers(2, 5))
     n_distractors = int(rng.integers(1, 4))
-    for _ in range(1 + n_distractors):
+    for k in range(n_targets + n_distractors):
         for _attempt in range(40):
-            radius = rng.uniform(22, 46)
+            radius = rng.uniform(18, 32)
             centre = (rng.uniform(radius, s - radius), rng.uniform(radius, s - radius))
             blob = _blob(rng, s, radius, centre)
             if not (blob & ndimage.binary_dilation(taken, iterations=6)).any():
                 break
+        else:  # no free room left: fewer blobs rather than overlapping ones
+            continue
         taken |= blob
-        blobs.append(blob)
+        blobs.append((blob, k < n_targets))
 
     yy, xx = np.mgrid[:s, :s]
-    for i, blob in enumerate(blobs):
+    target = np.zeros((s, s), bool)
+    for blob, is_target in blobs:
         base = _hue_colour(
             rng, obj_hue + rng.uniform(-0.06, 0.06), rng.uniform(0.4, 0.8), rng.uniform(0.45, 0.8)
         )
         shade = _noise(rng, s, 6)[..., None] * 0.4 + 0.8
         fill = base * shade
-        if i == 0:  # target: spots
+        if is_target:  # spots
+            target |= blob
             spots = _noise(rng, s, 1.6) > 0.62
             fill = np.where(spots[..., None], spot_colour, fill)
         else:  # distractor: stripes in the spot colour, same coverage
@@ -104,7 +112,7 @@ def make_scene(seed: int) -> tuple[np.ndarray, np.ndarray]:
     clutter = (_noise(rng, s, 1.0) > 0.8) & ~ndimage.binary_dilation(taken, iterations=3)
     clutter &= _noise(rng, s, 20) > 0.55
     img = np.where(clutter[..., None], spot_colour * 0.9, img)
-    return np.clip(img, 0, 255).astype(np.uint8), blobs[0]
+    return np.clip(img, 0, 255).astype(np.uint8), target
 
 
 def synthetic_task(split: str = "train", n: int | None = None) -> list[ArraySample]:

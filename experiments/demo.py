@@ -23,7 +23,7 @@ from segmenter import EmbeddingCache
 logger = logging.getLogger(__name__)
 
 #: The demo's training budget (the shipped task's own budget is for ``alignsam train``).
-DEMO_BUDGET = {"total_timesteps": 1800, "eval_every": 900, "checkpoint_every": 900}
+DEMO_BUDGET = {"total_timesteps": 1600, "eval_every": 800, "checkpoint_every": 800}
 QUICK_BUDGET = {
     "total_timesteps": 32,
     "eval_every": 32,

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from agents.config import ConfigError, TaskConfig
-from agents.features import GridFeaturesExtractor
+from agents.features import GridFeaturesExtractor, cell_policy_class
 from agents.prompt_agent import (
     AgentLoadError,
     PromptAgent,
@@ -145,8 +145,23 @@ def train(
         model.set_random_seed(task.seed + start_step)
     else:
         p = task.ppo
+        if p.policy == "cell":
+            policy: Any = cell_policy_class(p.maskable)
+            policy_kwargs: dict[str, Any] = {
+                "features_extractor_kwargs": {"channels": p.cnn_channels}
+            }
+        else:
+            policy = "MultiInputPolicy"
+            policy_kwargs = {
+                "features_extractor_class": GridFeaturesExtractor,
+                "features_extractor_kwargs": {
+                    "features_dim": p.features_dim,
+                    "channels": p.cnn_channels,
+                },
+                "net_arch": {"pi": [], "vf": [64]},
+            }
         model = ppo_cls(
-            "MultiInputPolicy",
+            policy,
             venv,
             learning_rate=p.learning_rate,
             n_steps=p.n_steps,
@@ -158,14 +173,7 @@ def train(
             ent_coef=p.ent_coef,
             vf_coef=p.vf_coef,
             max_grad_norm=p.max_grad_norm,
-            policy_kwargs={
-                "features_extractor_class": GridFeaturesExtractor,
-                "features_extractor_kwargs": {
-                    "features_dim": p.features_dim,
-                    "channels": p.cnn_channels,
-                },
-                "net_arch": {"pi": [], "vf": [64]},
-            },
+            policy_kwargs=policy_kwargs,
             tensorboard_log=str(run_dir / "tb"),
             seed=task.seed,
             device=task.device,
