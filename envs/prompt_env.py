@@ -76,6 +76,11 @@ class EnvConfig:
             evaluation and automatic segmentation, so no ground truth ever trains the SRM there.
         allow_pass: Add the *pass* action ``G*G`` (no click, no decode; always allowed). Not in
             the paper; off by default.
+        abstain_margin: The labeler abstains on a click whose foreground probability lies
+            within this margin of 0.5 (its map's value at the click): the step then adds no
+            click and makes no decoder call, like a pass, and the cell counts as visited. An
+            agent learns to spend its T steps where labels are reliable; random clicks waste
+            them. 0 (default, the paper) never abstains; labelers without a map never do.
     """
 
     grid: int = 10
@@ -91,6 +96,7 @@ class EnvConfig:
     labeler_learns: bool = True
     sample_order: Literal["random", "sequential"] = "random"
     allow_pass: bool = False
+    abstain_margin: float = 0.0
 
     @property
     def n_actions(self) -> int:
@@ -106,6 +112,8 @@ class EnvConfig:
             raise ValueError(f"reward must be iou_gain, iou or hit, got {self.reward!r}")
         if self.start not in ("gt", "labeler", "none"):
             raise ValueError(f"start must be gt, labeler or none, got {self.start!r}")
+        if not 0.0 <= self.abstain_margin < 0.5:
+            raise ValueError(f"abstain_margin must lie in [0, 0.5), got {self.abstain_margin}")
 
 
 def projection_matrix(in_channels: int, out_channels: int, seed: int = 0) -> torch.Tensor:
@@ -308,6 +316,8 @@ class PointPromptEnv(gym.Env):
         x, y = self.cell_to_pixel(action)
         repeated = bool(self._visited[action])
         self._visited[action] = True
+        if self._abstains(x, y):
+            return self._pass(abstained=True)
         label = int(self.labeler.label(self._ep, x, y))
         row, col = divmod(action, self.config.grid)
         self._clicks[0 if label == 1 else 1, row, col] = 1.0
@@ -332,7 +342,10 @@ class PointPromptEnv(gym.Env):
         final = self._t >= self.config.max_steps
         info = self._info(final=final)
         info.update(
-            click=(x, y, label), repeated=repeated, **{f"labeler/{k}": v for k, v in learn.items()}
+            click=(x, y, label),
+            repeated=repeated,
+            abstained=False,
+            **{f"labeler/{k}": v for k, v in learn.items()},
         )
         return self._obs(), float(reward), False, False, info
 
@@ -340,12 +353,22 @@ class PointPromptEnv(gym.Env):
         """Whether ``action`` is the pass action (only with ``allow_pass``)."""
         return self.config.allow_pass and int(action) == self.config.grid**2
 
-    def _pass(self) -> tuple[dict[str, np.ndarray], float, bool, bool, dict[str, Any]]:
-        """The pass action: no click, no decode; the step counter advances."""
+    def _abstains(self, x: float, y: float) -> bool:
+        """Whether the labeler's foreground probability at ``(x, y)`` is too close to 0.5."""
+        if self.config.abstain_margin <= 0 or self._fg is None:
+            return False
+        row, col = self._ep.grid_cell(x, y)
+        return abs(float(self._fg[row, col]) - 0.5) < self.config.abstain_margin
+
+    def _pass(
+        self, abstained: bool = False
+    ) -> tuple[dict[str, np.ndarray], float, bool, bool, dict[str, Any]]:
+        """The pass action (or an abstained click): no click, no decode; the step counter
+        advances."""
         self._t += 1
         reward = {"iou_gain": 0.0, "iou": self._iou}.get(self.config.reward, 0.0)
         info = self._info(final=self._t >= self.config.max_steps)
-        info.update(click=None, repeated=False)
+        info.update(click=None, repeated=False, abstained=abstained)
         return self._obs(), float(reward), False, False, info
 
     def _decode(self, points: np.ndarray, labels: np.ndarray) -> None:

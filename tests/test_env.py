@@ -252,3 +252,35 @@ def test_pass_action_makes_no_click_and_no_decode(tiny_segmenter):
     plain.reset(seed=0)
     with pytest.raises(ValueError, match="out of range"):
         plain.step(g * g)
+
+
+class _HalfSureLabeler(OracleLabeler):
+    """Ground-truth labels, but a foreground map that is unsure (0.5) on the left half."""
+
+    def foreground_map(self, state):
+        fg = super().foreground_map(state).copy()
+        fg[:, : fg.shape[1] // 2] = 0.5
+        return fg
+
+
+def test_abstaining_on_unsure_cells(tiny_segmenter):
+    from agents.clickers import EnvClicker
+
+    g = 4
+    cfg = EnvConfig(grid=g, max_steps=6, abstain_margin=0.2, start="gt")
+    e = PointPromptEnv(make_samples(), tiny_segmenter, _HalfSureLabeler(), cfg)
+    obs, info0 = e.reset(seed=0)
+    calls = tiny_segmenter.decoder_calls
+    obs1, r, _, _, info = e.step(0)  # left column: the map says 0.5, the labeler abstains
+    assert info["abstained"] and info["click"] is None and r == 0.0
+    assert tiny_segmenter.decoder_calls == calls and info["prompts"] == info0["prompts"]
+    assert not e.action_masks()[0]  # the cell counts as visited
+    obs2, _, _, _, info = e.step(g - 1)  # right column: sure, a real click and one decode
+    assert not info["abstained"] and info["click"] is not None
+    assert tiny_segmenter.decoder_calls == calls + 1
+    # Clickers count only real clicks and decoder calls.
+    tr = EnvClicker(e, lambda env, obs, allowed: int(np.flatnonzero(allowed)[0]), seed=0).run(0)
+    left = [a for a in tr.info["actions"] if a % g < g // 2]
+    assert tr.n_clicks == 2 + 6 - len(left) and tr.decoder_calls == 1 + 6 - len(left)
+    with pytest.raises(ValueError, match="abstain_margin"):
+        EnvConfig(abstain_margin=0.5)
