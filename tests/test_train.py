@@ -70,6 +70,18 @@ def test_agent_segments_an_image(first_run):
     assert set(clicks[:, 2]) <= {0.0, 1.0}
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (1, 9), (2, 700), (700, 3)])
+def test_agent_segments_degenerate_images(first_run, shape):
+    """1 x 1 and extreme aspect ratios: a mask of the image's size, clicks inside the image."""
+    summary, _ = first_run
+    agent = PromptAgent.load(summary["run_dir"])
+    image = np.random.default_rng(1).integers(0, 255, (*shape, 3), dtype=np.uint8)
+    mask, clicks = agent.segment(image)
+    assert mask.shape == shape and mask.dtype == bool
+    assert (clicks[:, 0] >= 0).all() and (clicks[:, 0] <= shape[1]).all()
+    assert (clicks[:, 1] >= 0).all() and (clicks[:, 1] <= shape[0]).all()
+
+
 def test_load_errors(tmp_path):
     with pytest.raises(AgentLoadError, match="no alignsam checkpoint"):
         PromptAgent.load(tmp_path)
