@@ -28,7 +28,7 @@ import logging
 import platform
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -181,6 +181,7 @@ def run_benchmark(
     manual_clicks: int = 20,
     methods: Sequence[str] | None = None,
     progress: bool = True,
+    abstain_margin: float | None = None,
 ) -> dict[str, Any]:
     """Run every method on ``task``'s ``split`` and write the results to ``out``.
 
@@ -196,6 +197,9 @@ def run_benchmark(
         manual_clicks: Click budget of the simulated annotator.
         methods: Subset of :data:`METHOD_GROUPS` to run besides the agents (default: all).
         progress: Progress bars.
+        abstain_margin: Override the environment's ``abstain_margin`` for every
+            environment-based method, the agents included (``None``: each agent's own setting,
+            and the reference agent's for the fixed policies).
 
     Returns:
         The ``results.json`` content.
@@ -235,7 +239,8 @@ def run_benchmark(
 
     results: list[MethodResult] = []
     ref = agents[0]
-    config = ref.eval_config(full_res_eval=False)
+    overrides = {} if abstain_margin is None else {"abstain_margin": float(abstain_margin)}
+    config = ref.eval_config(full_res_eval=False, **overrides)
 
     def env_method(
         name: str,
@@ -264,7 +269,10 @@ def run_benchmark(
 
     for name, agent in zip(names, agents, strict=True):  # each in its own env settings
         env_method(
-            name, _agent_policy(agent), agent.srm, env_config=agent.eval_config(full_res_eval=False)
+            name,
+            _agent_policy(agent),
+            agent.srm,
+            env_config=agent.eval_config(full_res_eval=False, **overrides),
         )
     if "wo_srm" in want:
         env_method("agent w/o SRM (all positive)", _agent_policy(ref), PositiveWithMap(ref.srm))
@@ -316,6 +324,7 @@ def run_benchmark(
     result = _assemble(
         task, split, samples, seg, run_dirs, results, traces, manual_clicks, seed, encode_s
     )
+    result["env"] = asdict(config)  # the fixed policies' settings (agents: their runs')
     result["seconds"] = time.perf_counter() - t_start
     atomic_write(out / "results.json", lambda fh: fh.write(json.dumps(result, indent=2).encode()))
     (out / "results.md").write_text(render_markdown(result))

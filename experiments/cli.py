@@ -250,6 +250,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         manual_clicks=args.manual_clicks,
         methods=args.methods,
         progress=not args.no_progress,
+        abstain_margin=args.abstain_margin,
     )
     print(render_markdown(result))
     print(
@@ -404,6 +405,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="subset besides agents and manual: wo_srm single_step random heuristics "
         "start_only oneshot (default: all)",
+    )
+    bm.add_argument(
+        "--abstain-margin",
+        type=float,
+        default=None,
+        help="the SRM abstains on clicks with |p - 0.5| below this (all env-based methods)",
     )
     bm.add_argument("--device", default=None)
     bm.add_argument("--cache", default=None, help="embedding cache dir")

@@ -118,3 +118,16 @@ def test_cli_demo_quick_tiny(tmp_path):
     assert (tmp_path / "demo" / "benchmark" / "examples.png").is_file()
     assert "agent" in proc.stdout and "manual @3" in proc.stdout
     assert "mIoU" in proc.stdout
+    # The benchmark command on the demo's run, with the labeler abstaining near p = 0.5.
+    (run,) = (tmp_path / "demo" / "runs").iterdir()
+    task = tmp_path / "tiny_synthetic.yaml"
+    task.write_text(
+        "name: synthetic\ndata: {train: 'synthetic:val', test: 'synthetic:test'}\nsegmenter: tiny\n"
+    )
+    args = ("benchmark", str(task), "--runs", str(run), "--limit", "2", "--methods", "random")
+    args += ("--manual-clicks", "2", "--abstain-margin", "0.3", "--out", "bm", "--no-progress")
+    proc = run_cli(*args, tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tmp_path / "bm" / "results.json").read_text())
+    assert result["env"]["abstain_margin"] == 0.3 and result["n_images"] == 2
+    assert [m["method"] for m in result["methods"]][:2] == ["agent", "random + SRM (w/o RL)"]
