@@ -167,6 +167,9 @@ def _build_cell_heads(policy: ActorCriticPolicy, lr_schedule: Schedule) -> None:
     if not isinstance(fx, CellFeaturesExtractor):
         raise ValueError("the cell policy needs features_extractor_class=CellFeaturesExtractor")
     policy._build_mlp_extractor()
+    mlp = policy.mlp_extractor
+    if (mlp.latent_dim_pi, mlp.latent_dim_vf) != (fx.features_dim, fx.features_dim):
+        raise ValueError("the cell policy reads the per-cell features: use net_arch=[] (no MLP)")
     policy.action_net = CellActionHead(fx.channels, fx.grid, int(policy.action_space.n))
     policy.value_net = CellValueHead(fx.channels, fx.grid)
     if policy.ortho_init:
