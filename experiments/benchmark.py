@@ -48,6 +48,7 @@ from agents.prompt_agent import PromptAgent, library_versions
 from envs import PointPromptEnv
 from envs.render import overlay
 from experiments.datasets import load_dataset
+from experiments.train import load_train_split
 from recalibration.labelers import PositiveWithMap
 from segmenter import EmbeddingCache, Segmenter, build_segmenter
 from segmenter.io import atomic_write
@@ -288,7 +289,7 @@ def run_benchmark(
         env_method("SRM start only", "random", ref.srm, steps=0)
 
     if "oneshot" in want:  # one-shot / few-shot similarity prompts from the training split
-        train = list(load_dataset(task.data.train))
+        train = load_train_split(ref.task)  # the agent's own training images
         refs = [(cache.get_or_encode(seg, s.load_image()), np.asarray(s.mask, bool)) for s in train]
         for name, fit in (
             ("one-shot similarity (1 ref)", lambda o: o.fit(*refs[0])),

@@ -62,6 +62,19 @@ def new_run_dir(runs: Path, task: TaskConfig) -> Path:
     return run
 
 
+def load_train_split(task: TaskConfig) -> list[Any]:
+    """The task's training images: its ``train`` spec, cut to the seeded ``train_subset``
+    (the 50 images of the AlignSAM protocol) when one is set. Training and every baseline that
+    learns from training images use exactly this list."""
+    train_set = list(load_dataset(task.data.train))
+    if task.data.train_subset and len(train_set) > task.data.train_subset:
+        pick = np.random.default_rng(task.seed).choice(
+            len(train_set), task.data.train_subset, replace=False
+        )
+        train_set = [train_set[int(i)] for i in sorted(pick)]
+    return train_set
+
+
 def train(
     task: TaskConfig,
     runs: Path = Path("runs"),
@@ -104,12 +117,7 @@ def train(
         task.segmenter, checkpoint=task.checkpoint, device=task.device, autocast_bf16=task.bf16
     )
     cache = EmbeddingCache(cache_dir)
-    train_set = load_dataset(task.data.train)
-    if task.data.train_subset and len(train_set) > task.data.train_subset:
-        pick = np.random.default_rng(task.seed).choice(
-            len(train_set), task.data.train_subset, replace=False
-        )
-        train_set = [train_set[int(i)] for i in sorted(pick)]
+    train_set = load_train_split(task)
     val_set = load_dataset(task.data.val) if task.data.val else None
     logger.info("train %d images, val %d", len(train_set), len(val_set) if val_set else 0)
 

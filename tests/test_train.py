@@ -263,3 +263,18 @@ def test_benchmark_agents_with_different_action_spaces(first_run, tmp_path):
     names = [r["method"] for r in res["methods"]]
     assert len([n for n in names if n.startswith("agent ")]) == 2
     assert names[2:] == ["manual @1", "manual @3"]
+
+
+def test_train_split_subset_is_seeded_and_shared():
+    """Training and the learning baselines (few-shot similarity) see the same subset."""
+    from experiments.train import load_train_split
+
+    task = tiny_task()
+    task.data = DataConfig(train="synthetic:train", train_subset=5)
+    first = [s.id for s in load_train_split(task)]
+    assert len(first) == len(set(first)) == 5 and first == sorted(first)
+    assert [s.id for s in load_train_split(task)] == first
+    task.seed = 1
+    assert [s.id for s in load_train_split(task)] != first
+    task.data = DataConfig(train="synthetic:train")
+    assert len(load_train_split(task)) == 24
