@@ -78,9 +78,10 @@ class EnvConfig:
             the paper; off by default.
         abstain_margin: The labeler abstains on a click whose foreground probability lies
             within this margin of 0.5 (its map's value at the click): the step then adds no
-            click and makes no decoder call, like a pass, and the cell counts as visited. An
-            agent learns to spend its T steps where labels are reliable; random clicks waste
-            them. 0 (default, the paper) never abstains; labelers without a map never do.
+            click and makes no decoder call, like a pass, and the cell counts as visited. Meant
+            to let an agent spend its T steps where labels are reliable (on Kvasir-SEG the
+            calibrated SRM was rarely unsure, so it did not help; see README). 0 (default, the
+            paper) never abstains; labelers without a map never do.
     """
 
     grid: int = 10
