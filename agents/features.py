@@ -24,6 +24,22 @@ from stable_baselines3.common.type_aliases import Schedule
 SPATIAL_KEYS = ("state", "image", "mask", "fg", "clicks")
 
 
+def _stack_channels(observation_space: gym.spaces.Dict) -> int:
+    """Channels of :func:`_stack` for ``observation_space`` (whose keys are checked)."""
+    missing = [k for k in (*SPATIAL_KEYS, "step") if k not in observation_space.spaces]
+    if missing:
+        raise ValueError(f"observation space lacks keys {missing}")
+    return sum(observation_space[k].shape[0] for k in SPATIAL_KEYS) + 1
+
+
+def _stack(observations: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The spatial keys and the step fraction broadcast to a plane, along channels."""
+    maps = [observations[k] for k in SPATIAL_KEYS]
+    ref = maps[0]
+    step = observations["step"].reshape(ref.shape[0], 1, 1, 1).expand(-1, 1, *ref.shape[-2:])
+    return torch.cat([*maps, step], dim=1)
+
+
 class GridFeaturesExtractor(BaseFeaturesExtractor):
     """A small CNN over the action grid.
 
@@ -43,11 +59,8 @@ class GridFeaturesExtractor(BaseFeaturesExtractor):
         self, observation_space: gym.spaces.Dict, features_dim: int = 256, channels: int = 64
     ) -> None:
         super().__init__(observation_space, features_dim)
-        missing = [k for k in (*SPATIAL_KEYS, "step") if k not in observation_space.spaces]
-        if missing:
-            raise ValueError(f"observation space lacks keys {missing}")
+        in_ch = _stack_channels(observation_space)
         grid = observation_space["mask"].shape[-2:]
-        in_ch = sum(observation_space[k].shape[0] for k in SPATIAL_KEYS) + 1
         self.cnn = nn.Sequential(
             nn.Conv2d(in_ch, channels, 3, padding=1),
             nn.ReLU(),
@@ -60,11 +73,7 @@ class GridFeaturesExtractor(BaseFeaturesExtractor):
         self.linear = nn.Sequential(nn.Linear(16 * grid[0] * grid[1], features_dim), nn.ReLU())
 
     def forward(self, observations: dict[str, torch.Tensor]) -> torch.Tensor:
-        maps = [observations[k] for k in SPATIAL_KEYS]
-        ref = maps[0]
-        step = observations["step"].reshape(ref.shape[0], 1, 1, 1).expand(-1, 1, *ref.shape[-2:])
-        x = torch.cat([*maps, step], dim=1)
-        return self.linear(self.cnn(x))
+        return self.linear(self.cnn(_stack(observations)))
 
 
 class CellFeaturesExtractor(BaseFeaturesExtractor):
@@ -84,14 +93,11 @@ class CellFeaturesExtractor(BaseFeaturesExtractor):
     """
 
     def __init__(self, observation_space: gym.spaces.Dict, channels: int = 64) -> None:
-        missing = [k for k in (*SPATIAL_KEYS, "step") if k not in observation_space.spaces]
-        if missing:
-            raise ValueError(f"observation space lacks keys {missing}")
+        in_ch = _stack_channels(observation_space) + 2  # + the coordinate planes
         grid = tuple(observation_space["mask"].shape[-2:])
         super().__init__(observation_space, channels * grid[0] * grid[1])
         self.channels = channels
         self.grid = grid
-        in_ch = sum(observation_space[k].shape[0] for k in SPATIAL_KEYS) + 3
         self.trunk = nn.Sequential(
             nn.Conv2d(in_ch, channels, 3, padding=1),
             nn.ReLU(),
@@ -107,10 +113,9 @@ class CellFeaturesExtractor(BaseFeaturesExtractor):
 
     def cell_features(self, observations: dict[str, torch.Tensor]) -> torch.Tensor:
         """``(B, channels, G, G)`` per-cell features."""
-        maps = [observations[k] for k in SPATIAL_KEYS]
-        b = maps[0].shape[0]
-        step = observations["step"].reshape(b, 1, 1, 1).expand(-1, 1, *self.grid)
-        x = self.trunk(torch.cat([*maps, step, self.coords.expand(b, -1, -1, -1)], dim=1))
+        stack = _stack(observations)
+        coords = self.coords.expand(stack.shape[0], -1, -1, -1)
+        x = self.trunk(torch.cat([stack, coords], dim=1))
         ctx = self.context(x.mean(dim=(2, 3)))[..., None, None].expand_as(x)
         return self.fuse(torch.cat([x, ctx], dim=1))
 
