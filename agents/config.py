@@ -25,13 +25,20 @@ class DataConfig:
     """Dataset specs (see ``experiments.datasets``) of the splits.
 
     ``train_subset`` keeps a seeded random subset of that many training images (the AlignSAM
-    protocol trains on 50 images per task).
+    protocol trains on 50 images per task). ``on_error``: ``raise`` stops at the first
+    unusable file, naming it; ``skip`` leaves such files out and lists them in the run's
+    summary (``--skip-bad`` on the command line).
     """
 
     train: str
     val: str | None = None
     test: str | None = None
     train_subset: int | None = None
+    on_error: Literal["raise", "skip"] = "raise"
+
+    def __post_init__(self) -> None:
+        if self.on_error not in ("raise", "skip"):
+            raise ValueError(f"data.on_error must be 'raise' or 'skip', got {self.on_error!r}")
 
 
 @dataclass

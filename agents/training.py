@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from gymnasium.wrappers import TimeLimit
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import Image as TBImage
@@ -130,13 +131,27 @@ class AlignSAMCallback(BaseCallback):
         self._last_ckpt = self.num_timesteps
 
     def _on_step(self) -> bool:
+        infos = self.locals["infos"]
         rewards = np.asarray(self.locals.get("rewards", ()), np.float64)
         for i in np.flatnonzero(~np.isfinite(rewards)):
             raise FloatingPointError(
-                f"reward {rewards[i]} on sample {self.locals['infos'][i].get('sample_id')} at step "
+                f"reward {rewards[i]} on sample {infos[i].get('sample_id')} at step "
                 f"{self.num_timesteps}: stopping before it reaches the optimizer (check that "
                 "image's embedding and mask)"
             )
+        # The next observation is fed to the policy on the next step: a NaN there would turn
+        # into NaN logits, and from the rollout buffer into the update.
+        obs = self.locals.get("new_obs")
+        for key, value in obs.items() if isinstance(obs, dict) else [("obs", obs)]:
+            if value is None:
+                continue
+            bad = ~np.isfinite(np.asarray(value, np.float64).reshape(len(infos), -1)).all(axis=1)
+            for i in np.flatnonzero(bad):
+                raise FloatingPointError(
+                    f"non-finite values in observation {key!r} of sample "
+                    f"{infos[i].get('sample_id')} at step {self.num_timesteps}: stopping before "
+                    "they reach the policy (check that image's embedding and the SRM's output)"
+                )
         for info, done in zip(self.locals["infos"], self.locals["dones"], strict=True):
             loss = info.get("labeler/loss")
             if loss is not None:
@@ -149,6 +164,16 @@ class AlignSAMCallback(BaseCallback):
             if done:
                 self._final_ious.append(float(info["iou"]))
         return True
+
+    def _on_rollout_start(self) -> None:
+        # Called after each PPO update: a non-finite loss there would have left NaN weights.
+        for name, param in self.model.policy.named_parameters():
+            if not torch.isfinite(param).all():
+                raise FloatingPointError(
+                    f"policy parameter {name!r} became non-finite in the PPO update before step "
+                    f"{self.num_timesteps}: stopping (lower the learning rate, or resume from "
+                    "the last checkpoint, which was written before the update)"
+                )
 
     def _on_rollout_end(self) -> None:
         if self._final_ious:

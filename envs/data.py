@@ -435,16 +435,18 @@ def validate_mask(mask: np.ndarray, image_size: tuple[int, int], where: str) -> 
     if mask.shape != size:
         raise DataError(
             f"{where}: mask is {_fmt_size(mask.shape)} but the image is {_fmt_size(size)}; "
-            "masks are never resized: fix or re-export the mask, or pass on_error='skip'"
+            "masks are never resized: fix or re-export the mask, or skip it "
+            "(--skip-bad, on_error='skip')"
         )
     if not mask.any():
         raise DataError(
-            f"{where}: mask has no foreground pixels; remove the sample or pass on_error='skip'"
+            f"{where}: mask has no foreground pixels; remove the sample or skip it "
+            "(--skip-bad, on_error='skip')"
         )
     if mask.all():
         raise DataError(
             f"{where}: every mask pixel is foreground; an episode needs at least one background "
-            "pixel for a negative point: remove the sample or pass on_error='skip'"
+            "pixel for a negative point: remove the sample or skip it (--skip-bad, on_error='skip')"
         )
 
 
@@ -576,7 +578,9 @@ class _Builder:
     def error(self, file: str | Path, exc: DataError) -> None:
         """Raise ``exc`` or record it as a skip, per ``on_error``."""
         if self.on_error == "raise":
-            raise exc
+            if "skip" in str(exc):
+                raise exc
+            raise DataError(f"{exc}; or skip it (--skip-bad, on_error='skip')") from exc
         logger.warning("%s: skipping %s: %s", self.name, file, exc)
         self.skipped.append((str(file), f"error: {exc}"))
 
@@ -690,7 +694,7 @@ def _pairs(
                 image,
                 DataError(
                     f"{image}: no {other_what} named {stem}{{{tried}}} in {other_dir}; add it, "
-                    "remove the image, or pass on_error='skip'"
+                    "remove the image, or skip it (--skip-bad, on_error='skip')"
                 ),
             )
             continue

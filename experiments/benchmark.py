@@ -47,7 +47,7 @@ from agents.config import TaskConfig
 from agents.prompt_agent import PromptAgent, library_versions
 from envs import PointPromptEnv
 from envs.render import overlay
-from experiments.datasets import load_dataset
+from experiments.datasets import load_dataset, readable
 from experiments.train import load_train_split
 from recalibration.labelers import PositiveWithMap
 from segmenter import EmbeddingCache, Segmenter, build_segmenter
@@ -183,6 +183,7 @@ def run_benchmark(
     methods: Sequence[str] | None = None,
     progress: bool = True,
     abstain_margin: float | None = None,
+    skip_bad: bool = False,
 ) -> dict[str, Any]:
     """Run every method on ``task``'s ``split`` and write the results to ``out``.
 
@@ -201,6 +202,8 @@ def run_benchmark(
         abstain_margin: Override the environment's ``abstain_margin`` for every
             environment-based method, the agents included (``None``: each agent's own setting,
             and the reference agent's for the fixed policies).
+        skip_bad: Leave out unusable images and masks and list them in ``results.json``
+            (``skipped``) instead of stopping at the first (the task's ``data.on_error``).
 
     Returns:
         The ``results.json`` content.
@@ -217,9 +220,9 @@ def run_benchmark(
     spec = getattr(task.data, split, None)
     if not spec:
         raise ValueError(f"task {task.name} has no {split!r} split")
-    samples = list(load_dataset(spec))
-    if limit:
-        samples = samples[:limit]
+    on_error = "skip" if skip_bad else task.data.on_error
+    dataset = load_dataset(spec, on_error)
+    samples = readable(dataset[:limit] if limit else dataset, on_error, name=spec)
     cache = cache if cache is not None else EmbeddingCache()
     seg = segmenter or build_segmenter(
         task.segmenter, checkpoint=task.checkpoint, device=task.device, autocast_bf16=task.bf16
@@ -326,6 +329,7 @@ def run_benchmark(
         task, split, samples, seg, run_dirs, results, traces, manual_clicks, seed, encode_s
     )
     result["env"] = asdict(config)  # the fixed policies' settings (agents: their runs')
+    result["skipped"] = [list(item) for item in samples.skipped]
     result["seconds"] = time.perf_counter() - t_start
     atomic_write(out / "results.json", lambda fh: fh.write(json.dumps(result, indent=2).encode()))
     (out / "results.md").write_text(render_markdown(result))

@@ -69,24 +69,35 @@ def cmd_weights(args: argparse.Namespace) -> int:
 def cmd_embed(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from experiments.datasets import load_dataset
+    from envs.data import DataError
+    from experiments.datasets import SKIP_HINT, load_dataset
     from segmenter import EmbeddingCache
 
     samples = load_dataset(args.dataset, on_error="skip" if args.skip_bad else "raise")
     if args.limit:
         samples = samples[: args.limit]
+    skipped = [tuple(item) for item in getattr(samples, "skipped", [])]
     seg = _segmenter(args)
     cache = EmbeddingCache(args.cache)
     t0 = time.perf_counter()
+    n = 0
     for s in tqdm(samples, desc=f"embed {args.dataset}", unit="img"):
-        cache.get_or_encode(seg, s.load_image())
+        try:
+            image = s.load_image()
+        except DataError as exc:
+            if not args.skip_bad:
+                raise DataError(f"{exc} ({SKIP_HINT})") from exc
+            skipped.append((str(getattr(s, "image_path", s.id)), f"error: {exc}"))
+            continue
+        cache.get_or_encode(seg, image)
+        n += 1
     dt = time.perf_counter() - t0
-    n = len(samples)
     print(
-        f"{n} images in {dt:.1f} s ({n / dt:.2f} images/s): {cache.misses} encoded, "
+        f"{n} images in {dt:.1f} s ({n / max(dt, 1e-9):.2f} images/s): {cache.misses} encoded, "
         f"{cache.hits} already cached, {cache.recomputed_corrupt} corrupt entries recomputed; "
         f"cache {cache.root}"
     )
+    _print_skipped(skipped)
     return 0
 
 
@@ -124,6 +135,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         )
     _write_json(args.out, result)
     return 0
+
+
+def _print_skipped(skipped: list) -> None:
+    """``skipped N file(s)`` and one line per file with the reason (nothing skipped silently)."""
+    print(f"skipped {len(skipped)} file(s)")
+    for file, reason in skipped:
+        print(f"  skipped {file}: {reason}")
 
 
 def _write_json(path: str | None, obj: object) -> None:
@@ -175,6 +193,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                 setattr(task, key, value)
         if args.branch:
             task.srm.branch = args.branch
+    if task is not None and args.skip_bad:
+        task.data.on_error = "skip"
     summary = train(
         task,
         runs=Path(args.runs),
@@ -188,6 +208,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"(PPO learn {summary['learn_seconds']:.0f} s), best val mIoU "
         f"{summary['best_val_miou']:.4f}"
     )
+    for split, skipped in summary["skipped"].items():
+        print(f"{split}:", end=" ")
+        _print_skipped(skipped)
     return 0
 
 
@@ -206,7 +229,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from experiments.segment import gather_inputs, segment_images
     from segmenter import EmbeddingCache
 
-    samples = gather_inputs(args.inputs)
+    samples = gather_inputs(args.inputs, on_error="skip" if args.skip_bad else "raise")
     cache = None if args.no_cache else EmbeddingCache(args.cache)
     agent = PromptAgent.load(args.run, device=args.device, cache=cache, which=args.which)
     rep = segment_images(
@@ -251,8 +274,10 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         methods=args.methods,
         progress=not args.no_progress,
         abstain_margin=args.abstain_margin,
+        skip_bad=args.skip_bad,
     )
     print(render_markdown(result))
+    _print_skipped(result["skipped"])
     print(
         f"wrote results.json, results.md, curves.png, examples.png to {args.out} "
         f"({result['seconds']:.0f} s)"
@@ -368,6 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default=None)
     t.add_argument("--cache", default=None, help="embedding cache dir")
     t.add_argument("--no-progress", action="store_true")
+    t.add_argument(
+        "--skip-bad", action="store_true", help="leave out unusable images/masks (listed)"
+    )
     t.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("evaluate", help="evaluate a run's best agent on a split")
@@ -415,6 +443,9 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("--device", default=None)
     bm.add_argument("--cache", default=None, help="embedding cache dir")
     bm.add_argument("--no-progress", action="store_true")
+    bm.add_argument(
+        "--skip-bad", action="store_true", help="leave out unusable images/masks (listed)"
+    )
     bm.set_defaults(func=cmd_benchmark)
 
     se = sub.add_parser("srm-eval", help="SRM label accuracy at the grid cells vs majority class")

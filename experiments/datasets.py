@@ -16,13 +16,19 @@ validation frames.
 
 from __future__ import annotations
 
+import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from envs import data as D
+
+logger = logging.getLogger(__name__)
+
+SKIP_HINT = "--skip-bad skips such files and lists them"
 
 
 @dataclass(frozen=True)
@@ -94,6 +100,39 @@ def load_dataset(spec: str, on_error: D.OnError = "raise"):
         f"unknown dataset kind {kind!r} in {spec!r}; use kvasir:, camvid:, folder:, coco:, "
         "synthetic: or images:"
     )
+
+
+def readable(samples: Sequence, on_error: D.OnError = "raise", *, name: str = "data") -> D.Dataset:
+    """Decode every image once, before any expensive work, so an unreadable file stops the run
+    at once (``raise``) or is left out and listed (``skip``).
+
+    Returns:
+        The usable samples as a :class:`~envs.data.Dataset` whose ``skipped`` lists the files
+        left out here plus those the dataset itself skipped while it was built.
+    """
+    skipped = list(getattr(samples, "skipped", []))
+    kept = []
+    for s in samples:
+        try:
+            s.load_image()
+        except D.DataError as exc:
+            if on_error == "raise":
+                raise D.DataError(f"{exc} ({SKIP_HINT})") from exc
+            skipped.append((str(getattr(s, "image_path", s.id)), f"error: {exc}"))
+            continue
+        kept.append(s)
+    if skipped:
+        logger.warning("%s: %d usable, %d skipped", name, len(kept), len(skipped))
+        for file, reason in skipped:
+            logger.warning("  skipped %s: %s", file, reason)
+    return D.Dataset(kept, name=getattr(samples, "name", name), skipped=skipped)
+
+
+def load_readable(spec: str, on_error: D.OnError = "raise") -> D.Dataset:
+    """:func:`load_dataset` then :func:`readable`: the usable samples of ``spec``, with what
+    was skipped in ``.skipped`` (always empty with ``raise``, which stops at the first bad
+    file instead)."""
+    return readable(load_dataset(spec, on_error), on_error, name=spec)
 
 
 def image_folder(folder: Path) -> list[ImageOnly]:

@@ -29,7 +29,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from agents.prompt_agent import PromptAgent
-from envs.data import IMAGE_SUFFIXES, DataError
+from envs.data import IMAGE_SUFFIXES, DataError, Dataset, OnError
 from envs.render import overlay
 from experiments.datasets import ImageOnly, load_dataset
 from segmenter.io import atomic_write
@@ -58,13 +58,15 @@ class SegmentReport:
         return {**asdict(self), "images_per_s": self.images_per_s}
 
 
-def gather_inputs(inputs: Sequence[str]) -> list[Any]:
+def gather_inputs(inputs: Sequence[str], on_error: OnError = "raise") -> Dataset:
     """Samples from a mix of image files, folders of images and dataset specs.
 
     Duplicate ids (same file stem from two folders) get a numeric suffix so no output file is
-    overwritten.
+    overwritten. ``on_error`` applies to dataset specs (e.g. a mask of the wrong size); what
+    they skip is listed in the result's ``skipped``.
     """
     samples: list[Any] = []
+    skipped: list[tuple[str, str]] = []
     for item in inputs:
         path = Path(item).expanduser()
         if path.is_file():
@@ -74,7 +76,9 @@ def gather_inputs(inputs: Sequence[str]) -> list[Any]:
                 )
             samples.append(ImageOnly(path.stem, path))
         elif path.is_dir() or ":" in item:
-            samples.extend(load_dataset(item))
+            found = load_dataset(item, on_error)
+            samples.extend(found)
+            skipped.extend(getattr(found, "skipped", []))
         else:
             raise DataError(f"{item}: no such file or folder (give image files, folders or specs)")
     seen: dict[str, int] = {}
@@ -83,7 +87,7 @@ def gather_inputs(inputs: Sequence[str]) -> list[Any]:
         n = seen.get(s.id, 0)
         seen[s.id] = n + 1
         unique.append(s if n == 0 else _Renamed(s, f"{s.id}__{n}"))
-    return unique
+    return Dataset(unique, name="inputs", skipped=skipped)
 
 
 @dataclass(frozen=True)
@@ -142,6 +146,7 @@ def segment_images(
     if overlays:
         (out / "overlays").mkdir(exist_ok=True)
     report = SegmentReport(out=str(out))
+    report.skipped = [{"id": f, "reason": r} for f, r in getattr(samples, "skipped", [])]
     images, annotations, ious, clicks_used = [], [], [], []
     seg = agent.segmenter
     calls0 = getattr(seg, "decoder_calls", 0)

@@ -27,7 +27,8 @@ from agents.prompt_agent import (
     read_meta,
 )
 from agents.training import AlignSAMCallback, evaluate_agent, make_vec_env, train_env_config
-from experiments.datasets import load_dataset
+from envs.data import Dataset
+from experiments.datasets import load_readable
 from recalibration.evaluate import attach_semantic_maps, collect_items
 from recalibration.srm import SemanticRecalibrationModule
 from segmenter import EmbeddingCache, build_segmenter
@@ -62,16 +63,31 @@ def new_run_dir(runs: Path, task: TaskConfig) -> Path:
     return run
 
 
-def load_train_split(task: TaskConfig) -> list[Any]:
+def load_split(task: TaskConfig, split: str) -> Dataset:
+    """The usable samples of one of the task's splits, every image decoded once up front; files
+    that cannot be used stop here or, with ``data.on_error: skip``, are listed in
+    ``.skipped``."""
+    spec = getattr(task.data, split, None)
+    if not spec:
+        raise ConfigError(f"task {task.name} has no {split!r} split")
+    return load_readable(spec, task.data.on_error)
+
+
+def load_train_split(task: TaskConfig) -> Dataset:
     """The task's training images: its ``train`` spec, cut to the seeded ``train_subset``
     (the 50 images of the AlignSAM protocol) when one is set. Training and every baseline that
-    learns from training images use exactly this list."""
-    train_set = list(load_dataset(task.data.train))
+    learns from training images use exactly this list. A subset is drawn from the usable
+    images, after any skips."""
+    train_set = load_split(task, "train")
     if task.data.train_subset and len(train_set) > task.data.train_subset:
         pick = np.random.default_rng(task.seed).choice(
             len(train_set), task.data.train_subset, replace=False
         )
-        train_set = [train_set[int(i)] for i in sorted(pick)]
+        train_set = Dataset(
+            [train_set[int(i)] for i in sorted(pick)],
+            name=train_set.name,
+            skipped=train_set.skipped,
+        )
     return train_set
 
 
@@ -107,19 +123,20 @@ def train(
         best = float(meta.get("best_val_miou", best))
         run_dir = resume
         logger.info("resuming %s from step %d (%s)", run_dir, start_step, ckpt.name)
-    else:
-        run_dir = new_run_dir(runs, task)
     total = total_timesteps or task.total_timesteps
     seed_everything(task.seed + start_step)
-    (run_dir / "config.json").write_text(json.dumps(task.to_dict(), indent=2, default=str))
 
+    # Segmenter and data first: a bad checkpoint or file stops here, before a run folder exists.
     segmenter = build_segmenter(
         task.segmenter, checkpoint=task.checkpoint, device=task.device, autocast_bf16=task.bf16
     )
     cache = EmbeddingCache(cache_dir)
     train_set = load_train_split(task)
-    val_set = load_dataset(task.data.val) if task.data.val else None
+    val_set = load_split(task, "val") if task.data.val else None
     logger.info("train %d images, val %d", len(train_set), len(val_set) if val_set else 0)
+    if resume is None:
+        run_dir = new_run_dir(runs, task)
+    (run_dir / "config.json").write_text(json.dumps(task.to_dict(), indent=2, default=str))
 
     channels = int(segmenter.embedding_shape[0])
     if ckpt is not None:
@@ -213,6 +230,11 @@ def train(
         "learn_seconds": learn_seconds,
         "wall_seconds": time.perf_counter() - t_start,
         "decoder_calls": segmenter.decoder_calls,
+        "skipped": {
+            split: [list(item) for item in ds.skipped]
+            for split, ds in (("train", train_set), ("val", val_set))
+            if ds is not None and ds.skipped
+        },
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -221,10 +243,7 @@ def train(
 def evaluate_run(run_dir: Path, split: str = "test", limit: int | None = None) -> dict[str, Any]:
     """Load a run's best agent and evaluate it on the task's ``split``."""
     agent = PromptAgent.load(run_dir, cache=EmbeddingCache())
-    spec = getattr(agent.task.data, split)
-    if not spec:
-        raise ConfigError(f"task {agent.task.name} has no {split} split")
-    samples = load_dataset(spec)
+    samples = load_split(agent.task, split)
     res = evaluate_agent(agent, samples, agent.cache, limit=limit)
     res.pop("overlay", None)
     return res

@@ -62,3 +62,81 @@ def tiny_clip_arch(tmp_path_factory) -> str:
     (cfg_dir / f"{name}.json").write_text(json.dumps(TINY_CLIP_CONFIG))
     open_clip.add_model_config(cfg_dir)
     return name
+
+
+class FaultTally:
+    """What the fault-family tests proved, for the one-line summary at the end of a run.
+
+    Tests record a fault only after their assertions about it passed, so the figures count
+    handled faults, not attempts."""
+
+    def __init__(self) -> None:
+        self.inputs: set[tuple[str, str]] = set()  # (entry point, kind of bad input)
+        self.interruptions: set[str] = set()  # interrupted-run scenarios survived
+
+    def bad_input(self, entry: str, kind: str) -> None:
+        self.inputs.add((entry, kind))
+
+    def survived(self, scenario: str) -> None:
+        self.interruptions.add(scenario)
+
+    def line(self) -> str | None:
+        if not (self.inputs or self.interruptions):
+            return None
+        entries = sorted({e for e, _ in self.inputs})
+        kinds = {k for _, k in self.inputs}
+        return (
+            f"fault families: {len(self.inputs)} bad-input cases handled ({len(kinds)} kinds "
+            f"through {len(entries)} entry points: {', '.join(entries)}); "
+            f"{len(self.interruptions)} interrupted-run scenarios survived with nothing lost"
+        )
+
+
+_TALLY = FaultTally()
+
+
+@pytest.fixture(scope="session")
+def faults() -> FaultTally:
+    """Record handled faults (see :class:`FaultTally`)."""
+    return _TALLY
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    line = _TALLY.line()
+    if line:
+        terminalreporter.write_line(line)
+
+
+def _tiny_task(steps: int = 64):
+    from agents.config import DataConfig, PPOConfig, TaskConfig
+    from envs import EnvConfig
+    from recalibration.srm import SRMConfig
+
+    return TaskConfig(
+        name="tiny",
+        data=DataConfig(train="synthetic:val", val="synthetic:val"),
+        segmenter="tiny",
+        env=EnvConfig(max_steps=4),
+        srm=SRMConfig(),
+        srm_pretrain_epochs=2,
+        ppo=PPOConfig(n_steps=32, batch_size=16, n_epochs=2, features_dim=32, cnn_channels=8),
+        total_timesteps=steps,
+        eval_every=32,
+        checkpoint_every=32,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_task():
+    """``tiny_task(steps)``: a task on the tiny segmenter that trains in seconds."""
+    return _tiny_task
+
+
+@pytest.fixture(scope="session")
+def first_run(tmp_path_factory):
+    """``(train summary, cache dir)`` of one tiny run, shared by the tests that read it."""
+    from experiments.train import train
+
+    runs = tmp_path_factory.mktemp("runs")
+    cache = str(tmp_path_factory.mktemp("emb"))
+    return train(_tiny_task(64), runs=runs, cache_dir=cache, progress=False), cache

@@ -279,7 +279,7 @@ def test_validate_mask_messages():
     validate_mask(good, (4, 5), "x")
     with pytest.raises(DataError, match=r"here: mask is 4 x 5 \(H x W\) but the image is 5 x 4"):
         validate_mask(good, (5, 4), "here")
-    with pytest.raises(DataError, match="no foreground pixels.*on_error='skip'"):
+    with pytest.raises(DataError, match="no foreground pixels.*skip-bad"):
         validate_mask(np.zeros((4, 5), bool), (4, 5), "here")
     with pytest.raises(DataError, match="every mask pixel is foreground.*negative point"):
         validate_mask(np.ones((4, 5), bool), (4, 5), "here")

@@ -69,7 +69,7 @@ def _all_entries_valid(cache_root: Path) -> list[Path]:
     return entries
 
 
-def test_sigkill_during_train_then_resume(tmp_path):
+def test_sigkill_during_train_then_resume(tmp_path, faults):
     (tmp_path / "task.yaml").write_text(TASK)
     runs = tmp_path / "runs"
     proc = subprocess.Popen(
@@ -94,6 +94,10 @@ def test_sigkill_during_train_then_resume(tmp_path):
     saved = read_meta(ckpt)
     assert saved["step"] >= 64 and saved["task"]["name"] == "tiny_kill"
     PromptAgent.load(run, which="latest")  # the pointed-to checkpoint is complete and loads
+    # what a writer killed inside write_checkpoint leaves: a hidden temp folder, half filled
+    stale = run / "checkpoints" / f".step_{saved['step'] + 32}.x1y2"
+    stale.mkdir()
+    (stale / "agent.zip").write_bytes(b"PK\x03\x04 half a zip")
 
     target = saved["step"] + 32
     done = subprocess.run(
@@ -110,6 +114,8 @@ def test_sigkill_during_train_then_resume(tmp_path):
     assert meta["step"] == target
     assert meta["task"] == saved["task"]  # same config after the resume
     assert not [p for p in (run / "checkpoints").glob(".*") if p.is_dir()]  # no temp leftovers
+    faults.survived("SIGKILL during train, then --resume")
+    faults.survived("checkpoint writer killed mid-write")
 
     wrong = subprocess.run(
         _cli("train", "synthetic", "--resume", str(run)),
@@ -133,7 +139,7 @@ def image_folder(tmp_path) -> Path:
     return folder
 
 
-def test_sigkill_during_embed_leaves_only_complete_entries(tmp_path, image_folder):
+def test_sigkill_during_embed_leaves_only_complete_entries(tmp_path, image_folder, faults):
     cache = tmp_path / "cache"
     args = _cli("embed", str(image_folder), "--segmenter", "tiny", "--cache", str(cache))
     proc = subprocess.Popen(
@@ -148,9 +154,10 @@ def test_sigkill_during_embed_leaves_only_complete_entries(tmp_path, image_folde
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"{30 - len(before)} encoded, {len(before)} already cached" in again.stdout
     assert len(_all_entries_valid(cache)) == 30
+    faults.survived("SIGKILL during embed, then re-run")
 
 
-def test_two_embed_processes_share_one_cache(tmp_path, image_folder):
+def test_two_embed_processes_share_one_cache(tmp_path, image_folder, faults):
     cache = tmp_path / "cache"
     args = _cli("embed", str(image_folder), "--segmenter", "tiny", "--cache", str(cache))
     procs = [
@@ -163,3 +170,4 @@ def test_two_embed_processes_share_one_cache(tmp_path, image_folder):
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-3000:]
     assert len(_all_entries_valid(cache)) == 30
+    faults.survived("two embed processes on one folder")
