@@ -12,8 +12,11 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
 import zipfile
 import zlib
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +47,9 @@ class EmbeddingCache:
         self.hits = 0
         self.misses = 0
         self.recomputed_corrupt = 0
+        self.prefetched = 0
+        self._lock = threading.Lock()
+        self._pending: dict[tuple[str, str], Future] = {}
 
     def path_for(self, model_id: str, key: str) -> Path:
         """File of the entry for ``model_id`` and image hash ``key``."""
@@ -106,8 +112,66 @@ class EmbeddingCache:
         if emb is not None:
             self.hits += 1
             return emb
-        self.misses += 1
+        while (other := self._claim(segmenter.model_id, key)) is not None:
+            other.result()  # another thread is encoding this image: wait, do not encode twice
+            emb = self.load(segmenter.model_id, key, segmenter.device)
+            if emb is not None:
+                self.hits += 1
+                return emb
+        try:
+            self.misses += 1
+            return self._encode_store(segmenter, image)
+        finally:
+            self._release(segmenter.model_id, key)
+
+    def _claim(self, model_id: str, key: str) -> Future | None:
+        """Claim the encoding of an entry: ``None`` when it is now ours, else the future of
+        the thread that holds it."""
+        with self._lock:
+            other = self._pending.get((model_id, key))
+            if other is None:
+                self._pending[(model_id, key)] = Future()
+            return other
+
+    def _release(self, model_id: str, key: str) -> None:
+        with self._lock:
+            self._pending.pop((model_id, key)).set_result(None)
+
+    def _encode_store(self, segmenter: Segmenter, image: np.ndarray) -> ImageEmbedding:
         emb = segmenter.encode(image)
         self.store(emb)
         emb.features = emb.features.to(self._torch_dtype).float()
         return emb
+
+    def prefetch(self, segmenter: Segmenter, loaders: Iterable[Callable[[], np.ndarray]]) -> Future:
+        """Encode the images the ``loaders`` return into the cache in a background thread, in
+        order, while the caller goes on (e.g. pretrains on images already cached).
+
+        A :meth:`get_or_encode` of an image the worker is encoding waits for it rather than
+        encoding it twice. Returns a future of the number of images the worker encoded; its
+        ``result()`` re-raises the first error (e.g. an unreadable file).
+        """
+
+        def work() -> int:
+            done = 0
+            for load in loaders:
+                image = load()
+                key = image_hash(image)
+                if self.path_for(segmenter.model_id, key).is_file():
+                    continue
+                if self._claim(segmenter.model_id, key) is not None:
+                    continue  # someone else is encoding it
+                try:
+                    if not self.path_for(segmenter.model_id, key).is_file():
+                        self._encode_store(segmenter, image)
+                        done += 1
+                finally:
+                    self._release(segmenter.model_id, key)
+            with self._lock:
+                self.prefetched += done
+            return done
+
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alignsam-prefetch")
+        future = pool.submit(work)
+        pool.shutdown(wait=False)
+        return future

@@ -69,6 +69,7 @@ def _finish(
     checkpoint: str | Path | None,
     device: str | torch.device,
     autocast_bf16: bool,
+    backend: str = "auto",
 ) -> SamSegmenter:
     path = Path(checkpoint).expanduser() if checkpoint is not None else W.ensure(name)
     if not path.is_file():
@@ -77,13 +78,14 @@ def _finish(
             "or pass the path of a downloaded file"
         )
     load_state_dict(model, path, name)
-    return SamSegmenter(model, f"{name}:{_file_id(path)}", device, autocast_bf16)
+    return SamSegmenter(model, f"{name}:{_file_id(path)}", device, autocast_bf16, backend)
 
 
 def build_mobile_sam(
     checkpoint: str | Path | None = None,
     device: str | torch.device = "cpu",
     autocast_bf16: bool = False,
+    backend: str = "auto",
 ) -> SamSegmenter:
     """MobileSAM (TinyViT encoder + SAM's decoder), the default: fast on a laptop CPU."""
     with warnings.catch_warnings():
@@ -91,7 +93,7 @@ def build_mobile_sam(
         from mobile_sam.build_sam import build_sam_vit_t
 
         model = build_sam_vit_t(checkpoint=None)
-    return _finish(model, "mobile_sam", checkpoint, device, autocast_bf16)
+    return _finish(model, "mobile_sam", checkpoint, device, autocast_bf16, backend)
 
 
 def _build_sam_vit(
@@ -99,11 +101,12 @@ def _build_sam_vit(
     checkpoint: str | Path | None = None,
     device: str | torch.device = "cpu",
     autocast_bf16: bool = False,
+    backend: str = "auto",
 ) -> SamSegmenter:
     from segment_anything import sam_model_registry
 
     model = sam_model_registry[variant](checkpoint=None)
-    return _finish(model, f"sam_{variant}", checkpoint, device, autocast_bf16)
+    return _finish(model, f"sam_{variant}", checkpoint, device, autocast_bf16, backend)
 
 
 def build_tiny_sam(
@@ -112,6 +115,7 @@ def build_tiny_sam(
     autocast_bf16: bool = False,
     seed: int = 0,
     img_size: int = 256,
+    backend: str = "auto",
 ) -> SamSegmenter:
     """A tiny random-weight SAM (ViT encoder, 16 x 16 embedding of 32 channels) for tests.
 
@@ -162,7 +166,7 @@ def build_tiny_sam(
         torch.random.set_rng_state(gen_state)
     if checkpoint is not None:
         load_state_dict(model, Path(checkpoint), "tiny")
-    return SamSegmenter(model, f"tiny:seed{seed}", device, autocast_bf16)
+    return SamSegmenter(model, f"tiny:seed{seed}", device, autocast_bf16, backend)
 
 
 SegmenterBuilder = Callable[..., SamSegmenter]
@@ -181,6 +185,7 @@ def build_segmenter(
     checkpoint: str | Path | None = None,
     device: str | torch.device = "cpu",
     autocast_bf16: bool = False,
+    backend: str = "auto",
 ) -> SamSegmenter:
     """Build a frozen segmenter by registry name.
 
@@ -189,11 +194,13 @@ def build_segmenter(
         checkpoint: Weights file; by default the cached one, fetched on first use.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
         autocast_bf16: Run under bf16 autocast.
+        backend: ``auto`` (ONNX Runtime where it applies), ``onnx`` or ``torch`` (stock
+            reference); see :class:`~segmenter.sam.SamSegmenter`.
     """
     if name not in segmenter_registry:
         raise SegmenterError(
             f"unknown segmenter {name!r}; choose one of {', '.join(segmenter_registry)}"
         )
     return segmenter_registry[name](
-        checkpoint=checkpoint, device=device, autocast_bf16=autocast_bf16
+        checkpoint=checkpoint, device=device, autocast_bf16=autocast_bf16, backend=backend
     )

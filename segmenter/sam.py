@@ -39,6 +39,9 @@ def check_image(image: np.ndarray) -> None:
         raise ValueError(f"empty image of shape {image.shape}")
 
 
+BACKENDS = ("auto", "torch", "onnx")
+
+
 class SamSegmenter:
     """Frozen SAM / MobileSAM: one encoder pass per image, one decoder call per prompt set.
 
@@ -47,6 +50,11 @@ class SamSegmenter:
         model_id: Identifier recorded in embeddings and cache keys.
         device: Torch device for both encoder and decoder.
         autocast_bf16: Run encoder and decoder under CPU/GPU bf16 autocast (outputs are float32).
+        backend: ``torch`` is the stock eager path, the reference. ``onnx`` runs the same
+            weights through ONNX Runtime (:mod:`segmenter.onnx_backend`, CPU, fp32). ``auto``
+            (default) takes ``onnx`` on the CPU without bf16 when onnxruntime is installed.
+            The first fast encode and decode of a process are checked against the stock path;
+            on a mismatch (or a failed export) the segmenter warns and stays on ``torch``.
     """
 
     def __init__(
@@ -55,6 +63,7 @@ class SamSegmenter:
         model_id: str,
         device: str | torch.device = "cpu",
         autocast_bf16: bool = False,
+        backend: str = "auto",
     ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval().requires_grad_(False)
@@ -67,6 +76,48 @@ class SamSegmenter:
         self.decoder_calls = 0
         self.decoder_seconds = 0.0
         self.encoder_calls = 0
+        self._fast = None
+        self._verified: set[str] = set()
+        self.backend = self._resolve_backend(backend)
+
+    # -- backend ----------------------------------------------------------------------------
+    def _resolve_backend(self, backend: str) -> str:
+        from segmenter import onnx_backend
+
+        if backend not in BACKENDS:
+            raise SegmenterError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+        if backend == "torch":
+            return "torch"
+        why = None
+        if self.device.type != "cpu":
+            why = f"it runs on the CPU only, this segmenter is on {self.device}"
+        elif self.autocast_bf16:
+            why = "it is fp32; bf16 autocast was asked for"
+        elif not onnx_backend.available():
+            why = "onnxruntime / onnx are not installed (pip install onnxruntime onnx)"
+        if why is not None:
+            if backend == "onnx":
+                raise SegmenterError(f"backend 'onnx' is not available: {why}; use 'torch'")
+            return "torch"
+        self._fast = onnx_backend.OnnxParts(self.model, self.model_id, self._dense_pe)
+        return "onnx"
+
+    def _fall_back(self, what: str, reason: str) -> None:
+        logger.warning(
+            "%s: fast %s path off (%s); using the stock torch path", self.model_id, what, reason
+        )
+        self._fast = None
+        self.backend = "torch"
+
+    def _agrees(self, what: str, fast: torch.Tensor, stock: torch.Tensor) -> bool:
+        """Compare the first fast result of a kind with the stock one (once per process)."""
+        self._verified.add(what)
+        scale = max(1.0, float(stock.abs().max()))
+        diff = float((fast.float() - stock.float()).abs().max()) / scale
+        if not diff <= 1e-3:
+            self._fall_back(what, f"its output differs from stock by {diff:.2e} (relative)")
+            return False
+        return True
 
     # -- geometry ---------------------------------------------------------------------------
     def input_size_for(self, original_size: tuple[int, int]) -> tuple[int, int]:
@@ -109,8 +160,10 @@ class SamSegmenter:
         resized = self._transform.apply_image(image)
         x = torch.as_tensor(resized, device=self.device).permute(2, 0, 1)[None].float()
         x = self.model.preprocess(x)  # normalise and pad bottom/right to a square
-        with self._autocast():
-            feats = self.model.image_encoder(x)
+        feats = self._encode_fast(x) if self._fast is not None else None
+        if feats is None:
+            with self._autocast():
+                feats = self.model.image_encoder(x)
         self.encoder_calls += 1
         return ImageEmbedding(
             features=feats.float(),
@@ -119,6 +172,18 @@ class SamSegmenter:
             model_id=self.model_id,
             image_hash=image_hash(image),
         )
+
+    def _encode_fast(self, x: torch.Tensor) -> torch.Tensor | None:
+        try:
+            feats = self._fast.encode(x)
+        except Exception as exc:  # noqa: BLE001 - any export / runtime failure: use stock
+            self._fall_back("encode", f"{type(exc).__name__}: {exc}")
+            return None
+        if "encode" not in self._verified:
+            stock = self.model.image_encoder(x)
+            if not self._agrees("encode", feats, stock):
+                return stock
+        return feats.to(self.device)
 
     # -- decode -----------------------------------------------------------------------------
     def _coords(self, embedding: ImageEmbedding, points: np.ndarray) -> torch.Tensor:
@@ -166,19 +231,15 @@ class SamSegmenter:
         lbl = torch.as_tensor(labels.astype(np.int64), device=self.device)[None]
         if mask_input is not None:
             mask_input = mask_input.to(self.device, torch.float32).reshape(1, 1, *self.low_res_size)
-        with self._autocast():
-            sparse, dense = self.model.prompt_encoder(
-                points=(coords, lbl) if len(points) else None, boxes=None, masks=mask_input
-            )
-            low_res, iou = self.model.mask_decoder(
-                image_embeddings=embedding.features.to(self.device),
-                image_pe=self._dense_pe,
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                multimask_output=multimask,
-            )
-        low_res = low_res[0].float()
-        iou = iou[0].float()
+        fast = None
+        if self._fast is not None and len(points):  # no points: the stock path (padding rule)
+            fast = self._decode_fast(embedding, coords, labels, mask_input)
+        if fast is not None:
+            masks, ious = fast
+            keep = slice(1, None) if multimask else slice(0, 1)
+            low_res, iou = masks[keep], ious[keep]
+        else:
+            low_res, iou = self._decode_stock(embedding, coords, lbl, mask_input, multimask)
         best = int(torch.argmax(iou)) if multimask else 0
         self.decoder_calls += 1
         self.decoder_seconds += time.perf_counter() - t0
@@ -191,6 +252,51 @@ class SamSegmenter:
         if return_full:
             pred.mask = self.upscale(embedding, pred.low_res_logits)
         return pred
+
+    def _decode_stock(
+        self,
+        embedding: ImageEmbedding,
+        coords: torch.Tensor,
+        lbl: torch.Tensor,
+        mask_input: torch.Tensor | None,
+        multimask: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        with self._autocast():
+            sparse, dense = self.model.prompt_encoder(
+                points=(coords, lbl) if lbl.shape[1] else None, boxes=None, masks=mask_input
+            )
+            low_res, iou = self.model.mask_decoder(
+                image_embeddings=embedding.features.to(self.device),
+                image_pe=self._dense_pe,
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=multimask,
+            )
+        return low_res[0].float(), iou[0].float()
+
+    def _decode_fast(
+        self,
+        embedding: ImageEmbedding,
+        coords: torch.Tensor,
+        labels: np.ndarray,
+        mask_input: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """All four masks and scores from the fast path, or ``None`` to use stock."""
+        try:
+            masks, ious = self._fast.decode(
+                embedding.features, coords[0].cpu().numpy(), labels, mask_input
+            )
+        except Exception as exc:  # noqa: BLE001 - any export / runtime failure: use stock
+            self._fall_back("decode", f"{type(exc).__name__}: {exc}")
+            return None
+        what = "decode_mask" if mask_input is not None else "decode"
+        if what not in self._verified:
+            lbl = torch.as_tensor(labels.astype(np.int64), device=self.device)[None]
+            single, _ = self._decode_stock(embedding, coords, lbl, mask_input, False)
+            multi, _ = self._decode_stock(embedding, coords, lbl, mask_input, True)
+            if not self._agrees(what, masks, torch.cat([single, multi])):
+                return None
+        return masks, ious
 
     @torch.inference_mode()
     def upscale(self, embedding: ImageEmbedding, low_res_logits: torch.Tensor) -> np.ndarray:

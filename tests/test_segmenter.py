@@ -132,3 +132,98 @@ def test_fp16_cache_agrees_with_fp32(mobile_sam, tmp_path):
         a = mobile_sam.decode(emb32, pt, [1], return_full=True).mask
         b = mobile_sam.decode(emb16, pt, [1], return_full=True).mask
         assert mask_iou(a, b) > 0.98
+
+
+# -- the fast (ONNX Runtime) path -----------------------------------------------------------
+
+
+def _prompts(emb, rng, n):
+    h, w = emb.original_size
+    return rng.uniform([0, 0], [w, h], size=(n, 2)), rng.integers(0, 2, n)
+
+
+def test_fast_backend_matches_stock(tiny_segmenter, rgb_image, isolated_home):
+    fast = build_segmenter("tiny", backend="onnx")
+    assert fast.backend == "onnx" and tiny_segmenter.backend in ("onnx", "torch")
+    stock = build_segmenter("tiny", backend="torch")
+    e_stock, e_fast = stock.encode(rgb_image), fast.encode(rgb_image)
+    assert torch.allclose(e_stock.features, e_fast.features, atol=1e-4)
+    rng = np.random.default_rng(0)
+    prev = None
+    for n in (1, 2, 5, 9):
+        pts, lbl = _prompts(e_stock, rng, n)
+        for multimask in (False, True):
+            a = stock.decode(e_stock, pts, lbl, mask_input=prev, multimask=multimask)
+            b = fast.decode(e_stock, pts, lbl, mask_input=prev, multimask=multimask)
+            assert a.candidates.shape == b.candidates.shape
+            assert torch.allclose(a.candidates, b.candidates, atol=1e-4)
+            assert torch.allclose(a.candidate_scores, b.candidate_scores, atol=1e-4)
+        prev = a.low_res_logits
+    no_points = fast.decode(e_stock, np.zeros((0, 2)), [], mask_input=prev)  # stock rule
+    assert torch.equal(no_points.low_res_logits, stock.decode(e_stock, [], [], prev).low_res_logits)
+    assert fast.backend == "onnx" and fast.decoder_calls == 9
+    assert len(list((isolated_home / "onnx").glob("tiny-*.onnx"))) == 3  # encoder, 2 decoders
+
+
+def test_fast_backend_falls_back_on_mismatch(rgb_image, isolated_home, monkeypatch, caplog):
+    from segmenter import onnx_backend
+
+    fast = build_segmenter("tiny", backend="onnx")
+    stock = build_segmenter("tiny", backend="torch")
+    emb = stock.encode(rgb_image)
+    real = onnx_backend.OnnxParts.decode
+
+    def wrong(self, *args):
+        masks, ious = real(self, *args)
+        return masks + 1.0, ious
+
+    monkeypatch.setattr(onnx_backend.OnnxParts, "decode", wrong)
+    with caplog.at_level("WARNING"):
+        pred = fast.decode(emb, [[10.0, 20.0]], [1])
+    assert "fast decode path off" in caplog.text and fast.backend == "torch"
+    assert torch.equal(pred.low_res_logits, stock.decode(emb, [[10.0, 20.0]], [1]).low_res_logits)
+
+
+def test_backend_choice_is_explicit(isolated_home):
+    with pytest.raises(SegmenterError, match="bf16"):
+        build_segmenter("tiny", backend="onnx", autocast_bf16=True)
+    assert build_segmenter("tiny", autocast_bf16=True).backend == "torch"
+    with pytest.raises(SegmenterError, match="unknown backend"):
+        build_segmenter("tiny", backend="tensorrt")
+
+
+def test_exported_graphs_are_keyed_by_weights(rgb_image, isolated_home):
+    for seed in (0, 1):
+        seg = build_segmenter("tiny", backend="onnx") if seed == 0 else build_tiny_sam(seed=1)
+        seg.decode(seg.encode(rgb_image), [[5.0, 5.0]], [1])
+    assert len(list((isolated_home / "onnx").glob("tiny-decoder-*.onnx"))) == 2
+
+
+def test_prefetch_encodes_in_the_background_once(tmp_path, rgb_image):
+    seg = build_segmenter("tiny", backend="torch")
+    cache = EmbeddingCache(tmp_path / "emb")
+    images = [np.roll(rgb_image, k, axis=1) for k in range(4)]
+    future = cache.prefetch(seg, [lambda im=im: im for im in images])
+    embs = [cache.get_or_encode(seg, im) for im in images]  # races the worker on purpose
+    future.result(timeout=60)
+    assert seg.encoder_calls == 4  # each image encoded exactly once, by whichever got it first
+    assert cache.prefetched + cache.misses == 4
+    for im, emb in zip(images, embs, strict=True):
+        assert torch.equal(cache.get_or_encode(seg, im).features, emb.features)
+
+
+@pytest.mark.mobilesam
+def test_mobile_sam_fast_path_agrees_with_stock(mobile_sam):
+    from agents.clickers import SimulatedAnnotator
+
+    stock = build_segmenter("mobile_sam", backend="torch")
+    fast = build_segmenter("mobile_sam", backend="onnx")
+    img = np.full((300, 400, 3), 235, np.uint8)
+    yy, xx = np.mgrid[:300, :400]
+    blob = ((yy - 150) / 70) ** 2 + ((xx - 180) / 110) ** 2 < 1
+    img[blob] = (150, 60, 90)
+    a = SimulatedAnnotator(stock, max_clicks=3).run(stock.encode(img), blob, keep_masks=(1, 2, 3))
+    b = SimulatedAnnotator(fast, max_clicks=3).run(fast.encode(img), blob, keep_masks=(1, 2, 3))
+    assert fast.backend == "onnx"
+    for k in (1, 2, 3):
+        assert mask_iou(a.info["masks"][k], b.info["masks"][k]) > 0.99
