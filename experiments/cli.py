@@ -31,7 +31,11 @@ def _segmenter(args: argparse.Namespace):
     from segmenter import build_segmenter
 
     return build_segmenter(
-        args.segmenter, checkpoint=args.checkpoint, device=args.device, autocast_bf16=args.bf16
+        args.segmenter,
+        checkpoint=args.checkpoint,
+        device=args.device,
+        autocast_bf16=args.bf16,
+        backend=args.backend,
     )
 
 
@@ -108,6 +112,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from segmenter import EmbeddingCache
 
     samples = load_dataset(args.dataset)[: args.limit]
+    if args.what == "perf":
+        return _bench_perf(args, samples)
     seg = _segmenter(args)
     result: dict[str, object] = {"segmenter": seg.model_id, "dataset": args.dataset}
     if args.what in ("segmenter", "all"):
@@ -149,6 +155,38 @@ def _write_json(path: str | None, obj: object) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(obj, indent=2, default=str))
         print(f"wrote {path}")
+
+
+def _bench_perf(args: argparse.Namespace, samples) -> int:
+    from experiments.datasets import load_dataset
+    from experiments.perf import render, run_perf
+    from experiments.train import resolve_task
+    from segmenter import build_segmenter
+
+    task = resolve_task(args.task)
+    task.device = args.device
+    kwargs = {"checkpoint": args.checkpoint, "device": args.device}
+    stock = build_segmenter(args.segmenter, backend="torch", **kwargs)
+    fast = build_segmenter(args.segmenter, backend="onnx", **kwargs)
+    agree = load_dataset(args.agreement_dataset or args.dataset)[: args.agreement_images]
+    t0 = time.perf_counter()
+    result = run_perf(
+        stock,
+        fast,
+        task,
+        samples,
+        agree,
+        decode_calls=args.decode_calls,
+        episodes=args.episodes,
+        ppo_rollouts=args.ppo_rollouts,
+        segment_images=args.segment_images,
+        steps=args.steps or task.env.max_steps,
+    )
+    result.update(dataset=args.dataset, task=task.name, seconds=time.perf_counter() - t0)
+    print(render(result))
+    print(f"({result['seconds']:.0f} s)")
+    _write_json(args.out, result)
+    return 0
 
 
 # -- oneclick ----------------------------------------------------------------------------------
@@ -343,6 +381,12 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
         sp.add_argument("--bf16", action="store_true", help="bf16 autocast")
         sp.add_argument(
+            "--backend",
+            choices=["auto", "torch", "onnx"],
+            default="auto",
+            help="torch: stock eager; onnx: ONNX Runtime (CPU); auto: onnx where it applies",
+        )
+        sp.add_argument(
             "--cache", default=None, help="embedding cache dir ($ALIGNSAM_HOME/embeddings)"
         )
 
@@ -362,12 +406,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_embed)
 
     b = sub.add_parser("bench", help="time encoder, decoder and env steps")
-    b.add_argument("what", choices=["segmenter", "env", "all"], nargs="?", default="all")
+    b.add_argument(
+        "what",
+        choices=["segmenter", "env", "all", "perf"],
+        nargs="?",
+        default="all",
+        help="perf: stock vs fast (ONNX Runtime) paths side by side, every figure",
+    )
     b.add_argument("--dataset", default="kvasir:train")
     b.add_argument("--limit", type=int, default=10)
     b.add_argument("--decode-calls", type=int, default=40)
     b.add_argument("--episodes", type=int, default=8)
     b.add_argument("--out", default=None, help="write the figures as JSON here")
+    b.add_argument("--task", default="kvasir_polyp", help="perf: PPO / env / T settings")
+    b.add_argument("--agreement-dataset", default=None, help="perf (default: --dataset)")
+    b.add_argument("--agreement-images", type=int, default=50)
+    b.add_argument("--ppo-rollouts", type=int, default=1)
+    b.add_argument("--segment-images", type=int, default=3)
+    b.add_argument("--steps", type=int, default=None, help="perf: segment clicks (task's T)")
     seg_opts(b)
     b.set_defaults(func=cmd_bench)
 

@@ -91,6 +91,43 @@ def load_train_split(task: TaskConfig) -> Dataset:
     return train_set
 
 
+def new_ppo(task: TaskConfig, venv: Any, tensorboard_log: str | None = None) -> Any:
+    """A fresh PPO (or MaskablePPO) model with the task's policy and hyperparameters."""
+    p = task.ppo
+    if p.policy == "cell":
+        policy: Any = cell_policy_class(p.maskable)
+        policy_kwargs: dict[str, Any] = {"features_extractor_kwargs": {"channels": p.cnn_channels}}
+    else:
+        policy = "MultiInputPolicy"
+        policy_kwargs = {
+            "features_extractor_class": GridFeaturesExtractor,
+            "features_extractor_kwargs": {
+                "features_dim": p.features_dim,
+                "channels": p.cnn_channels,
+            },
+            "net_arch": {"pi": [], "vf": [64]},
+        }
+    return ppo_class(p.maskable)(
+        policy,
+        venv,
+        learning_rate=p.learning_rate,
+        n_steps=p.n_steps,
+        batch_size=p.batch_size,
+        n_epochs=p.n_epochs,
+        gamma=p.gamma,
+        gae_lambda=p.gae_lambda,
+        clip_range=p.clip_range,
+        ent_coef=p.ent_coef,
+        vf_coef=p.vf_coef,
+        max_grad_norm=p.max_grad_norm,
+        policy_kwargs=policy_kwargs,
+        tensorboard_log=tensorboard_log,
+        seed=task.seed,
+        device=task.device,
+        verbose=0,
+    )
+
+
 def train(
     task: TaskConfig,
     runs: Path = Path("runs"),
@@ -161,49 +198,18 @@ def train(
                 progress=progress,
             )
 
+    if ckpt is not None or task.srm_pretrain_epochs <= 0:
+        # PPO starts at once: images not cached yet are encoded in the background while the
+        # env consumes the ones that are (an env reset waits only for its own image).
+        cache.prefetch(segmenter, [s.load_image for s in [*train_set, *(val_set or [])]])
     venv = make_vec_env(
         train_set, segmenter, srm, train_env_config(task), task.ppo.n_envs, cache, task.seed
     )
-    ppo_cls = ppo_class(task.ppo.maskable)
     if ckpt is not None:
-        model = ppo_cls.load(ckpt / "agent.zip", env=venv, device=task.device)
+        model = ppo_class(task.ppo.maskable).load(ckpt / "agent.zip", env=venv, device=task.device)
         model.set_random_seed(task.seed + start_step)
     else:
-        p = task.ppo
-        if p.policy == "cell":
-            policy: Any = cell_policy_class(p.maskable)
-            policy_kwargs: dict[str, Any] = {
-                "features_extractor_kwargs": {"channels": p.cnn_channels}
-            }
-        else:
-            policy = "MultiInputPolicy"
-            policy_kwargs = {
-                "features_extractor_class": GridFeaturesExtractor,
-                "features_extractor_kwargs": {
-                    "features_dim": p.features_dim,
-                    "channels": p.cnn_channels,
-                },
-                "net_arch": {"pi": [], "vf": [64]},
-            }
-        model = ppo_cls(
-            policy,
-            venv,
-            learning_rate=p.learning_rate,
-            n_steps=p.n_steps,
-            batch_size=p.batch_size,
-            n_epochs=p.n_epochs,
-            gamma=p.gamma,
-            gae_lambda=p.gae_lambda,
-            clip_range=p.clip_range,
-            ent_coef=p.ent_coef,
-            vf_coef=p.vf_coef,
-            max_grad_norm=p.max_grad_norm,
-            policy_kwargs=policy_kwargs,
-            tensorboard_log=str(run_dir / "tb"),
-            seed=task.seed,
-            device=task.device,
-            verbose=0,
-        )
+        model = new_ppo(task, venv, tensorboard_log=str(run_dir / "tb"))
     callback = AlignSAMCallback(run_dir, task, srm, segmenter, val_set, cache, best_score=best)
     remaining = max(0, total - start_step)
     t_learn = time.perf_counter()

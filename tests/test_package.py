@@ -131,3 +131,20 @@ def test_cli_demo_quick_tiny(tmp_path):
     result = json.loads((tmp_path / "bm" / "results.json").read_text())
     assert result["env"]["abstain_margin"] == 0.3 and result["n_images"] == 2
     assert [m["method"] for m in result["methods"]][:2] == ["agent", "random + SRM (w/o RL)"]
+
+
+def test_cli_bench_perf_tiny(tmp_path):
+    """Stock and fast paths side by side, every figure, on the tiny segmenter."""
+    out = tmp_path / "perf.json"
+    proc = run_cli(
+        "bench", "perf", "--segmenter", "tiny", "--dataset", "synthetic:val", "--limit", "2",
+        "--agreement-images", "2", "--decode-calls", "4", "--episodes", "1",
+        "--segment-images", "1", "--task", "synthetic", "--out", str(out), tmp_path=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(out.read_text())
+    assert res["fast_backend"] == res["fast_backend_after"] == "onnx"
+    assert res["agreement"]["annotator_mean_iou"] > 0.99
+    assert 0 < res["ppo_fast"]["update_share"] < 1 and res["ppo_fast"]["steps"] == 400
+    for line in ("encoder ms/image", "decoder ms/call", "PPO training env-steps/s", "agreement"):
+        assert line in proc.stdout

@@ -1,0 +1,305 @@
+"""``alignsam bench perf``: the stock (eager PyTorch) and fast (ONNX Runtime) segmenter paths
+side by side in one run, on the same images and prompts.
+
+Figures: encoder ms/image, decoder ms/call, env steps/s, PPO training env-steps/s including the
+updates, ``segment`` seconds per 1024-px image, each fast figure as a ratio to its stock twin;
+the agreement of fast and stock masks; and the overhead targets (env step vs a bare decoder
+call, update share of training time, ``segment`` vs encoder + T decoder calls).
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from stable_baselines3.common.callbacks import BaseCallback
+from tqdm.auto import tqdm
+
+from agents.clickers import SimulatedAnnotator
+from agents.config import TaskConfig
+from agents.prompt_agent import PromptAgent
+from agents.training import make_vec_env, train_env_config
+from experiments.segmenter_bench import time_env
+from recalibration.srm import SemanticRecalibrationModule
+from segmenter import EmbeddingCache, SamSegmenter, mask_iou
+
+logger = logging.getLogger(__name__)
+
+
+def _median_ms(values: Sequence[float]) -> float:
+    return 1000.0 * statistics.median(values)
+
+
+def time_encoders(
+    stock: SamSegmenter, fast: SamSegmenter, images: Sequence[np.ndarray]
+) -> dict[str, float]:
+    """Median encoder ms/image of both paths, alternating which goes first per image. One
+    warm-up call each is left out (the fast path exports and checks itself on first use)."""
+    stock.encode(images[0])
+    fast.encode(images[0])
+    t_stock, t_fast = [], []
+    for i, image in enumerate(tqdm(images, desc="encoders", unit="img")):
+        for seg in (stock, fast) if i % 2 == 0 else (fast, stock):
+            t0 = time.perf_counter()
+            seg.encode(image)
+            (t_stock if seg is stock else t_fast).append(time.perf_counter() - t0)
+    return {"stock_ms": _median_ms(t_stock), "fast_ms": _median_ms(t_fast), "images": len(images)}
+
+
+def time_decoders(
+    stock: SamSegmenter, fast: SamSegmenter, embeddings: Sequence[Any], calls: int = 40
+) -> dict[str, float]:
+    """Median decoder ms/call of both paths on the same prompt sets (1-8 points, the previous
+    logits as mask input), alternating the order."""
+    rng = np.random.default_rng(0)
+    for seg in (stock, fast):  # warm-up: export / first-call checks
+        e = embeddings[0]
+        seg.decode(e, [[1.0, 1.0]], [1])
+        seg.decode(e, [[1.0, 1.0]], [1], mask_input=torch.zeros(stock.low_res_size))
+    t_stock, t_fast = [], []
+    prev = None
+    for i in range(calls):
+        emb = embeddings[i % len(embeddings)]
+        h, w = emb.original_size
+        n = 1 + i % 8
+        pts = rng.uniform([0, 0], [w, h], size=(n, 2))
+        lbl = rng.integers(0, 2, n)
+        for seg in (stock, fast) if i % 2 == 0 else (fast, stock):
+            t0 = time.perf_counter()
+            pred = seg.decode(emb, pts, lbl, mask_input=prev if i % len(embeddings) else None)
+            (t_stock if seg is stock else t_fast).append(time.perf_counter() - t0)
+            if seg is stock:
+                prev = pred.low_res_logits
+    return {"stock_ms": _median_ms(t_stock), "fast_ms": _median_ms(t_fast), "calls": calls}
+
+
+def agreement(
+    stock: SamSegmenter, fast: SamSegmenter, samples: Sequence[Any], clicks: int = 5
+) -> dict[str, Any]:
+    """How far the fast path's masks are from the stock path's, end to end (each path encodes
+    the image itself and decodes its own prompts).
+
+    ``annotator``: the simulated annotator clicks ``clicks`` times through each path (its clicks
+    follow that path's own masks, as a user's would); IoU of the two masks after every click.
+    ``random``: one prompt set of 1-4 random points with random labels per image, decoded by
+    both from the same points (a stress test: such prompts give fragmented masks).
+    """
+    rng = np.random.default_rng(0)
+    keep = tuple(range(1, clicks + 1))
+    per_click, rand = [], []
+    for s in tqdm(samples, desc="agreement", unit="img"):
+        image, gt = s.load_image(), np.asarray(s.mask, bool)
+        e_stock, e_fast = stock.encode(image), fast.encode(image)
+        a = SimulatedAnnotator(stock, max_clicks=clicks).run(e_stock, gt, s.id, keep_masks=keep)
+        b = SimulatedAnnotator(fast, max_clicks=clicks).run(e_fast, gt, s.id, keep_masks=keep)
+        per_click.append([mask_iou(a.info["masks"][k], b.info["masks"][k]) for k in keep])
+        h, w = gt.shape
+        n = int(rng.integers(1, 5))
+        pts, lbl = rng.uniform([0, 0], [w, h], size=(n, 2)), rng.integers(0, 2, n)
+        ma = stock.decode(e_stock, pts, lbl, return_full=True).mask
+        mb = fast.decode(e_fast, pts, lbl, return_full=True).mask
+        rand.append(mask_iou(ma, mb) if (ma.any() or mb.any()) else 1.0)
+    arr = np.asarray(per_click)
+    return {
+        "images": len(samples),
+        "clicks": clicks,
+        "annotator_mean_iou": float(arr.mean()),
+        "annotator_min_iou": float(arr.min()),
+        "annotator_mean_iou_per_click": arr.mean(axis=0).round(5).tolist(),
+        "random_mean_iou": float(np.mean(rand)),
+        "random_min_iou": float(np.min(rand)),
+    }
+
+
+class _RolloutClock(BaseCallback):
+    """Wall time spent collecting rollouts (the rest of ``learn`` is the PPO update)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rollout_seconds = 0.0
+        self._t0 = 0.0
+
+    def _on_rollout_start(self) -> None:
+        self._t0 = time.perf_counter()
+
+    def _on_rollout_end(self) -> None:
+        self.rollout_seconds += time.perf_counter() - self._t0
+
+    def _on_step(self) -> bool:
+        return True
+
+
+def time_ppo(
+    task: TaskConfig,
+    segmenter: SamSegmenter,
+    samples: Sequence[Any],
+    cache: EmbeddingCache,
+    rollouts: int = 1,
+) -> dict[str, float]:
+    """PPO training throughput with the task's settings on cached images: env steps/s including
+    the updates, and the share of wall time spent in the updates."""
+    from experiments.train import new_ppo
+
+    channels = int(segmenter.embedding_shape[0])
+    srm = SemanticRecalibrationModule(task.srm, channels, device=task.device)
+    venv = make_vec_env(samples, segmenter, srm, train_env_config(task), 1, cache, task.seed)
+    venv.reset()  # embeddings ready before the clock starts
+    model = new_ppo(task, venv)
+    steps = task.ppo.n_steps * rollouts
+    clock = _RolloutClock()
+    t0 = time.perf_counter()
+    model.learn(total_timesteps=steps, callback=clock)
+    total = time.perf_counter() - t0
+    return {
+        "steps": steps,
+        "env_steps_per_s": steps / total,
+        "seconds": total,
+        "update_seconds": total - clock.rollout_seconds,
+        "update_share": (total - clock.rollout_seconds) / total,
+    }
+
+
+def time_segment(
+    task: TaskConfig, segmenter: SamSegmenter, images: Sequence[np.ndarray], steps: int
+) -> dict[str, float]:
+    """``segment`` seconds per image (encode + SRM start + ``steps`` agent clicks, no cache)
+    with an untrained policy of the task's shape (its speed does not depend on training)."""
+    from experiments.train import new_ppo
+
+    channels = int(segmenter.embedding_shape[0])
+    srm = SemanticRecalibrationModule(task.srm, channels, device=task.device)
+    venv = make_vec_env(images_as_samples(images[:1]), segmenter, srm, train_env_config(task))
+    agent = PromptAgent(new_ppo(task, venv), srm, task, segmenter, cache=None)
+    agent.segment(images[0], steps)  # warm-up
+    seconds, encode, calls = [], [], []
+    for image in images:
+        t0 = time.perf_counter()
+        out = agent.segment_detailed(image, steps)
+        seconds.append(time.perf_counter() - t0)
+        encode.append(out["encode_seconds"])
+        calls.append(out["decoder_calls"])
+    return {
+        "seconds_per_image": statistics.median(seconds),
+        "encode_seconds": statistics.median(encode),
+        "decoder_calls": float(np.median(calls)),
+        "images": len(images),
+    }
+
+
+class _Image:
+    def __init__(self, i: int, image: np.ndarray) -> None:
+        self.id, self.image, self.mask = f"image_{i}", image, None
+
+    def load_image(self) -> np.ndarray:
+        return self.image
+
+
+def images_as_samples(images: Sequence[np.ndarray]) -> list[_Image]:
+    return [_Image(i, im) for i, im in enumerate(images)]
+
+
+def to_long_side(image: np.ndarray, side: int = 1024) -> np.ndarray:
+    """``image`` resized so its longer side is ``side`` pixels (bilinear)."""
+    h, w = image.shape[:2]
+    scale = side / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
+
+
+def run_perf(
+    stock: SamSegmenter,
+    fast: SamSegmenter,
+    task: TaskConfig,
+    samples: Sequence[Any],
+    agreement_samples: Sequence[Any],
+    *,
+    decode_calls: int = 40,
+    episodes: int = 8,
+    ppo_rollouts: int = 1,
+    segment_images: int = 3,
+    steps: int = 15,
+) -> dict[str, Any]:
+    """Every figure of the module docstring, stock and fast, in one run."""
+    images = [s.load_image() for s in samples]
+    out: dict[str, Any] = {
+        "segmenter": stock.model_id,
+        "threads": torch.get_num_threads(),
+        "fast_backend": fast.backend,
+    }
+    out["encoder"] = time_encoders(stock, fast, images)
+    embeddings = [stock.encode(im) for im in images[: min(5, len(images))]]
+    out["decoder"] = time_decoders(stock, fast, embeddings, decode_calls)
+    out["agreement"] = agreement(stock, fast, agreement_samples)
+    for name, seg in (("stock", stock), ("fast", fast)):
+        cache = _MemoryCache()
+        out[f"env_{name}"] = time_env(seg, samples, episodes=episodes, cache=cache)
+        out[f"ppo_{name}"] = time_ppo(task, seg, samples, cache, ppo_rollouts)
+        big = [to_long_side(im) for im in images[:segment_images]]
+        out[f"segment_{name}"] = time_segment(task, seg, big, steps)
+    out["fast_backend_after"] = fast.backend  # "torch" if the fast path fell back mid-run
+    return out
+
+
+class _MemoryCache:
+    """In-memory embedding cache, so timings do not depend on disk or on fp16 storage."""
+
+    def __init__(self) -> None:
+        self._store: dict[tuple[str, int], Any] = {}
+        self.hits = self.misses = 0
+
+    def get_or_encode(self, segmenter: SamSegmenter, image: np.ndarray) -> Any:
+        key = (segmenter.model_id, id(segmenter), image.shape, hash(image.tobytes()))
+        if key not in self._store:
+            self.misses += 1
+            self._store[key] = segmenter.encode(image)
+        else:
+            self.hits += 1
+        return self._store[key]
+
+
+def render(r: dict[str, Any]) -> str:
+    """The printed report: stock vs fast with ratios, and the targets of the performance issue."""
+    enc, dec, ag = r["encoder"], r["decoder"], r["agreement"]
+    lines = [
+        f"[{r['segmenter']}, {r['threads']} threads, fast backend: {r['fast_backend']}]",
+        f"{'':34s}{'stock':>10s}{'fast':>10s}{'fast/stock':>12s}",
+    ]
+
+    def row(name: str, stock: float, fast: float, unit: str, speedup: bool, note: str) -> None:
+        ratio = stock / fast if speedup else fast / stock
+        lines.append(f"{name:34s}{stock:10.1f}{fast:10.1f}{ratio:10.2f}x {unit}  {note}")
+
+    row("encoder ms/image", enc["stock_ms"], enc["fast_ms"], "faster", True, "(target >= 1.5x)")
+    row("decoder ms/call", dec["stock_ms"], dec["fast_ms"], "faster", True, "(target >= 2.0x)")
+    es, ef = r["env_stock"], r["env_fast"]
+    row("env steps/s", es["env_steps_per_s"], ef["env_steps_per_s"], "faster", False, "")
+    ps, pf = r["ppo_stock"], r["ppo_fast"]
+    row("PPO training env-steps/s", ps["env_steps_per_s"], pf["env_steps_per_s"], "faster", False,
+        "(incl. updates)")  # fmt: skip
+    ss, sf = r["segment_stock"], r["segment_fast"]
+    row("segment ms/image (1024 px)", 1000 * ss["seconds_per_image"],
+        1000 * sf["seconds_per_image"], "faster", True, "")  # fmt: skip
+    lines.append(
+        f"agreement fast vs stock masks ({ag['images']} images): simulated annotator, clicks "
+        f"1-{ag['clicks']}: mean IoU {ag['annotator_mean_iou']:.4f} (min "
+        f"{ag['annotator_min_iou']:.4f}; target >= 0.99); random prompts: mean "
+        f"{ag['random_mean_iou']:.4f} (min {ag['random_min_iou']:.4f})"
+    )
+    for name in ("stock", "fast"):
+        env, ppo, seg = r[f"env_{name}"], r[f"ppo_{name}"], r[f"segment_{name}"]
+        budget = seg["encode_seconds"] + seg["decoder_calls"] * env["decoder_call_ms"] / 1000
+        lines.append(
+            f"{name}: env step = {env['ratio_step_over_decoder']:.3f} x a bare decoder call "
+            f"(target <= 1.10); PPO update {100 * ppo['update_share']:.1f}% of training time "
+            f"(target <= 25%); segment = {seg['seconds_per_image'] / budget:.3f} x (encoder + "
+            f"{seg['decoder_calls']:.0f} decoder calls) (target <= 1.10)"
+        )
+    if r["fast_backend_after"] != r["fast_backend"]:
+        lines.append("WARNING: the fast path fell back to stock during the run (see the log)")
+    return "\n".join(lines)
