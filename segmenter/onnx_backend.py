@@ -180,6 +180,13 @@ class OnnxParts:
         self._decoders: dict[bool, Any] = {}
         self._encoder: Any = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies and pickles leave the sessions behind (they are not picklable); the copy
+        builds its own on first use, from the same exported files."""
+        state = self.__dict__.copy()
+        state["_decoders"], state["_encoder"] = {}, None
+        return state
+
     @property
     def threads(self) -> int:
         return torch.get_num_threads()

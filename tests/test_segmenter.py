@@ -227,3 +227,15 @@ def test_mobile_sam_fast_path_agrees_with_stock(mobile_sam):
     assert fast.backend == "onnx"
     for k in (1, 2, 3):
         assert mask_iou(a.info["masks"][k], b.info["masks"][k]) > 0.99
+
+
+def test_fast_segmenter_copies_and_pickles(rgb_image, isolated_home):
+    import copy
+    import pickle
+
+    seg = build_segmenter("tiny", backend="onnx")
+    emb = seg.encode(rgb_image)
+    want = seg.decode(emb, [[5.0, 5.0]], [1]).low_res_logits
+    for other in (copy.deepcopy(seg), pickle.loads(pickle.dumps(seg))):
+        assert other.backend == "onnx"
+        assert torch.equal(other.decode(emb, [[5.0, 5.0]], [1]).low_res_logits, want)
