@@ -261,6 +261,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ceiling(args: argparse.Namespace) -> int:
+    from agents.prompt_agent import PromptAgent
+    from experiments.ceiling import placement_ceiling
+    from experiments.train import load_split
+    from segmenter import EmbeddingCache
+
+    agent = PromptAgent.load(args.run, cache=EmbeddingCache(args.cache))
+    samples = list(load_split(agent.task, args.split))[: args.limit]
+    res = placement_ceiling(agent, samples, progress=not args.no_progress)
+    m = res["mean_iou"]
+    print(
+        f"{args.run} on {args.split} ({res['n']} images, labels from its SRM): mean IoU greedy "
+        f"(reads the ground truth to place) {m['greedy']:.4f} | agent {m['agent']:.4f} | "
+        f"random {m['random']:.4f}"
+    )
+    _write_json(args.out, res)
+    return 0
+
+
 # -- segment -----------------------------------------------------------------------------------
 def cmd_segment(args: argparse.Namespace) -> int:
     from agents.prompt_agent import PromptAgent
@@ -460,6 +479,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, default=None)
     ev.add_argument("--out", default=None)
     ev.set_defaults(func=cmd_evaluate)
+
+    ce = sub.add_parser(
+        "ceiling", help="how much click placement can matter with a run's SRM labels"
+    )
+    ce.add_argument("run")
+    ce.add_argument("--split", default="val", choices=["train", "val", "test"])
+    ce.add_argument("--limit", type=int, default=20, help="first N images (greedy is slow)")
+    ce.add_argument("--cache", default=None, help="embedding cache dir")
+    ce.add_argument("--out", default=None, help="write per-image IoUs as JSON here")
+    ce.add_argument("--no-progress", action="store_true")
+    ce.set_defaults(func=cmd_ceiling)
 
     sg = sub.add_parser("segment", help="automatic segmentation of images with a trained agent")
     sg.add_argument("run", help="run folder of alignsam train (or a checkpoint folder)")

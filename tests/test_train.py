@@ -210,3 +210,27 @@ def test_train_split_subset_is_seeded_and_shared(tiny_task):
     assert [s.id for s in load_train_split(task)] != first
     task.data = DataConfig(train="synthetic:train")
     assert len(load_train_split(task)) == 24
+
+
+def test_greedy_ceiling_picks_the_best_next_click(first_run):
+    """Greedy's cell gives the best IoU of all legal cells after the same start (each checked
+    by a fresh episode), and the ceiling report covers every policy."""
+    from envs import PointPromptEnv
+    from experiments.ceiling import greedy_action, placement_ceiling
+    from experiments.datasets import load_dataset
+
+    summary, _ = first_run
+    agent = PromptAgent.load(summary["run_dir"])
+    samples = list(load_dataset("synthetic:val"))[:2]
+    env = PointPromptEnv(samples, agent.segmenter, agent.srm, agent.eval_config(), cache=None)
+    env.reset(options={"index": 0})
+    choice = greedy_action(env)
+    ious = {}
+    for cell in range(env.config.grid**2):
+        env.reset(options={"index": 0})
+        env.step(cell)
+        ious[cell] = env._iou
+    assert ious[choice] == max(ious.values())
+    report = placement_ceiling(agent, samples, progress=False)
+    assert report["n"] == 2 and set(report["mean_iou"]) == {"greedy", "agent", "random"}
+    assert all(0.0 <= v <= 1.0 for v in report["mean_iou"].values())
