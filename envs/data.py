@@ -100,6 +100,10 @@ class DataError(ValueError):
     """A data file cannot be used; the message names the file and says how to fix it."""
 
 
+#: The fix every per-sample error offers besides repairing the file: leave it out.
+SKIP_FIX = "(--skip-bad, on_error='skip')"
+
+
 # --------------------------------------------------------------------------------------------
 # Low-level file loading
 # --------------------------------------------------------------------------------------------
@@ -435,18 +439,16 @@ def validate_mask(mask: np.ndarray, image_size: tuple[int, int], where: str) -> 
     if mask.shape != size:
         raise DataError(
             f"{where}: mask is {_fmt_size(mask.shape)} but the image is {_fmt_size(size)}; "
-            "masks are never resized: fix or re-export the mask, or skip it "
-            "(--skip-bad, on_error='skip')"
+            f"masks are never resized: fix or re-export the mask, or skip it {SKIP_FIX}"
         )
     if not mask.any():
         raise DataError(
-            f"{where}: mask has no foreground pixels; remove the sample or skip it "
-            "(--skip-bad, on_error='skip')"
+            f"{where}: mask has no foreground pixels; remove the sample or skip it {SKIP_FIX}"
         )
     if mask.all():
         raise DataError(
             f"{where}: every mask pixel is foreground; an episode needs at least one background "
-            "pixel for a negative point: remove the sample or skip it (--skip-bad, on_error='skip')"
+            f"pixel for a negative point: remove the sample or skip it {SKIP_FIX}"
         )
 
 
@@ -578,9 +580,9 @@ class _Builder:
     def error(self, file: str | Path, exc: DataError) -> None:
         """Raise ``exc`` or record it as a skip, per ``on_error``."""
         if self.on_error == "raise":
-            if "skip" in str(exc):
+            if SKIP_FIX in str(exc):
                 raise exc
-            raise DataError(f"{exc}; or skip it (--skip-bad, on_error='skip')") from exc
+            raise DataError(f"{exc}; or skip it {SKIP_FIX}") from exc
         logger.warning("%s: skipping %s: %s", self.name, file, exc)
         self.skipped.append((str(file), f"error: {exc}"))
 
@@ -694,7 +696,7 @@ def _pairs(
                 image,
                 DataError(
                     f"{image}: no {other_what} named {stem}{{{tried}}} in {other_dir}; add it, "
-                    "remove the image, or skip it (--skip-bad, on_error='skip')"
+                    f"remove the image, or skip it {SKIP_FIX}"
                 ),
             )
             continue

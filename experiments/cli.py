@@ -73,8 +73,7 @@ def cmd_weights(args: argparse.Namespace) -> int:
 def cmd_embed(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from envs.data import DataError
-    from experiments.datasets import SKIP_HINT, load_dataset
+    from experiments.datasets import load_dataset, load_or_skip
     from segmenter import EmbeddingCache
 
     samples = load_dataset(args.dataset, on_error="skip" if args.skip_bad else "raise")
@@ -86,15 +85,10 @@ def cmd_embed(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     n = 0
     for s in tqdm(samples, desc=f"embed {args.dataset}", unit="img"):
-        try:
-            image = s.load_image()
-        except DataError as exc:
-            if not args.skip_bad:
-                raise DataError(f"{exc} ({SKIP_HINT})") from exc
-            skipped.append((str(getattr(s, "image_path", s.id)), f"error: {exc}"))
-            continue
-        cache.get_or_encode(seg, image)
-        n += 1
+        image = load_or_skip(s, "skip" if args.skip_bad else "raise", skipped)
+        if image is not None:
+            cache.get_or_encode(seg, image)
+            n += 1
     dt = time.perf_counter() - t0
     print(
         f"{n} images in {dt:.1f} s ({n / max(dt, 1e-9):.2f} images/s): {cache.misses} encoded, "

@@ -28,8 +28,6 @@ from envs import data as D
 
 logger = logging.getLogger(__name__)
 
-SKIP_HINT = "--skip-bad skips such files and lists them"
-
 
 @dataclass(frozen=True)
 class ImageOnly:
@@ -102,6 +100,18 @@ def load_dataset(spec: str, on_error: D.OnError = "raise"):
     )
 
 
+def load_or_skip(sample, on_error: D.OnError, skipped: list[tuple[str, str]]) -> np.ndarray | None:
+    """``sample``'s image; if it cannot be read, raise naming the file and both fixes
+    (``raise``) or append ``(file, reason)`` to ``skipped`` and return ``None`` (``skip``)."""
+    try:
+        return sample.load_image()
+    except D.DataError as exc:
+        if on_error == "raise":
+            raise D.DataError(f"{exc}; or skip it {D.SKIP_FIX}") from exc
+        skipped.append((str(getattr(sample, "image_path", sample.id)), f"error: {exc}"))
+        return None
+
+
 def readable(samples: Sequence, on_error: D.OnError = "raise", *, name: str = "data") -> D.Dataset:
     """Decode every image once, before any expensive work, so an unreadable file stops the run
     at once (``raise``) or is left out and listed (``skip``).
@@ -111,16 +121,7 @@ def readable(samples: Sequence, on_error: D.OnError = "raise", *, name: str = "d
         left out here plus those the dataset itself skipped while it was built.
     """
     skipped = list(getattr(samples, "skipped", []))
-    kept = []
-    for s in samples:
-        try:
-            s.load_image()
-        except D.DataError as exc:
-            if on_error == "raise":
-                raise D.DataError(f"{exc} ({SKIP_HINT})") from exc
-            skipped.append((str(getattr(s, "image_path", s.id)), f"error: {exc}"))
-            continue
-        kept.append(s)
+    kept = [s for s in samples if load_or_skip(s, on_error, skipped) is not None]
     if skipped:
         logger.warning("%s: %d usable, %d skipped", name, len(kept), len(skipped))
         for file, reason in skipped:

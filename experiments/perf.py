@@ -38,18 +38,22 @@ def _median_ms(values: Sequence[float]) -> float:
 
 def time_encoders(
     stock: SamSegmenter, fast: SamSegmenter, images: Sequence[np.ndarray]
-) -> dict[str, float]:
-    """Median encoder ms/image of both paths, alternating which goes first per image. One
-    warm-up call each is left out (the fast path exports and checks itself on first use)."""
+) -> tuple[dict[str, float], list[Any]]:
+    """Median encoder ms/image of both paths, alternating which goes first per image, and the
+    stock embeddings. One warm-up call each is left out (the fast path exports and checks
+    itself on first use)."""
     stock.encode(images[0])
     fast.encode(images[0])
-    t_stock, t_fast = [], []
+    t_stock, t_fast, embeddings = [], [], []
     for i, image in enumerate(tqdm(images, desc="encoders", unit="img")):
         for seg in (stock, fast) if i % 2 == 0 else (fast, stock):
             t0 = time.perf_counter()
-            seg.encode(image)
+            emb = seg.encode(image)
             (t_stock if seg is stock else t_fast).append(time.perf_counter() - t0)
-    return {"stock_ms": _median_ms(t_stock), "fast_ms": _median_ms(t_fast), "images": len(images)}
+            if seg is stock:
+                embeddings.append(emb)
+    timing = {"stock_ms": _median_ms(t_stock), "fast_ms": _median_ms(t_fast), "images": len(images)}
+    return timing, embeddings
 
 
 def time_decoders(
@@ -166,15 +170,20 @@ def time_ppo(
 
 
 def time_segment(
-    task: TaskConfig, segmenter: SamSegmenter, images: Sequence[np.ndarray], steps: int
+    task: TaskConfig,
+    segmenter: SamSegmenter,
+    samples: Sequence[Any],
+    images: Sequence[np.ndarray],
+    steps: int,
 ) -> dict[str, float]:
-    """``segment`` seconds per image (encode + SRM start + ``steps`` agent clicks, no cache)
-    with an untrained policy of the task's shape (its speed does not depend on training)."""
+    """``segment`` seconds per image of ``images`` (encode + SRM start + ``steps`` agent
+    clicks, no cache) with an untrained policy of the task's shape (its speed does not depend
+    on training); ``samples`` only give the env the policy is built for."""
     from experiments.train import new_ppo
 
     channels = int(segmenter.embedding_shape[0])
     srm = SemanticRecalibrationModule(task.srm, channels, device=task.device)
-    venv = make_vec_env(images_as_samples(images[:1]), segmenter, srm, train_env_config(task))
+    venv = make_vec_env(samples[:1], segmenter, srm, train_env_config(task))
     agent = PromptAgent(new_ppo(task, venv), srm, task, segmenter, cache=None)
     agent.segment(images[0], steps)  # warm-up
     seconds, encode, calls = [], [], []
@@ -190,18 +199,6 @@ def time_segment(
         "decoder_calls": float(np.median(calls)),
         "images": len(images),
     }
-
-
-class _Image:
-    def __init__(self, i: int, image: np.ndarray) -> None:
-        self.id, self.image, self.mask = f"image_{i}", image, None
-
-    def load_image(self) -> np.ndarray:
-        return self.image
-
-
-def images_as_samples(images: Sequence[np.ndarray]) -> list[_Image]:
-    return [_Image(i, im) for i, im in enumerate(images)]
 
 
 def to_long_side(image: np.ndarray, side: int = 1024) -> np.ndarray:
@@ -232,16 +229,15 @@ def run_perf(
         "threads": torch.get_num_threads(),
         "fast_backend": fast.backend,
     }
-    out["encoder"] = time_encoders(stock, fast, images)
-    embeddings = [stock.encode(im) for im in images[: min(5, len(images))]]
-    out["decoder"] = time_decoders(stock, fast, embeddings, decode_calls)
+    out["encoder"], embeddings = time_encoders(stock, fast, images)
+    out["decoder"] = time_decoders(stock, fast, embeddings[:5], decode_calls)
     out["agreement"] = agreement(stock, fast, agreement_samples)
+    big = [to_long_side(im) for im in images[:segment_images]]
     for name, seg in (("stock", stock), ("fast", fast)):
         cache = _MemoryCache()
         out[f"env_{name}"] = time_env(seg, samples, episodes=episodes, cache=cache)
         out[f"ppo_{name}"] = time_ppo(task, seg, samples, cache, ppo_rollouts)
-        big = [to_long_side(im) for im in images[:segment_images]]
-        out[f"segment_{name}"] = time_segment(task, seg, big, steps)
+        out[f"segment_{name}"] = time_segment(task, seg, samples, big, steps)
     out["fast_backend_after"] = fast.backend  # "torch" if the fast path fell back mid-run
     return out
 
