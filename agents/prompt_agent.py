@@ -183,7 +183,9 @@ class PromptAgent:
                 task.segmenter, checkpoint=task.checkpoint, device=device, autocast_bf16=task.bf16
             )
         want = meta.get("segmenter_model_id")
-        if want and want != segmenter.model_id:
+        # The policy and SRM read the embeddings: a decoder-only fine-tune of the same base
+        # (same embedding_id) is a fair target, anything else is not.
+        if want and want not in (segmenter.model_id, segmenter.embedding_id):
             raise AgentLoadError(
                 f"{ckpt} was trained with segmenter {want}, but {segmenter.model_id} is loaded: "
                 "agents are tied to their segmenter's embeddings; use the same checkpoint"

@@ -121,6 +121,10 @@ class AlignSAMCallback(BaseCallback):
         self._last_eval = -1
         self._last_ckpt = -1
         self.history: list[dict[str, float]] = []
+        #: Training seconds before this process (a resumed run's earlier sessions), so that
+        #: checkpoints carry the run's total (``elapsed_seconds``).
+        self.elapsed_before = 0.0
+        self.t0 = time.perf_counter()
 
     @property
     def ckpt_root(self) -> Path:
@@ -210,8 +214,18 @@ class AlignSAMCallback(BaseCallback):
             self.save("best", extra={"val_miou": score})
         return score
 
+    @property
+    def elapsed_seconds(self) -> float:
+        """Training wall time of the whole run so far, over every session."""
+        return self.elapsed_before + time.perf_counter() - self.t0
+
     def save(self, kind: str, extra: dict[str, Any] | None = None) -> Path:
-        extra = {"best_val_miou": self.best_score, "history": self.history, **(extra or {})}
+        extra = {
+            "best_val_miou": self.best_score,
+            "history": self.history,
+            "elapsed_seconds": self.elapsed_seconds,
+            **(extra or {}),
+        }
         return write_checkpoint(
             self.ckpt_root,
             self.model,

@@ -443,6 +443,11 @@ class PointPromptEnv(gym.Env):
             cells = np.append(cells, True)
         return cells
 
+    def foreground_map(self) -> tuple[np.ndarray, ImageEmbedding]:
+        """The labeler's ``(He, We)`` foreground probability of this episode's image at its
+        start (before any click), and the embedding whose grid it is on."""
+        return self._fg, self._prep.embedding
+
     def current_mask(self) -> np.ndarray:
         """``(H, W)`` bool full-resolution mask of the current prompt set."""
         h, w = self._prep.embedding.original_size

@@ -12,7 +12,13 @@ embeddings, and is scored on its final full-resolution mask:
 * ``SRM start only``: the two SRM initial points, no further click;
 * ``one-shot similarity``: PerSAM-style points from one training image's prototype, and the
   few-shot variant from every training image (:class:`~agents.clickers.OneShotSimilarity`);
-* ``manual @k``: the simulated annotator (RITM protocol, reads the ground truth) after k clicks.
+* ``manual @k``: the simulated annotator (RITM protocol, reads the ground truth) after k clicks;
+* ``fine-tuned ...`` (``finetuned=`` deltas of ``alignsam finetune``): the fine-tuned segmenter
+  (a) with no prompt, (b) with the SRM's two start points, and for a decoder delta (c) the
+  reference agent prompting the fine-tuned decoder (same embeddings, so the same policy input);
+* ``automatic masks + SRM pick`` and its oracle pick (``amg``): SAM's stock automatic mask
+  generator on the cached embedding, then the union of the masks the SRM calls foreground, or
+  the mask closest to the ground truth (a ceiling that reads the answer).
 
 Metrics per image (:mod:`segmenter.metrics`): IoU, Dice, F-beta (beta^2 = 0.3), MAE, BER (%),
 E-measure; per method their means, a percentile-bootstrap 95 % interval of the mIoU, and for
@@ -23,6 +29,7 @@ median and worst images of the first agent).
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import platform
@@ -35,6 +42,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from agents.amg import AutoMaskGenerator, choose_thresholds, pick_by_foreground, pick_oracle
 from agents.clickers import (
     ClickTrace,
     EnvClicker,
@@ -48,9 +56,11 @@ from agents.prompt_agent import PromptAgent, library_versions
 from envs import PointPromptEnv
 from envs.render import overlay
 from experiments.datasets import load_dataset, readable
+from experiments.finetune import read_summary
 from experiments.train import load_train_split
 from recalibration.labelers import PositiveWithMap
 from segmenter import EmbeddingCache, Segmenter, build_segmenter
+from segmenter.finetune import apply_delta, load_delta
 from segmenter.io import atomic_write
 from segmenter.metrics import mask_metrics
 
@@ -66,6 +76,7 @@ METHOD_GROUPS: tuple[str, ...] = (
     "heuristics",
     "start_only",
     "oneshot",
+    "amg",
 )
 MANUAL_KS: tuple[int, ...] = (1, 3, 5, 10, 20)
 
@@ -125,6 +136,8 @@ class MethodResult:
     curve: list[list[float]] = field(default_factory=list)  # IoU after each click, per image
     masks: dict[str, np.ndarray] = field(default_factory=dict)  # packed masks of kept images
     clicks_points: dict[str, np.ndarray] = field(default_factory=dict)
+    train_seconds: float | None = None  # what learning it took (None: training-free)
+    trainable_params: int | None = None
 
     def add(
         self,
@@ -155,6 +168,8 @@ class MethodResult:
         for key in (*METRICS, "clicks", "seconds", "decoder_calls"):
             out[key] = float(np.mean(self.values(key)))
         out["iou_ci95"] = bootstrap_ci(self.values("iou"), seed=seed)
+        out["train_seconds"] = self.train_seconds
+        out["trainable_params"] = self.trainable_params
         return out
 
 
@@ -184,6 +199,11 @@ def run_benchmark(
     progress: bool = True,
     abstain_margin: float | None = None,
     skip_bad: bool = False,
+    finetuned: Sequence[str | Path] = (),
+    amg_points_per_side: int = 32,
+    amg_tune_images: int = 10,
+    ray_address: str | None = None,
+    ray_workers: int | None = None,
 ) -> dict[str, Any]:
     """Run every method on ``task``'s ``split`` and write the results to ``out``.
 
@@ -204,6 +224,15 @@ def run_benchmark(
             and the reference agent's for the fixed policies).
         skip_bad: Leave out unusable images and masks and list them in ``results.json``
             (``skipped``) instead of stopping at the first (the task's ``data.on_error``).
+        finetuned: Fine-tuning deltas (``alignsam finetune`` folders or ``delta.pt`` files) of
+            this task's segmenter, each benchmarked as its automatic variants.
+        amg_points_per_side: Point grid side of the automatic mask generator (SAM: 32).
+        amg_tune_images: ``val`` images on which the generator's two filter thresholds are
+            chosen (0: SAM's defaults).
+        ray_address: Shard the images over Ray workers (``""``: a local Ray instance, else
+            the cluster's address); the cache folder must be shared by the workers. The
+            numbers are those of a local run.
+        ray_workers: Number of shards (default: the cluster's CPUs).
 
     Returns:
         The ``results.json`` content.
@@ -224,26 +253,104 @@ def run_benchmark(
     dataset = load_dataset(spec, on_error)
     samples = readable(dataset[:limit] if limit else dataset, on_error, name=spec)
     cache = cache if cache is not None else EmbeddingCache()
-    seg = segmenter or build_segmenter(
-        task.segmenter, checkpoint=task.checkpoint, device=task.device, autocast_bf16=task.bf16
+    options = MethodOptions(
+        want=tuple(sorted(want)),
+        seed=seed,
+        manual_clicks=manual_clicks,
+        abstain_margin=abstain_margin,
+        finetuned=tuple(str(Path(d).resolve()) for d in finetuned),
+        amg_points_per_side=amg_points_per_side,
+        amg_tune_images=amg_tune_images,
+        progress=progress,
     )
+    if ray_address is None:
+        seg = segmenter or build_segmenter(
+            task.segmenter, checkpoint=task.checkpoint, device=task.device, autocast_bf16=task.bf16
+        )
+        shards = [run_methods(task, run_dirs, samples, range(len(samples)), cache, seg, options)]
+    else:
+        from experiments.distributed import benchmark_shards
+
+        shards = benchmark_shards(
+            task, run_dirs, samples, cache.root, options, address=ray_address, workers=ray_workers
+        )
+        seg = segmenter or build_segmenter(task.segmenter, checkpoint=task.checkpoint, device="cpu")
+    results, traces, encode_s, env_config = merge_shards(shards)
+
+    result = _assemble(
+        task, split, samples, seg, run_dirs, results, traces, manual_clicks, seed, encode_s
+    )
+    result["env"] = env_config  # the fixed policies' settings (agents: their runs')
+    result["skipped"] = [list(item) for item in samples.skipped]
+    result["seconds"] = time.perf_counter() - t_start
+    result["workers"] = len(shards)
+    atomic_write(out / "results.json", lambda fh: fh.write(json.dumps(result, indent=2).encode()))
+    (out / "results.md").write_text(render_markdown(result))
+    plot_curves(result, results, traces, out / "curves.png")
+    gts = [np.asarray(s.mask, bool) for s in samples]
+    plot_examples(samples, gts, results, out / "examples.png")
+    return result
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    """What :func:`run_methods` runs besides the agents, and how (picklable, for workers)."""
+
+    want: tuple[str, ...]
+    seed: int = 0
+    manual_clicks: int = 20
+    abstain_margin: float | None = None
+    finetuned: tuple[str, ...] = ()
+    amg_points_per_side: int = 32
+    amg_tune_images: int = 10
+    progress: bool = True
+
+
+@dataclass
+class Shard:
+    """Every method's outcomes on a subset of the images (one worker's share)."""
+
+    methods: list[MethodResult]
+    traces: list[ClickTrace]
+    encoded: int
+    encode_seconds: float
+    env_config: dict[str, Any]
+
+
+def run_methods(
+    task: TaskConfig,
+    run_dirs: Sequence[str | Path],
+    samples: Sequence[Any],
+    indices: Sequence[int],
+    cache: EmbeddingCache,
+    seg: Segmenter,
+    options: MethodOptions,
+) -> Shard:
+    """Run every method on ``samples[i]`` for ``i`` in ``indices``.
+
+    Environments hold the whole sample list and are addressed by the global index, so the
+    seeded random clicks of an image (``default_rng([seed, index])``) do not depend on how the
+    images are split over workers: a sharded run gives the numbers of a local one.
+    """
+    indices = list(indices)
+    want, seed, progress = set(options.want), options.seed, options.progress
     agents = [PromptAgent.load(r, segmenter=seg, cache=cache) for r in run_dirs]
     names = ["agent"] if len(agents) == 1 else [f"agent {Path(r).name}" for r in run_dirs]
 
     # Encode once; every method below reads the cached embeddings.
     t0 = time.perf_counter()
     misses = cache.misses
-    embeddings = [
-        cache.get_or_encode(seg, s.load_image())
-        for s in tqdm(samples, desc="encode", unit="img", disable=not progress)
-    ]
+    embeddings = {
+        i: cache.get_or_encode(seg, samples[i].load_image())
+        for i in tqdm(indices, desc="encode", unit="img", disable=not progress)
+    }
     encoded = cache.misses - misses
-    encode_s = (time.perf_counter() - t0) / encoded if encoded else None
-    gts = [np.asarray(s.mask, bool) for s in samples]
+    encode_seconds = time.perf_counter() - t0
+    gts = {i: np.asarray(samples[i].mask, bool) for i in indices}
 
     results: list[MethodResult] = []
     ref = agents[0]
-    overrides = {} if abstain_margin is None else {"abstain_margin": float(abstain_margin)}
+    overrides = {} if options.abstain_margin is None else {"abstain_margin": options.abstain_margin}
     config = ref.eval_config(full_res_eval=False, **overrides)
 
     def env_method(
@@ -252,11 +359,12 @@ def run_benchmark(
         labeler: Any,
         steps: int | None = None,
         env_config: Any = None,
+        segmenter: Segmenter | None = None,
     ) -> MethodResult:
-        env = PointPromptEnv(samples, seg, labeler, env_config or config, cache=cache)
+        env = PointPromptEnv(samples, segmenter or seg, labeler, env_config or config, cache=cache)
         clicker = EnvClicker(env, policy, seed=seed)
         res = MethodResult(name, "automatic")
-        for i in tqdm(range(len(samples)), desc=name, unit="img", disable=not progress):
+        for i in tqdm(indices, desc=name, unit="img", disable=not progress):
             tr = clicker.run(i, steps)
             res.add(
                 samples[i].id,
@@ -271,13 +379,14 @@ def run_benchmark(
         results.append(res)
         return res
 
-    for name, agent in zip(names, agents, strict=True):  # each in its own env settings
-        env_method(
+    for name, agent, run in zip(names, agents, run_dirs, strict=True):  # own env settings
+        res = env_method(
             name,
             _agent_policy(agent),
             agent.srm,
             env_config=agent.eval_config(full_res_eval=False, **overrides),
         )
+        res.train_seconds, res.trainable_params = _agent_cost(agent, run)
     if "wo_srm" in want:
         env_method("agent w/o SRM (all positive)", _agent_policy(ref), PositiveWithMap(ref.srm))
     if "single_step" in want:
@@ -300,42 +409,187 @@ def run_benchmark(
         ):
             oneshot = fit(OneShotSimilarity(seg))
             res = MethodResult(name, "automatic")
-            for s, emb, gt in zip(samples, embeddings, gts, strict=True):
-                tr = oneshot.run(emb, gt, s.id)
-                res.add(s.id, tr.final_mask, gt, tr.n_clicks, tr.seconds, 1, _trace_points(tr))
+            for i in indices:
+                tr = oneshot.run(embeddings[i], gts[i], samples[i].id)
+                res.add(
+                    samples[i].id,
+                    tr.final_mask,
+                    gts[i],
+                    tr.n_clicks,
+                    tr.seconds,
+                    1,
+                    _trace_points(tr),
+                )
             results.append(res)
 
+    for delta in options.finetuned:
+        _finetuned_methods(
+            delta, seg, samples, indices, cache, env_method, ref, config, progress, results
+        )
+    if "amg" in want:
+        results.extend(
+            _amg_methods(
+                seg,
+                samples,
+                indices,
+                cache,
+                ref,
+                config,
+                options.amg_points_per_side,
+                progress,
+                options.amg_tune_images,
+            )
+        )
+
     # Manual prompting: the simulated annotator, masks kept at each reported k.
+    manual_clicks = options.manual_clicks
     ks = tuple(k for k in MANUAL_KS if k <= manual_clicks)
     annotator = SimulatedAnnotator(seg, max_clicks=manual_clicks, selection="score")
     manual = {k: MethodResult(f"manual @{k}", "manual") for k in ks}
     traces: list[ClickTrace] = []
-    for s, emb, gt in tqdm(
-        list(zip(samples, embeddings, gts, strict=True)),
-        desc="manual",
-        unit="img",
-        disable=not progress,
-    ):
-        tr = annotator.run(emb, gt, s.id, keep_masks=ks)
+    for i in tqdm(indices, desc="manual", unit="img", disable=not progress):
+        tr = annotator.run(embeddings[i], gts[i], samples[i].id, keep_masks=ks)
         traces.append(tr)
         for k in ks:
             n = min(k, tr.n_clicks)
             secs = tr.info["seconds_at"][n - 1] if n else 0.0
             pts = _trace_points(tr)[:n]
-            manual[k].add(s.id, tr.info["masks"][k], gt, n, secs, n, pts)
+            manual[k].add(samples[i].id, tr.info["masks"][k], gts[i], n, secs, n, pts)
     results.extend(manual.values())
+    return Shard(results, traces, encoded, encode_seconds, asdict(config))
 
-    result = _assemble(
-        task, split, samples, seg, run_dirs, results, traces, manual_clicks, seed, encode_s
+
+def merge_shards(
+    shards: Sequence[Shard],
+) -> tuple[list[MethodResult], list[ClickTrace], float | None, dict[str, Any]]:
+    """One result per method over all shards, in shard order (the images' order)."""
+    first = shards[0]
+    merged = [copy.copy(m) for m in first.methods]
+    for m in merged:
+        m.per_image, m.curve = list(m.per_image), list(m.curve)
+        m.masks, m.clicks_points = dict(m.masks), dict(m.clicks_points)
+    traces = list(first.traces)
+    for shard in shards[1:]:
+        if [m.name for m in shard.methods] != [m.name for m in merged]:
+            raise RuntimeError("benchmark shards ran different methods")
+        for m, part in zip(merged, shard.methods, strict=True):
+            m.per_image += part.per_image
+            m.curve += part.curve
+            m.masks.update(part.masks)
+            m.clicks_points.update(part.clicks_points)
+        traces += shard.traces
+    encoded = sum(s.encoded for s in shards)
+    encode_s = sum(s.encode_seconds for s in shards) / encoded if encoded else None
+    return merged, traces, encode_s, first.env_config
+
+
+def _agent_cost(agent: PromptAgent, run: str | Path) -> tuple[float | None, int]:
+    """Training wall time of a run over all its sessions (SRM pretraining and PPO; ``None`` for
+    runs resumed before that total was recorded) and its learned parameters."""
+    summary = Path(run) / "summary.json"
+    seconds = (
+        json.loads(summary.read_text()).get("train_seconds_total") if summary.is_file() else None
     )
-    result["env"] = asdict(config)  # the fixed policies' settings (agents: their runs')
-    result["skipped"] = [list(item) for item in samples.skipped]
-    result["seconds"] = time.perf_counter() - t_start
-    atomic_write(out / "results.json", lambda fh: fh.write(json.dumps(result, indent=2).encode()))
-    (out / "results.md").write_text(render_markdown(result))
-    plot_curves(result, results, traces, out / "curves.png")
-    plot_examples(samples, gts, results, out / "examples.png")
-    return result
+    policy = sum(p.numel() for p in agent.model.policy.parameters())
+    srm = sum(p.numel() for p in agent.srm.head.parameters())
+    return seconds, int(policy + srm)
+
+
+def _finetuned_methods(
+    delta: str | Path,
+    seg: Segmenter,
+    samples: Sequence[Any],
+    indices: Sequence[int],
+    cache: EmbeddingCache,
+    env_method: Callable[..., MethodResult],
+    ref: PromptAgent,
+    config: Any,
+    progress: bool,
+    results: list[MethodResult],
+) -> None:
+    """Append the automatic variants of one fine-tuned segmenter to ``results``: (a) no prompt,
+    (b) the SRM's start points and, for a decoder delta, (c) the reference agent prompting it
+    (``env_method`` appends the environment-based ones itself)."""
+    level = load_delta(delta)["level"]
+    tuned = apply_delta(copy.deepcopy(seg), delta)
+    info = read_summary(delta)
+    label = f"fine-tuned {level}"
+    first = len(results)
+    no_prompt = MethodResult(f"{label} (a) no prompt", "automatic")
+    results.append(no_prompt)
+    for i in tqdm(indices, desc=no_prompt.name, disable=not progress):
+        s = samples[i]
+        emb = cache.get_or_encode(tuned, s.load_image())  # a decoder delta: the base's entry
+        t0 = time.perf_counter()
+        pred = tuned.decode(emb, np.zeros((0, 2)), np.zeros(0), return_full=True)
+        no_prompt.add(s.id, pred.mask, s.mask, 0, time.perf_counter() - t0, 1)
+    if level == "decoder":  # the SRM and policy read the embeddings, which are unchanged
+        env_method(f"{label} (b) SRM start points", "random", ref.srm, 0, None, tuned)
+        env_method(
+            f"{label} (c) agent prompting it", _agent_policy(ref), ref.srm, None, config, tuned
+        )
+    for m in results[first:]:
+        m.train_seconds = info.get("train_seconds")
+        m.trainable_params = info.get("trainable_params")
+
+
+def _amg_methods(
+    seg: Segmenter,
+    samples: Sequence[Any],
+    indices: Sequence[int],
+    cache: EmbeddingCache,
+    ref: PromptAgent,
+    config: Any,
+    points_per_side: int,
+    progress: bool,
+    tune_images: int = 0,
+) -> list[MethodResult]:
+    """SAM's automatic mask generator, then the SRM's pick and the oracle pick. Its two filter
+    thresholds are chosen on the first ``tune_images`` ``val`` images (SRM pick mIoU)."""
+    thresholds, scores = (0.88, 0.95), {}
+    if tune_images and ref.task.data.val:
+        from experiments.train import load_split
+
+        val = load_split(ref.task, "val")[:tune_images]
+        loose = AutoMaskGenerator(
+            seg, points_per_side, pred_iou_thresh=0.0, stability_score_thresh=0.0
+        )
+        env = PointPromptEnv(val, seg, ref.srm, config, cache=cache)
+        gens, fgs, embs = [], [], []
+        for i in tqdm(range(len(val)), desc="automatic masks: tune on val", disable=not progress):
+            env.reset(options={"index": i, "start": "none"})
+            fg, emb = env.foreground_map()
+            gens.append(loose.generate(val[i].load_image(), emb))
+            fgs.append(fg)
+            embs.append(emb)
+        gts = [np.asarray(s.mask, bool) for s in val]
+        thresholds, scores = choose_thresholds(gens, fgs, embs, gts)
+        logger.info("automatic masks: val SRM-pick mIoU per filter pair %s", scores)
+    generator = AutoMaskGenerator(
+        seg,
+        points_per_side=points_per_side,
+        pred_iou_thresh=thresholds[0],
+        stability_score_thresh=thresholds[1],
+    )
+    env = PointPromptEnv(samples, seg, ref.srm, config, cache=cache)
+    what = f"automatic masks ({points_per_side}x{points_per_side}, iou>={thresholds[0]}, "
+    what += f"stability>={thresholds[1]})"
+    srm_pick = MethodResult(f"{what} + SRM pick", "automatic")
+    oracle = MethodResult(f"{what} + oracle pick (ceiling: reads GT)", "oracle")
+    srm_pick.trainable_params = oracle.trainable_params = 0
+    for i in tqdm(indices, desc="automatic masks", disable=not progress):
+        s, gt = samples[i], np.asarray(samples[i].mask, bool)
+        env.reset(options={"index": i, "start": "none"})
+        foreground, emb = env.foreground_map()
+        gen = generator.generate(s.load_image(), emb)
+        t0 = time.perf_counter()
+        mask, _ = pick_by_foreground(gen, foreground, emb)
+        pick_s = time.perf_counter() - t0
+        n = gen.point_prompts
+        srm_pick.add(s.id, mask, gt, 0, gen.seconds + pick_s, n)
+        best, _ = pick_oracle(gen, gt)
+        oracle.add(s.id, best, gt, 0, gen.seconds, n)
+    return [srm_pick, oracle]
 
 
 def _assemble(
@@ -400,6 +654,10 @@ def _clicks_phrase(k: float | None, manual_clicks: int) -> str:
     return f"{k:.1f}"
 
 
+def _opt(value: float | int | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
 def render_markdown(result: dict[str, Any]) -> str:
     """The ``results.md`` table and headline."""
     h = result["headline"]
@@ -415,8 +673,8 @@ def render_markdown(result: dict[str, Any]) -> str:
         f" annotator (CI: {_clicks_phrase(lo_k, mc)} to {_clicks_phrase(hi_k, mc)}).",
         "",
         "| method | mIoU [95% CI] | Δ vs agent [95% CI] | Dice | F-beta | MAE | BER % | E-measure"
-        " | clicks | s/image |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        " | clicks | s/image | training s | trainable params |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["methods"]:
         lo, hi = r["iou_ci95"]
@@ -429,7 +687,8 @@ def render_markdown(result: dict[str, Any]) -> str:
         lines.append(
             f"| {r['method']} | {r['iou']:.3f} [{lo:.3f}, {hi:.3f}] | {diff} | {r['dice']:.3f} | "
             f"{r['f_beta']:.3f} | {r['mae']:.3f} | {r['ber']:.2f} | {r['e_measure']:.3f} | "
-            f"{r['clicks']:.1f} | {r['seconds']:.2f} |"
+            f"{r['clicks']:.1f} | {r['seconds']:.2f} | {_opt(r.get('train_seconds'), '.0f')} | "
+            f"{_opt(r.get('trainable_params'), ',d')} |"
         )
     m = result["manual"]
     curve = m["miou_at_k"]
@@ -444,7 +703,11 @@ def render_markdown(result: dict[str, Any]) -> str:
         " without `*` the two methods are within noise. Clicks include the SRM's two start"
         " points. s/image: prompting and decoding with the embedding cached"
         + (f"; encoding costs {enc:.2f} s/image once, shared by all methods." if enc else "."),
-        "Manual @k reads the ground truth (a human's clicks); every other method is automatic.",
+        "Manual @k reads the ground truth (a human's clicks), and so does an oracle pick; every"
+        " other method is automatic. Training s: wall time of the agent's run (SRM pretraining"
+        " and PPO) or of the fine-tuning; '-' for methods that learn nothing of their own"
+        " (random + SRM reuses the agent's SRM). Automatic masks: decoder calls count the"
+        " generator's single-point prompts.",
     ]
     return "\n".join(lines) + "\n"
 

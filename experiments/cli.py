@@ -76,6 +76,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from experiments.datasets import load_dataset, load_or_skip
     from segmenter import EmbeddingCache
 
+    if args.ray is not None:
+        return _embed_ray(args)
     samples = load_dataset(args.dataset, on_error="skip" if args.skip_bad else "raise")
     if args.limit:
         samples = samples[: args.limit]
@@ -97,6 +99,79 @@ def cmd_embed(args: argparse.Namespace) -> int:
     )
     _print_skipped(skipped)
     return 0
+
+
+def _embed_ray(args: argparse.Namespace) -> int:
+    from experiments.distributed import embed
+    from segmenter import EmbeddingCache
+
+    root = EmbeddingCache(args.cache).root
+    seg = {
+        "name": args.segmenter,
+        "checkpoint": args.checkpoint,
+        "device": args.device,
+        "autocast_bf16": args.bf16,
+        "backend": args.backend,
+    }
+    res = embed(
+        args.dataset,
+        seg,
+        root,
+        address=args.ray,
+        limit=args.limit or None,
+        workers=args.workers,
+        threads_per_worker=args.worker_threads,
+        gpus_per_worker=args.worker_gpus,
+    )
+    c = res["counts"]
+    n = res["images"]
+    print(
+        f"{n} images in {res['seconds']:.1f} s ({n / max(res['seconds'], 1e-9):.2f} images/s) on "
+        f"{res['workers']} Ray workers: {c.get('encoded', 0)} encoded, {c.get('cached', 0)} "
+        f"already cached; cache {root}"
+    )
+    unreadable = res["unreadable"]
+    if unreadable and not args.skip_bad:
+        raise ValueError(
+            f"{len(unreadable)} unreadable images, first {unreadable[0][0]}: "
+            f"{unreadable[0][1]} (repair or remove them, or pass --skip-bad)"
+        )
+    _print_skipped(res["skipped"] + [list(u) for u in unreadable])
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from experiments.distributed import sweep
+
+    grid: dict[str, list] = {}
+    for item in args.grid:
+        key, _, values = item.partition("=")
+        if not values:
+            raise ValueError(
+                f"--grid {item!r}: expected KEY=V1,V2 (e.g. ppo.learning_rate=1e-4,3e-4)"
+            )
+        grid[key] = [yaml_value(v) for v in values.split(",")]
+    rows = sweep(
+        args.tasks,
+        range(args.seed0, args.seed0 + args.seeds),
+        grid=grid,
+        runs=args.runs,
+        name=args.name,
+        cache_dir=args.cache,
+        address=args.ray,
+        threads_per_trial=args.trial_threads,
+        max_failures=args.max_failures,
+    )
+    keys = ["task", "seed", *sorted({k for r in rows for k in r if k.startswith("hp/")})]
+    keys += ["status", "steps", "start_step", "best_val_miou", "wall_seconds", "run_dir"]
+    _print_table(rows, keys)
+    return 0 if all(r["status"] == "TERMINATED" for r in rows) else 1
+
+
+def yaml_value(text: str) -> object:
+    import yaml
+
+    return yaml.safe_load(text)
 
 
 # -- bench -----------------------------------------------------------------------------------
@@ -283,6 +358,15 @@ def cmd_segment(args: argparse.Namespace) -> int:
     samples = gather_inputs(args.inputs, on_error="skip" if args.skip_bad else "raise")
     cache = None if args.no_cache else EmbeddingCache(args.cache)
     agent = PromptAgent.load(args.run, device=args.device, cache=cache, which=args.which)
+    if args.delta:
+        from segmenter.finetune import apply_delta, load_delta
+
+        if load_delta(args.delta)["level"] != "decoder":
+            raise ValueError(
+                f"{args.delta}: an agent reads its segmenter's embeddings, so only a decoder "
+                "delta can go under it (LoRA / full deltas change the encoder)"
+            )
+        apply_delta(agent.segmenter, args.delta)
     rep = segment_images(
         agent,
         samples,
@@ -301,6 +385,46 @@ def cmd_segment(args: argparse.Namespace) -> int:
     for s in rep.skipped:
         print(f"  skipped {s['id']}: {s['reason']}")
     print(f"masks, overlays, results.json (COCO RLE), summary.json in {rep.out}")
+    return 0
+
+
+# -- fine-tuning baselines -------------------------------------------------------------------------
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from experiments.finetune import run_finetune
+    from experiments.train import resolve_task
+    from segmenter import EmbeddingCache
+    from segmenter.finetune import FinetuneConfig
+
+    task = resolve_task(args.task)
+    if args.skip_bad:
+        task.data.on_error = "skip"
+    if args.segmenter:
+        task.segmenter = args.segmenter
+    defaults = FinetuneConfig(level=args.level)
+    config = FinetuneConfig(
+        level=args.level,
+        epochs=args.epochs or (defaults.epochs if args.level == "decoder" else 4),
+        lr=args.lr or defaults.lr,
+        patience=args.patience,
+        lora_rank=args.rank,
+        seed=args.seed if args.seed is not None else task.seed,
+    )
+    s = run_finetune(
+        task,
+        args.out,
+        config,
+        val_limit=args.val_limit or None,
+        device=args.device,
+        cache=EmbeddingCache(args.cache),
+        resume=args.resume,
+        progress=not args.no_progress,
+    )
+    print(
+        f"{s['level']} fine-tuning of {s['base_model_id']} on {s['train_images']} {task.name} "
+        f"images: {s['trainable_params']:,} trainable parameters, {s['epochs_run']} epochs in "
+        f"{s['train_seconds']:.0f} s; best val (mean low-res IoU, no prompt / one point) "
+        f"{s['best_val']:.4f} at epoch {s['best_epoch']}; delta {s['delta']}"
+    )
     return 0
 
 
@@ -326,6 +450,11 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         abstain_margin=args.abstain_margin,
         skip_bad=args.skip_bad,
+        finetuned=args.finetuned,
+        amg_points_per_side=args.amg_points,
+        amg_tune_images=args.amg_tune,
+        ray_address=args.ray,
+        ray_workers=args.workers,
     )
     print(render_markdown(result))
     _print_skipped(result["skipped"])
@@ -403,6 +532,19 @@ def build_parser() -> argparse.ArgumentParser:
             "--cache", default=None, help="embedding cache dir ($ALIGNSAM_HOME/embeddings)"
         )
 
+    def ray_opts(sp: argparse.ArgumentParser, workers: bool = True) -> None:
+        sp.add_argument(
+            "--ray",
+            nargs="?",
+            const="",
+            default=None,
+            metavar="ADDRESS",
+            help="run on Ray (pip install 'alignsam[ray]'): the cluster's address, or none for "
+            "$RAY_ADDRESS / a local instance",
+        )
+        if workers:
+            sp.add_argument("--workers", type=int, default=None, help="--ray: workers (its CPUs)")
+
     w = sub.add_parser("weights", help="list or fetch segmenter checkpoints")
     w.add_argument("action", choices=["list", "fetch"])
     w.add_argument("name", nargs="?", help="checkpoint name (default mobile_sam)")
@@ -415,6 +557,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("dataset", help="dataset spec, e.g. kvasir:train or a folder of images")
     e.add_argument("--limit", type=int, default=0)
     e.add_argument("--skip-bad", action="store_true", help="skip unreadable files (counted)")
+    ray_opts(e)
+    e.add_argument("--worker-threads", type=int, default=1, help="--ray: CPUs per actor")
+    e.add_argument("--worker-gpus", type=float, default=0.0, help="--ray: GPUs per actor")
     seg_opts(e)
     e.set_defaults(func=cmd_embed)
 
@@ -495,9 +640,32 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument("--cache", default=None, help="embedding cache dir")
     sg.add_argument("--no-cache", action="store_true", help="encode without the cache")
     sg.add_argument("--no-overlays", action="store_true")
+    sg.add_argument(
+        "--delta", default=None, help="a decoder fine-tuning delta to load onto the segmenter"
+    )
     sg.add_argument("--skip-bad", action="store_true", help="skip unreadable images (listed)")
     sg.add_argument("--no-progress", action="store_true")
     sg.set_defaults(func=cmd_segment)
+
+    ft = sub.add_parser(
+        "finetune", help="fine-tune the segmenter on the task's training images (a baseline)"
+    )
+    ft.add_argument("task", help="task YAML or shipped task name (its data and segmenter)")
+    ft.add_argument("--level", choices=["decoder", "lora", "full"], default="decoder")
+    ft.add_argument("--out", required=True, help="folder for delta.pt, summary.json, tb/")
+    ft.add_argument("--epochs", type=int, default=None, help="default 20 (decoder) or 4")
+    ft.add_argument("--lr", type=float, default=None, help="AdamW learning rate (1e-4)")
+    ft.add_argument("--patience", type=int, default=5, help="early stopping on val (0: off)")
+    ft.add_argument("--rank", type=int, default=4, help="LoRA rank")
+    ft.add_argument("--val-limit", type=int, default=20, help="val images for early stopping")
+    ft.add_argument("--seed", type=int, default=None)
+    ft.add_argument("--segmenter", default=None, help="override the task's segmenter")
+    ft.add_argument("--device", default=None, help="cpu, cuda, ... (default: the task's)")
+    ft.add_argument("--cache", default=None, help="embedding cache dir")
+    ft.add_argument("--resume", action="store_true", help="continue after the last epoch")
+    ft.add_argument("--skip-bad", action="store_true", help="leave out unusable images/masks")
+    ft.add_argument("--no-progress", action="store_true")
+    ft.set_defaults(func=cmd_finetune)
 
     bm = sub.add_parser("benchmark", help="agents vs manual clicks, ablations and baselines")
     bm.add_argument("task", help="task YAML or shipped task name (its data and segmenter)")
@@ -512,8 +680,24 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=None,
         help="subset besides agents and manual: wo_srm single_step random heuristics "
-        "start_only oneshot (default: all)",
+        "start_only oneshot amg (default: all)",
     )
+    bm.add_argument(
+        "--finetuned",
+        nargs="+",
+        default=[],
+        help="fine-tuning deltas (alignsam finetune --out folders) to benchmark as methods",
+    )
+    bm.add_argument(
+        "--amg-points", type=int, default=32, help="automatic mask generator grid side (32)"
+    )
+    bm.add_argument(
+        "--amg-tune",
+        type=int,
+        default=10,
+        help="val images to choose the generator's filter thresholds on (0: SAM's defaults)",
+    )
+    ray_opts(bm)
     bm.add_argument(
         "--abstain-margin",
         type=float,
@@ -527,6 +711,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--skip-bad", action="store_true", help="leave out unusable images/masks (listed)"
     )
     bm.set_defaults(func=cmd_benchmark)
+
+    sw = sub.add_parser("sweep", help="train every task x seed x grid point (Ray Tune with --ray)")
+    sw.add_argument("tasks", nargs="+", help="task YAML files or shipped task names")
+    sw.add_argument("--seeds", type=int, default=1, help="seeds per task (seed0 ... seed0+N-1)")
+    sw.add_argument("--seed0", type=int, default=0)
+    sw.add_argument(
+        "--grid",
+        nargs="*",
+        default=[],
+        help="KEY=V1,V2 task settings, e.g. ppo.learning_rate=1e-4,3e-4",
+    )
+    sw.add_argument("--runs", default="runs", help="parent folder of the run folders")
+    sw.add_argument("--name", default=None, help="sweep name (default sweep-TIME)")
+    sw.add_argument("--cache", default=None, help="embedding cache dir (shared by workers)")
+    sw.add_argument("--trial-threads", type=int, default=1, help="CPUs per trial")
+    sw.add_argument("--max-failures", type=int, default=2, help="--ray: retries of a trial")
+    ray_opts(sw, workers=False)
+    sw.set_defaults(func=cmd_sweep)
 
     se = sub.add_parser("srm-eval", help="SRM label accuracy at the grid cells vs majority class")
     se.add_argument("--train", default="kvasir:train")

@@ -50,6 +50,10 @@ def resolve_task(name_or_path: str) -> TaskConfig:
     raise ConfigError(f"no task file {name_or_path!r}; shipped tasks: {', '.join(names)}")
 
 
+def _finite_or_none(x: float) -> float | None:
+    return float(x) if np.isfinite(x) else None
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -135,8 +139,12 @@ def train(
     cache_dir: str | None = None,
     progress: bool = True,
     total_timesteps: int | None = None,
+    run_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Train (or resume) a prompt agent. Returns a summary with the run folder and figures."""
+    """Train (or resume) a prompt agent. Returns a summary with the run folder and figures.
+
+    ``run_dir`` names the new run's folder (default ``runs/{task}__ppo__{seed}__{time}``); it may
+    exist already when it holds no checkpoint (a sweep trial killed before its first one)."""
     t_start = time.perf_counter()
     start_step = 0
     best = -float("inf")
@@ -171,8 +179,12 @@ def train(
     train_set = load_train_split(task)
     val_set = load_split(task, "val") if task.data.val else None
     logger.info("train %d images, val %d", len(train_set), len(val_set) if val_set else 0)
-    if resume is None:
+    if resume is None and run_dir is None:
         run_dir = new_run_dir(runs, task)
+    elif resume is None:
+        if latest_checkpoint(run_dir) is not None:
+            raise AgentLoadError(f"{run_dir} holds a run already: resume it or pick a new folder")
+        run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(task.to_dict(), indent=2, default=str))
 
     channels = int(segmenter.embedding_shape[0])
@@ -211,6 +223,9 @@ def train(
     else:
         model = new_ppo(task, venv, tensorboard_log=str(run_dir / "tb"))
     callback = AlignSAMCallback(run_dir, task, srm, segmenter, val_set, cache, best_score=best)
+    callback.t0 = t_start  # the run's clock starts before SRM pretraining
+    if ckpt is not None:  # a run from before this record started has no total: None
+        callback.elapsed_before = read_meta(ckpt).get("elapsed_seconds", float("nan"))
     remaining = max(0, total - start_step)
     t_learn = time.perf_counter()
     if remaining:
@@ -231,10 +246,12 @@ def train(
     summary = {
         "run_dir": str(run_dir),
         "steps": int(model.num_timesteps),
+        "start_step": start_step,
         "best_val_miou": callback.best_score,
         "history": callback.history,
         "learn_seconds": learn_seconds,
         "wall_seconds": time.perf_counter() - t_start,
+        "train_seconds_total": _finite_or_none(callback.elapsed_seconds),
         "decoder_calls": segmenter.decoder_calls,
         "skipped": {
             split: [list(item) for item in ds.skipped]

@@ -118,6 +118,7 @@ class Segmenter(Protocol):
     """A frozen promptable segmenter (SAM family)."""
 
     model_id: str
+    embedding_id: str  # what the encoder computes (the cache key); model_id also names the decoder
     device: torch.device
 
     def encode(self, image: np.ndarray) -> ImageEmbedding:

@@ -108,13 +108,13 @@ class EmbeddingCache:
         float16-rounded features, so cold and warm results are the same numbers.
         """
         key = image_hash(image)
-        emb = self.load(segmenter.model_id, key, segmenter.device)
+        emb = self.load(segmenter.embedding_id, key, segmenter.device)
         if emb is not None:
             self.hits += 1
             return emb
-        while (other := self._claim(segmenter.model_id, key)) is not None:
+        while (other := self._claim(segmenter.embedding_id, key)) is not None:
             other.result()  # another thread is encoding this image: wait, do not encode twice
-            emb = self.load(segmenter.model_id, key, segmenter.device)
+            emb = self.load(segmenter.embedding_id, key, segmenter.device)
             if emb is not None:
                 self.hits += 1
                 return emb
@@ -122,7 +122,7 @@ class EmbeddingCache:
             self.misses += 1
             return self._encode_store(segmenter, image)
         finally:
-            self._release(segmenter.model_id, key)
+            self._release(segmenter.embedding_id, key)
 
     def _claim(self, model_id: str, key: str) -> Future | None:
         """Claim the encoding of an entry: ``None`` when it is now ours, else the future of
@@ -157,16 +157,16 @@ class EmbeddingCache:
             for load in loaders:
                 image = load()
                 key = image_hash(image)
-                if self.path_for(segmenter.model_id, key).is_file():
+                if self.path_for(segmenter.embedding_id, key).is_file():
                     continue
-                if self._claim(segmenter.model_id, key) is not None:
+                if self._claim(segmenter.embedding_id, key) is not None:
                     continue  # someone else is encoding it
                 try:
-                    if not self.path_for(segmenter.model_id, key).is_file():
+                    if not self.path_for(segmenter.embedding_id, key).is_file():
                         self._encode_store(segmenter, image)
                         done += 1
                 finally:
-                    self._release(segmenter.model_id, key)
+                    self._release(segmenter.embedding_id, key)
             with self._lock:
                 self.prefetched += done
             return done

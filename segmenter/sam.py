@@ -68,6 +68,12 @@ class SamSegmenter:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval().requires_grad_(False)
         self.model_id = model_id
+        #: Identifier of what the encoder computes: the cache key and the ``model_id`` of the
+        #: embeddings this segmenter makes and accepts. A decoder-only fine-tune
+        #: (:mod:`segmenter.finetune`) changes ``model_id`` but keeps this, so cached embeddings
+        #: of the base model stay valid.
+        self.embedding_id = model_id
+        self.variant: str | None = None
         self.autocast_bf16 = autocast_bf16
         self.img_size: int = int(model.image_encoder.img_size)
         self._transform = ResizeLongestSide(self.img_size)
@@ -79,6 +85,19 @@ class SamSegmenter:
         self._fast = None
         self._verified: set[str] = set()
         self.backend = self._resolve_backend(backend)
+
+    def weights_changed(self, model_id: str, embedding_id: str, variant: str) -> None:
+        """Record new weights (a fine-tuning delta applied to ``self.model``): new identifiers,
+        the constant positional encoding recomputed, the fast path re-exported and re-checked."""
+        self.model_id, self.embedding_id, self.variant = model_id, embedding_id, variant
+        self.model.eval().requires_grad_(False)
+        with torch.inference_mode():
+            self._dense_pe = self.model.prompt_encoder.get_dense_pe()
+        self._verified.clear()
+        if self._fast is not None:
+            from segmenter import onnx_backend
+
+            self._fast = onnx_backend.OnnxParts(self.model, self.embedding_id, self._dense_pe)
 
     # -- backend ----------------------------------------------------------------------------
     def _resolve_backend(self, backend: str) -> str:
@@ -169,7 +188,7 @@ class SamSegmenter:
             features=feats.float(),
             original_size=original_size,
             input_size=input_size,
-            model_id=self.model_id,
+            model_id=self.embedding_id,
             image_hash=image_hash(image),
         )
 
@@ -217,10 +236,10 @@ class SamSegmenter:
         Returns:
             The prediction; ``low_res_logits`` is ``(Hl, Wl)`` float32.
         """
-        if embedding.model_id != self.model_id:
+        if embedding.model_id != self.embedding_id:
             raise SegmenterError(
-                f"embedding was made by {embedding.model_id!r}, this segmenter is "
-                f"{self.model_id!r}: re-encode the image with this segmenter"
+                f"embedding was made by {embedding.model_id!r}, this segmenter encodes as "
+                f"{self.embedding_id!r}: re-encode the image with this segmenter"
             )
         points = np.asarray(points, dtype=np.float32).reshape(-1, 2)
         labels = np.asarray(labels).reshape(-1)

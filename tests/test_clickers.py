@@ -62,7 +62,7 @@ class FakeSegmenter:
         scores: Predicted IoUs of the candidates.
     """
 
-    model_id = "fake"
+    model_id = embedding_id = "fake"
     device = torch.device("cpu")
 
     def __init__(

@@ -35,6 +35,10 @@ def test_resume_continues_from_saved_step(first_run):
     resumed = train(None, resume=run, cache_dir=cache, progress=False)
     assert resumed["steps"] == 96  # 64 done before + 32 more, not 96 from scratch
     assert read_meta(latest_checkpoint(run))["step"] == 96
+    # The run's training time counts both sessions, not only the resumed one.
+    assert resumed["start_step"] == 64
+    before = meta["elapsed_seconds"]
+    assert before > 0 and resumed["train_seconds_total"] >= before + resumed["learn_seconds"]
 
 
 def test_agent_segments_an_image(first_run):
