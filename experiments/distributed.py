@@ -322,6 +322,13 @@ def sweep(
     grid = {k: list(v) for k, v in (grid or {}).items()}
     points = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
     cache = str(Path(cache_dir).resolve()) if cache_dir else None
+    from experiments.train import resolve_task
+
+    for task_ref in tasks:  # a bad task file or grid key stops here, not inside every trial
+        for params in points:
+            task = resolve_task(task_ref)
+            for key, value in params.items():
+                _set_path(task, key, value)
     rows: list[dict[str, Any]] = []
     if address is None:
         for task, seed, params in itertools.product(tasks, seeds, points):

@@ -238,3 +238,28 @@ def test_greedy_ceiling_picks_the_best_next_click(first_run):
     report = placement_ceiling(agent, samples, progress=False)
     assert report["n"] == 2 and set(report["mean_iou"]) == {"greedy", "agent", "random"}
     assert all(0.0 <= v <= 1.0 for v in report["mean_iou"].values())
+
+
+def test_sweep_without_ray_runs_trials_in_order_and_checks_the_grid(tiny_task, tmp_path):
+    import yaml
+
+    from experiments.distributed import sweep
+
+    task_file = tmp_path / "tiny.yaml"
+    task_file.write_text(yaml.safe_dump(tiny_task(32).to_dict()))
+    with pytest.raises(ValueError, match="unknown task setting 'ppo.nope'"):
+        sweep([str(task_file)], [0], grid={"ppo.nope": [1]}, runs=tmp_path / "runs")
+    rows = sweep(
+        [str(task_file)],
+        [0],
+        grid={"ppo.learning_rate": [3e-4]},
+        runs=tmp_path / "runs",
+        name="local",
+        cache_dir=str(tmp_path / "emb"),
+    )
+    (row,) = rows
+    assert row["status"] == "TERMINATED" and row["steps"] == 32 and row["hp/ppo.learning_rate"]
+    run = tmp_path / "runs" / "tiny__ppo__0__local_learning_rate=0.0003"
+    assert row["run_dir"] == str(run) and latest_checkpoint(run) is not None
+    assert json.loads((run / "config.json").read_text())["ppo"]["learning_rate"] == 3e-4
+    assert json.loads((tmp_path / "runs" / "local.json").read_text()) == rows
