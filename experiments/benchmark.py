@@ -156,6 +156,18 @@ class MethodResult:
         if points is not None:
             self.clicks_points[sample_id] = np.asarray(points, np.float32)
 
+    def add_trace(self, trace: ClickTrace, gt: np.ndarray) -> None:
+        """Record one image's click trace (its final mask, clicks, time and decoder calls)."""
+        self.add(
+            trace.sample_id,
+            trace.final_mask,
+            gt,
+            trace.n_clicks,
+            trace.seconds,
+            trace.decoder_calls,
+            _trace_points(trace),
+        )
+
     def mask(self, sample_id: str, shape: tuple[int, int]) -> np.ndarray:
         bits = np.unpackbits(self.masks[sample_id], count=shape[0] * shape[1])
         return bits.reshape(shape).astype(bool)
@@ -274,11 +286,19 @@ def run_benchmark(
         shards = benchmark_shards(
             task, run_dirs, samples, cache.root, options, address=ray_address, workers=ray_workers
         )
-        seg = segmenter or build_segmenter(task.segmenter, checkpoint=task.checkpoint, device="cpu")
     results, traces, encode_s, env_config = merge_shards(shards)
 
     result = _assemble(
-        task, split, samples, seg, run_dirs, results, traces, manual_clicks, seed, encode_s
+        task,
+        split,
+        samples,
+        shards[0].segmenter_id,
+        run_dirs,
+        results,
+        traces,
+        manual_clicks,
+        seed,
+        encode_s,
     )
     result["env"] = env_config  # the fixed policies' settings (agents: their runs')
     result["skipped"] = [list(item) for item in samples.skipped]
@@ -315,6 +335,7 @@ class Shard:
     encoded: int
     encode_seconds: float
     env_config: dict[str, Any]
+    segmenter_id: str
 
 
 def run_methods(
@@ -366,15 +387,7 @@ def run_methods(
         res = MethodResult(name, "automatic")
         for i in tqdm(indices, desc=name, unit="img", disable=not progress):
             tr = clicker.run(i, steps)
-            res.add(
-                samples[i].id,
-                tr.final_mask,
-                gts[i],
-                tr.n_clicks,
-                tr.seconds,
-                tr.decoder_calls,
-                _trace_points(tr),
-            )
+            res.add_trace(tr, gts[i])
             res.curve.append(list(tr.ious))
         results.append(res)
         return res
@@ -410,16 +423,7 @@ def run_methods(
             oneshot = fit(OneShotSimilarity(seg))
             res = MethodResult(name, "automatic")
             for i in indices:
-                tr = oneshot.run(embeddings[i], gts[i], samples[i].id)
-                res.add(
-                    samples[i].id,
-                    tr.final_mask,
-                    gts[i],
-                    tr.n_clicks,
-                    tr.seconds,
-                    1,
-                    _trace_points(tr),
-                )
+                res.add_trace(oneshot.run(embeddings[i], gts[i], samples[i].id), gts[i])
             results.append(res)
 
     for delta in options.finetuned:
@@ -456,7 +460,7 @@ def run_methods(
             pts = _trace_points(tr)[:n]
             manual[k].add(samples[i].id, tr.info["masks"][k], gts[i], n, secs, n, pts)
     results.extend(manual.values())
-    return Shard(results, traces, encoded, encode_seconds, asdict(config))
+    return Shard(results, traces, encoded, encode_seconds, asdict(config), seg.model_id)
 
 
 def merge_shards(
@@ -596,7 +600,7 @@ def _assemble(
     task: TaskConfig,
     split: str,
     samples: Sequence[Any],
-    seg: Segmenter,
+    segmenter_id: str,
     run_dirs: Sequence[str | Path],
     methods: list[MethodResult],
     traces: list[ClickTrace],
@@ -624,7 +628,7 @@ def _assemble(
         "task": task.name,
         "split": split,
         "n_images": len(samples),
-        "segmenter": seg.model_id,
+        "segmenter": segmenter_id,
         "runs": [str(r) for r in run_dirs],
         "seed": seed,
         "versions": {**library_versions(), "python": platform.python_version()},

@@ -377,9 +377,7 @@ class Finetuner:
     def _features(self, p: _Prepared) -> torch.Tensor:
         if self.config.level == "decoder":
             return p.item.embedding.features.to(self.device)
-        resized = self.base._transform.apply_image(p.item.image)
-        x = torch.as_tensor(resized, device=self.device).permute(2, 0, 1)[None].float()
-        return self.model.image_encoder(self.model.preprocess(x))
+        return self.model.image_encoder(self.base.encoder_input(p.item.image))
 
     def _scale(self, p: _Prepared) -> torch.Tensor:
         (h, w), (nh, nw) = p.frame.original_size, p.frame.input_size

@@ -172,13 +172,9 @@ class SamSegmenter:
         Returns:
             The embedding with ``features`` of shape ``(1, C, He, We)`` (float32, on device).
         """
-        check_image(image)
+        x = self.encoder_input(image)  # checks the image first
         original_size = (int(image.shape[0]), int(image.shape[1]))
         input_size = self.input_size_for(original_size)
-        # SAM's own resize (ResizeLongestSide.apply_image, through PIL), as SamPredictor does.
-        resized = self._transform.apply_image(image)
-        x = torch.as_tensor(resized, device=self.device).permute(2, 0, 1)[None].float()
-        x = self.model.preprocess(x)  # normalise and pad bottom/right to a square
         feats = self._encode_fast(x) if self._fast is not None else None
         if feats is None:
             with self._autocast():
@@ -191,6 +187,15 @@ class SamSegmenter:
             model_id=self.embedding_id,
             image_hash=image_hash(image),
         )
+
+    def encoder_input(self, image: np.ndarray) -> torch.Tensor:
+        """``(1, 3, S, S)`` encoder input of an ``(H, W, 3)`` uint8 RGB image: SAM's own resize
+        (``ResizeLongestSide.apply_image``, through PIL, as ``SamPredictor`` does), normalised
+        and padded bottom / right to the square input."""
+        check_image(image)
+        resized = self._transform.apply_image(image)
+        x = torch.as_tensor(resized, device=self.device).permute(2, 0, 1)[None].float()
+        return self.model.preprocess(x)
 
     def _encode_fast(self, x: torch.Tensor) -> torch.Tensor | None:
         try:
