@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 import yaml
 
+from agents.imitation import ImitationConfig
 from envs import EnvConfig
 from recalibration.srm import SRMConfig
 
@@ -91,6 +92,8 @@ class TaskConfig:
         srm: SRM settings (branch, text for the explicit branch, ...).
         srm_pretrain_epochs: Offline SRM pretraining on the train split before RL (0 = none).
         ppo: PPO settings.
+        imitation: The imitation stage before PPO (:mod:`agents.imitation`; off unless
+            ``rounds > 0``).
         total_timesteps: Environment steps of training.
         eval_every: Evaluate on ``val`` every this many steps.
         checkpoint_every: Write a resumable checkpoint every this many steps.
@@ -108,6 +111,7 @@ class TaskConfig:
     srm: SRMConfig = field(default_factory=SRMConfig)
     srm_pretrain_epochs: int = 30
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    imitation: ImitationConfig = field(default_factory=ImitationConfig)
     total_timesteps: int = 30_000
     eval_every: int = 3_000
     checkpoint_every: int = 1_500
@@ -128,6 +132,9 @@ class TaskConfig:
                 "env": _build(EnvConfig, data.pop("env", {}) or {}, f"{where}: env"),
                 "srm": _build(SRMConfig, data.pop("srm", {}) or {}, f"{where}: srm"),
                 "ppo": _build(PPOConfig, data.pop("ppo", {}) or {}, f"{where}: ppo"),
+                "imitation": _build(
+                    ImitationConfig, data.pop("imitation", {}) or {}, f"{where}: imitation"
+                ),
             }
             return _build(cls, {**data, **nested}, where)
         except (TypeError, ValueError) as exc:

@@ -120,11 +120,13 @@ class AlignSAMCallback(BaseCallback):
         self._srm_losses: list[float] = []
         self._last_eval = -1
         self._last_ckpt = -1
-        self.history: list[dict[str, float]] = []
+        self.history: list[dict[str, Any]] = []
         #: Training seconds before this process (a resumed run's earlier sessions), so that
         #: checkpoints carry the run's total (``elapsed_seconds``).
         self.elapsed_before = 0.0
         self.t0 = time.perf_counter()
+        #: Written into every checkpoint's ``meta.json`` (e.g. the imitation rounds done).
+        self.extra_meta: dict[str, Any] = {}
 
     @property
     def ckpt_root(self) -> Path:
@@ -194,21 +196,31 @@ class AlignSAMCallback(BaseCallback):
             self._last_ckpt = step
             self.save("latest")
 
-    def evaluate(self, step: int) -> float:
+    def evaluate(self, step: int, stage: str | None = None) -> float:
+        """Val mIoU of the current policy; keeps ``checkpoints/best``. ``stage`` labels an
+        evaluation outside PPO (the imitation rounds, which log to TensorBoard themselves)."""
         t0 = time.perf_counter()
         agent = PromptAgent(self.model, self.srm, self.task, self.segmenter, self.cache)
         res = evaluate_agent(agent, self.val_samples, self.cache)  # no online SRM updates
         score = res["miou"]
-        self.logger.record("eval/miou", score)
-        self.logger.record("eval/seconds", time.perf_counter() - t0)
-        if res["overlay"] is not None:
-            self.logger.record(
-                "eval/overlay",
-                TBImage(res["overlay"], "HWC"),
-                exclude=("stdout", "log", "json", "csv"),
-            )
-        self.history.append({"step": step, "val_miou": score})
-        logger.info("step %d: val mIoU %.4f (best %.4f)", step, score, max(score, self.best_score))
+        if stage is None:
+            self.logger.record("eval/miou", score)
+            self.logger.record("eval/seconds", time.perf_counter() - t0)
+            if res["overlay"] is not None:
+                self.logger.record(
+                    "eval/overlay",
+                    TBImage(res["overlay"], "HWC"),
+                    exclude=("stdout", "log", "json", "csv"),
+                )
+        self.history.append(
+            {"step": step, "val_miou": score, **({"stage": stage} if stage else {})}
+        )
+        logger.info(
+            "%s: val mIoU %.4f (best %.4f)",
+            stage or f"step {step}",
+            score,
+            max(score, self.best_score),
+        )
         if score > self.best_score:
             self.best_score = score
             self.save("best", extra={"val_miou": score})
@@ -221,6 +233,7 @@ class AlignSAMCallback(BaseCallback):
 
     def save(self, kind: str, extra: dict[str, Any] | None = None) -> Path:
         extra = {
+            **self.extra_meta,
             "best_val_miou": self.best_score,
             "history": self.history,
             "elapsed_seconds": self.elapsed_seconds,

@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from agents.imitation import candidate_ious
 from agents.prompt_agent import PromptAgent
 from envs import PointPromptEnv
-from segmenter import mask_iou
 
 logger = logging.getLogger(__name__)
 
@@ -33,21 +33,8 @@ POLICIES = ("greedy", "agent", "random")
 
 def greedy_action(env: PointPromptEnv) -> int:
     """The legal cell whose click, labelled by the env's labeler, gives the best IoU next."""
-    ep, seg = env._ep, env.segmenter
-    vh, vw = env._prep.valid_low
-    best, choice = -1.0, -1
-    for cell in np.flatnonzero(env.action_masks()):
-        if env.is_pass(int(cell)):
-            continue
-        x, y = env.cell_to_pixel(int(cell))
-        label = int(env.labeler.label(ep, x, y))
-        points = np.concatenate([ep.points, [[x, y]]]).astype(np.float32)
-        labels = np.concatenate([ep.labels, [label]]).astype(np.int64)
-        pred = seg.decode(ep.embedding, points, labels, mask_input=env._logits)
-        iou = mask_iou(pred.low_res_logits[:vh, :vw].numpy() > 0, env._prep.gt_low)
-        if iou > best:
-            best, choice = iou, int(cell)
-    return choice
+    cells = [int(c) for c in np.flatnonzero(env.action_masks()) if not env.is_pass(int(c))]
+    return cells[int(np.argmax(candidate_ious(env, cells)))]
 
 
 def placement_ceiling(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -300,6 +301,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                 setattr(task, key, value)
         if args.branch:
             task.srm.branch = args.branch
+        if args.imitation_rounds is not None:
+            task.imitation = dataclasses.replace(task.imitation, rounds=args.imitation_rounds)
     if task is not None and args.skip_bad:
         task.data.on_error = "skip"
     summary = train(
@@ -315,6 +318,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"(PPO learn {summary['learn_seconds']:.0f} s), best val mIoU "
         f"{summary['best_val_miou']:.4f}"
     )
+    for r in summary["imitation"].get("rounds", []):
+        val = "n/a" if r["val_miou"] is None else f"{r['val_miou']:.4f}"
+        print(
+            f"imitation round {r['round']}: {r['states']} states, {r['collect_decoder_calls']} "
+            f"decoder calls, {r['seconds']:.0f} s, val mIoU {val}"
+        )
     for split, skipped in summary["skipped"].items():
         print(f"{split}:", end=" ")
         _print_skipped(skipped)
@@ -599,6 +608,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--runs", default="runs", help="parent folder of run folders")
     t.add_argument("--steps", type=int, default=None, help="override total_timesteps")
+    t.add_argument(
+        "--imitation-rounds",
+        type=int,
+        default=None,
+        help="override imitation.rounds (0: PPO only, the paper's training)",
+    )
     t.add_argument("--seed", type=int, default=None)
     t.add_argument("--segmenter", default=None, help="override the task's segmenter")
     t.add_argument(

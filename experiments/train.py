@@ -6,6 +6,7 @@ the SRM offline, build the envs, then PPO with validation, checkpoints and Tenso
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -16,9 +17,17 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.tensorboard import SummaryWriter
 
 from agents.config import ConfigError, TaskConfig
 from agents.features import GridFeaturesExtractor, cell_policy_class
+from agents.imitation import (
+    TeacherData,
+    collect_round,
+    fit_policy,
+    policy_or_random,
+    teacher_or_random,
+)
 from agents.prompt_agent import (
     AgentLoadError,
     PromptAgent,
@@ -27,6 +36,7 @@ from agents.prompt_agent import (
     read_meta,
 )
 from agents.training import AlignSAMCallback, evaluate_agent, make_vec_env, train_env_config
+from envs import PointPromptEnv
 from envs.data import Dataset
 from experiments.datasets import load_readable
 from recalibration.evaluate import attach_semantic_maps, collect_items
@@ -225,7 +235,15 @@ def train(
     callback = AlignSAMCallback(run_dir, task, srm, segmenter, val_set, cache, best_score=best)
     callback.t0 = t_start  # the run's clock starts before SRM pretraining
     if ckpt is not None:  # a run from before this record started has no total: None
-        callback.elapsed_before = read_meta(ckpt).get("elapsed_seconds", float("nan"))
+        saved_meta = read_meta(ckpt)
+        callback.elapsed_before = saved_meta.get("elapsed_seconds", float("nan"))
+        callback.history = list(saved_meta.get("history", []))
+        callback.extra_meta["imitation_rounds"] = int(saved_meta.get("imitation_rounds", 0))
+    imitation: dict[str, Any] = {}
+    if task.imitation.rounds > callback.extra_meta.get("imitation_rounds", 0) and not start_step:
+        imitation = imitate(
+            task, model, srm, segmenter, train_set, cache, run_dir, callback, progress
+        )
     remaining = max(0, total - start_step)
     t_learn = time.perf_counter()
     if remaining:
@@ -253,6 +271,7 @@ def train(
         "wall_seconds": time.perf_counter() - t_start,
         "train_seconds_total": _finite_or_none(callback.elapsed_seconds),
         "decoder_calls": segmenter.decoder_calls,
+        "imitation": imitation,
         "skipped": {
             split: [list(item) for item in ds.skipped]
             for split, ds in (("train", train_set), ("val", val_set))
@@ -261,6 +280,97 @@ def train(
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def imitate(
+    task: TaskConfig,
+    model: Any,
+    srm: SemanticRecalibrationModule,
+    segmenter: Any,
+    train_set: Dataset,
+    cache: EmbeddingCache,
+    run_dir: Path,
+    callback: AlignSAMCallback,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The imitation stage (:mod:`agents.imitation`) before PPO, resumable by round.
+
+    Episodes run as at test time (SRM start, frozen SRM labels) on the training images. Each
+    round's states are saved under ``run_dir/imitation/`` while they are collected; after each
+    round's fit, the policy is scored on val (``checkpoints/best`` when it is the best so far)
+    and a ``latest`` checkpoint at step 0 records the rounds done, so ``--resume`` continues
+    with the next round, or the unfinished one from its saved episodes.
+    """
+    cfg = task.imitation
+    callback.model, callback.num_timesteps = model, 0  # callback.save/evaluate before learn()
+    done = int(callback.extra_meta.get("imitation_rounds", 0))
+    if done == 0:
+        callback.save("latest")  # a resume point before the first (long) collection
+    folder = run_dir / "imitation"
+    env_config = dataclasses.replace(
+        task.env, start="labeler", labeler_learns=False, sample_order="sequential"
+    )
+    env = PointPromptEnv(train_set, segmenter, srm, env_config, cache=cache)
+    writer = SummaryWriter(str(run_dir / "tb" / "imitation"))
+    parts = [TeacherData.load(folder / f"round{r}.npz") for r in range(done)]
+    rounds: list[dict[str, Any]] = []
+    try:
+        for r in range(done, cfg.rounds):
+            t0 = time.perf_counter()
+            path = folder / f"round{r}.npz"
+            partial = TeacherData.load(path) if path.is_file() else None
+            behaviour = (
+                teacher_or_random(cfg.teacher_prob)
+                if r == 0
+                else policy_or_random(model.policy, cfg.policy_epsilon)
+            )
+            calls = segmenter.decoder_calls
+            data = collect_round(
+                env,
+                behaviour,
+                cfg,
+                seed=task.seed * 1000 + r,
+                resume=partial,
+                save=lambda d, path=path: d.save(path),
+                progress=progress,
+            )
+            parts.append(data)
+            collect_seconds = time.perf_counter() - t0
+            collect_calls = segmenter.decoder_calls - calls
+
+            def log(tag: str, value: float, epoch: int, r: int = r) -> None:
+                writer.add_scalar(f"{tag}/round{r}", value, epoch)
+
+            figures = fit_policy(
+                model.policy,
+                TeacherData.concat(parts),
+                cfg,
+                seed=task.seed + r,
+                log=log,
+                progress=progress,
+            )
+            callback.extra_meta["imitation_rounds"] = r + 1
+            val = (
+                callback.evaluate(0, stage=f"imitation round {r}") if callback.val_samples else None
+            )
+            if val is not None:
+                writer.add_scalar("imitation/val_miou", val, r)
+            callback.save("latest")
+            rounds.append(
+                {
+                    "round": r,
+                    "states": len(data),
+                    "collect_seconds": collect_seconds,
+                    "collect_decoder_calls": collect_calls,
+                    "seconds": time.perf_counter() - t0,
+                    "val_miou": val,
+                    **figures,
+                }
+            )
+            logger.info("imitation round %d: %s", r, rounds[-1])
+    finally:
+        writer.close()
+    return {"rounds": rounds}
 
 
 def evaluate_run(run_dir: Path, split: str = "test", limit: int | None = None) -> dict[str, Any]:
