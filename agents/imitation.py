@@ -63,7 +63,12 @@ class ImitationConfig:
             random legal cell otherwise.
         policy_epsilon: Later rounds follow the fitted policy, and a random cell with this
             probability.
-        epochs: Passes over the collected states per fit.
+        epochs: Passes over the collected states per fit (the most, with ``holdout``).
+        holdout: Share of the training images held out of each fit for early stopping (0:
+            none, every epoch runs). On Kvasir-SEG, stopping on 10 held-out images stopped
+            after 4-14 epochs and scored lower on val than 30 epochs on all 50 images.
+        patience: With ``holdout``, stop after this many epochs without a lower regret on the
+            held-out images (the best epoch's weights are kept).
         learning_rate: Adam learning rate of the fit.
         batch_size: States per gradient step.
         temperature: IoU scale of the target softmax (0.02: a click 0.02 IoU better is ``e``
@@ -77,6 +82,8 @@ class ImitationConfig:
     teacher_prob: float = 0.5
     policy_epsilon: float = 0.1
     epochs: int = 30
+    patience: int = 8
+    holdout: float = 0.0
     learning_rate: float = 3e-4
     batch_size: int = 64
     temperature: float = 0.02
@@ -87,6 +94,8 @@ class ImitationConfig:
             raise ValueError("imitation: rounds must be >= 0 and episodes, epochs, batch_size >= 1")
         if not 0.0 <= self.teacher_prob <= 1.0 or not 0.0 <= self.policy_epsilon <= 1.0:
             raise ValueError("imitation: teacher_prob and policy_epsilon must lie in [0, 1]")
+        if not 0.0 <= self.holdout < 1.0 or self.patience < 1:
+            raise ValueError("imitation: holdout must lie in [0, 1) and patience be >= 1")
         if self.temperature <= 0:
             raise ValueError(f"imitation: temperature must be > 0, got {self.temperature}")
 
@@ -127,6 +136,8 @@ class TeacherData:
         cells: ``(N, K)`` int64 candidate cells (``-1`` pads states with fewer legal cells).
         ious: ``(N, K)`` float32 IoU after clicking each candidate (``nan`` at pads).
         current: ``(N,)`` float32 IoU of the state itself.
+        image: ``(N,)`` int64 index of the state's image in the env's samples (the fit holds
+            out whole images).
         episodes: Episodes collected (for resuming a round).
     """
 
@@ -134,6 +145,7 @@ class TeacherData:
     cells: np.ndarray
     ious: np.ndarray
     current: np.ndarray
+    image: np.ndarray
     episodes: int = 0
 
     def __len__(self) -> int:
@@ -154,6 +166,7 @@ class TeacherData:
             cells=np.concatenate([pad(p.cells, -1) for p in parts]),
             ious=np.concatenate([pad(p.ious, np.nan) for p in parts]),
             current=np.concatenate([p.current for p in parts]),
+            image=np.concatenate([p.image for p in parts]),
             episodes=sum(p.episodes for p in parts),
         )
 
@@ -167,6 +180,7 @@ class TeacherData:
                 cells=self.cells,
                 ious=self.ious,
                 current=self.current,
+                image=self.image,
                 episodes=np.array(self.episodes),
                 **{f"obs/{k}": v for k, v in self.obs.items()},
             )
@@ -177,7 +191,7 @@ class TeacherData:
         try:
             with np.load(path) as z:
                 obs = {k[4:]: z[k] for k in z.files if k.startswith("obs/")}
-                return cls(obs, z["cells"], z["ious"], z["current"], int(z["episodes"]))
+                return cls(obs, z["cells"], z["ious"], z["current"], z["image"], int(z["episodes"]))
         except (OSError, ValueError, KeyError) as exc:
             raise RuntimeError(
                 f"cannot read collected teacher data {path}: {exc}; delete the file to collect "
@@ -211,6 +225,7 @@ def collect_round(
     cells_l: list[np.ndarray] = []
     ious_l: list[np.ndarray] = []
     current: list[float] = []
+    images: list[int] = []
     start = resume.episodes if resume is not None else 0
     n_cells = env.config.grid**2
     k = n_cells if config.candidates <= 0 else min(config.candidates, n_cells)
@@ -221,11 +236,13 @@ def collect_round(
             cells=np.array(cells_l, np.int64).reshape(-1, k),
             ious=np.array(ious_l, np.float32).reshape(-1, k),
             current=np.array(current, np.float32),
+            image=np.array(images, np.int64),
             episodes=episodes - start,
         )
         parts = [p for p in (resume, new) if p is not None and len(p)]
         if not parts:
-            return TeacherData({}, np.zeros((0, k), np.int64), np.zeros((0, k)), np.zeros(0))
+            empty = np.zeros(0)
+            return TeacherData({}, np.zeros((0, k), np.int64), np.zeros((0, k)), empty, empty)
         out = TeacherData.concat(parts)
         out.episodes = episodes
         return out
@@ -249,6 +266,7 @@ def collect_round(
             cells_l.append(np.pad(cells, (0, k - len(cells)), constant_values=-1))
             ious_l.append(np.pad(ious, (0, k - len(ious)), constant_values=np.nan))
             current.append(float(env._iou))
+            images.append(episode % len(env.samples))
             action = behaviour(env, obs, cells, ious, rng)
             obs, *_ = env.step(int(action))
         bar.set_postfix(final_iou=f"{env._iou:.3f}")
@@ -346,19 +364,23 @@ def fit_policy(
     data: TeacherData,
     config: ImitationConfig,
     seed: int = 0,
-    holdout: float = 0.1,
     log: Callable[[str, float, int], None] | None = None,
     progress: bool = True,
 ) -> dict[str, float]:
     """Fit the policy's actor (features extractor and action head) to ``data`` by
-    :func:`listwise_loss`. ``holdout`` of the states (whole episodes are not kept together;
-    states of one image correlate, so the held-out figures are optimistic) is scored each
-    epoch for the log. Returns the final figures."""
+    :func:`listwise_loss`, with early stopping on held-out images.
+
+    ``config.holdout`` of the images (all their states, from every round) are held out; after
+    each epoch their regret is computed (IoU lost by the policy's choice among a state's
+    candidates vs the best one), and the weights of the best epoch are kept (training stops
+    after ``config.patience`` epochs without a better one). With fewer than 5 images
+    nothing is held out and all ``config.epochs`` run. Returns the figures of the kept epoch.
+    """
     rng = np.random.default_rng(seed)
-    n = len(data)
-    order = rng.permutation(n)
-    n_hold = int(round(holdout * n)) if n >= 20 else 0
-    hold, train_idx = order[:n_hold], order[n_hold:]
+    images = np.unique(data.image)
+    n_hold = int(round(config.holdout * len(images))) if len(images) >= 5 else 0
+    held = np.isin(data.image, rng.permutation(images)[:n_hold])
+    hold, train_idx = np.flatnonzero(held), np.flatnonzero(~held)
     cells = torch.as_tensor(data.cells, device=policy.device)
     ious = torch.as_tensor(data.ious, device=policy.device)
     params = [
@@ -368,13 +390,13 @@ def fit_policy(
     ]
     optim = torch.optim.Adam(params, lr=config.learning_rate)
     policy.set_training_mode(True)
-    figures: dict[str, float] = {}
+    best: tuple[float, dict[str, float], dict[str, torch.Tensor]] | None = None
+    stale = 0
+    n_batches = max(1, len(train_idx) // config.batch_size)
     bar = tqdm(range(config.epochs), desc="imitate", unit="epoch", disable=not progress)
     for epoch in bar:
         losses = []
-        for b in np.array_split(
-            rng.permutation(train_idx), max(1, len(train_idx) // config.batch_size)
-        ):
+        for b in np.array_split(rng.permutation(train_idx), n_batches):
             batch = {k: v[b] for k, v in data.obs.items()}
             logits = policy_logits(policy, batch, grad=True)
             loss = listwise_loss(logits, cells[b], ious[b], config.temperature)
@@ -383,7 +405,7 @@ def fit_policy(
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optim.step()
             losses.append(loss.item())
-        figures = {"loss": float(np.mean(losses))}
+        figures = {"loss": float(np.mean(losses)), "epoch": float(epoch)}
         if n_hold:
             batch = {k: v[hold] for k, v in data.obs.items()}
             logits = policy_logits(policy, batch).to(cells.device)
@@ -394,8 +416,21 @@ def fit_policy(
                 logits, cells[hold], ious[hold]
             )
         for key, value in figures.items():
-            if log is not None:
+            if log is not None and key != "epoch":
                 log(f"imitation/{key}", value, epoch)
-        bar.set_postfix({k: f"{v:.4f}" for k, v in figures.items()})
+        bar.set_postfix({k: f"{v:.4f}" for k, v in figures.items() if k != "epoch"})
+        # The argmax is what acts at test time, so the epoch kept is the one whose choices lose
+        # the least IoU on the held-out images (the listwise loss keeps falling there long
+        # after the choices stop improving, and rises while they still improve).
+        score = figures.get("holdout_regret", -float(epoch))  # no holdout: the last epoch
+        if best is None or score < best[0]:
+            state = {k: v.detach().clone() for k, v in policy.state_dict().items()}
+            best, stale = (score, figures, state), 0
+        else:
+            stale += 1
+            if n_hold and stale >= config.patience:
+                break
+    assert best is not None
+    policy.load_state_dict(best[2])
     policy.set_training_mode(False)
-    return figures
+    return best[1]

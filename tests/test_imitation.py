@@ -81,16 +81,23 @@ def test_fit_policy_learns_a_rule_it_can_see(first_run):
         obs = {k: rng.random((n, *s.shape), dtype=np.float32) for k, s in space.spaces.items()}
         cells = np.stack([rng.choice(100, 8, replace=False) for _ in range(n)])
         ious = np.take_along_axis(obs["fg"].reshape(n, -1), cells, 1).astype(np.float32)
-        return TeacherData(obs, cells, ious, np.zeros(n, np.float32), episodes=1)
+        image = np.arange(n) % 10  # ten "images"
+        return TeacherData(obs, cells, ious, np.zeros(n, np.float32), image, episodes=1)
 
     cfg = ImitationConfig(rounds=1, epochs=25, learning_rate=3e-3, batch_size=32, temperature=0.05)
     figures = fit_policy(policy, fake(512), cfg, progress=False)
-    assert np.isfinite(figures["loss"])
+    assert np.isfinite(figures["loss"]) and figures["epoch"] == 24  # no holdout: every epoch
     test = fake(256)
     logits = policy_logits(policy, test.obs)
     choice = logits.gather(1, torch.as_tensor(test.cells)).argmax(1).numpy()
     top1 = float(np.mean(choice == test.ious.argmax(1)))
     assert top1 > 0.3, top1  # chance: 0.125
+
+    # With held-out images the fit keeps its best epoch by their regret and stops early once
+    # nothing improves for `patience` epochs.
+    early = dataclasses.replace(cfg, epochs=40, holdout=0.3, patience=2, learning_rate=3e-2)
+    kept = fit_policy(policy, fake(128), early, progress=False)
+    assert {"holdout_regret", "holdout_top1"} <= set(kept) and kept["epoch"] < 39
 
 
 def test_collection_resumes_to_the_same_states(first_run, tmp_path):
