@@ -65,7 +65,14 @@ def test_agent_segments_degenerate_images(first_run, shape, faults):
 
 
 def test_task_files_parse_and_reject_unknown_keys(tmp_path):
-    for name in ("synthetic", "kvasir_polyp", "kvasir_polyp_hit", "camvid_car", "camvid_road"):
+    for name in (
+        "synthetic",
+        "kvasir_polyp",
+        "kvasir_polyp_hit",
+        "kvasir_polyp_imitate",
+        "camvid_car",
+        "camvid_road",
+    ):
         assert resolve_task(name).name == name
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\ndata: {train: 'synthetic:train'}\nppo: {learning_rat: 1}\n")
