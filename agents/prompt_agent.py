@@ -24,6 +24,7 @@ from agents.config import TaskConfig
 from envs import EnvConfig, PointPromptEnv
 from recalibration.srm import SemanticRecalibrationModule
 from segmenter import EmbeddingCache, Segmenter, build_segmenter
+from segmenter.base import small_torch_ops
 from segmenter.io import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -215,7 +216,8 @@ class PromptAgent:
     ) -> int:
         """The policy's action for ``obs`` (respecting action masks when maskable)."""
         kwargs = {"action_masks": env.action_masks()} if self.maskable else {}
-        action, _ = self.model.predict(obs, deterministic=deterministic, **kwargs)
+        with small_torch_ops(self.segmenter):
+            action, _ = self.model.predict(obs, deterministic=deterministic, **kwargs)
         return int(action)
 
     def run_episode(

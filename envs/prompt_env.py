@@ -38,7 +38,7 @@ import torch
 from gymnasium import spaces
 
 from recalibration.labelers import EpisodeState, Labeler, OracleLabeler, to_grid
-from segmenter.base import ImageEmbedding, Segmenter, mask_iou
+from segmenter.base import ImageEmbedding, Segmenter, mask_iou, small_torch_ops, torch_threads
 from segmenter.cache import EmbeddingCache
 
 logger = logging.getLogger(__name__)
@@ -261,14 +261,14 @@ class PointPromptEnv(gym.Env):
         self._clicks = np.zeros((2, self.config.grid, self.config.grid), np.float32)
         self._logits: torch.Tensor | None = None
         self._iou = 0.0
-        self.labeler.begin(self._ep)
-        self._fg = self.labeler.foreground_map(self._ep)
-
-        start = options.get("start", self.config.start)
-        points, labels = self._start_points(start, prep)
-        if len(points):
-            self._decode(points, labels)
-        return self._obs(), self._info(final=False)
+        with small_torch_ops(self.segmenter):
+            self.labeler.begin(self._ep)
+            self._fg = self.labeler.foreground_map(self._ep)
+            start = options.get("start", self.config.start)
+            points, labels = self._start_points(start, prep)
+            if len(points):
+                self._decode(points, labels)
+            return self._obs(), self._info(final=False)
 
     def _start_points(self, start: str, prep: _Prepared) -> tuple[np.ndarray, np.ndarray]:
         if start == "none":
@@ -312,6 +312,15 @@ class PointPromptEnv(gym.Env):
                 f"action {action!r} is out of range: expected an int in [0, {self.action_space.n})"
             )
         action = int(action)
+        threads = torch.get_num_threads()
+        with small_torch_ops(self.segmenter):
+            return self._step(action, threads)
+
+    def _step(
+        self, action: int, threads: int
+    ) -> tuple[dict[str, np.ndarray], float, bool, bool, dict[str, Any]]:
+        """:meth:`step` after validation; ``threads``: torch threads for the labeler's online
+        update (a real backward pass, unlike the rest of the step)."""
         if self.is_pass(action):
             return self._pass()
         x, y = self.cell_to_pixel(action)
@@ -327,7 +336,10 @@ class PointPromptEnv(gym.Env):
         prev_iou = self._iou
         self._decode(points, labels)
         self._t += 1
-        learn = self.labeler.after_step(self._ep) if self.config.labeler_learns else {}
+        learn = {}
+        if self.config.labeler_learns:
+            with torch_threads(threads):
+                learn = self.labeler.after_step(self._ep)
         self._fg = self.labeler.foreground_map(self._ep)
 
         if self.config.reward == "iou_gain":

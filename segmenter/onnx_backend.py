@@ -179,6 +179,9 @@ class OnnxParts:
         self.dense_pe = dense_pe
         self._decoders: dict[bool, Any] = {}
         self._encoder: Any = None
+        # Fixed here, not when a session is made on first use: that may happen inside a block
+        # that runs torch on one thread (segmenter.base.small_torch_ops).
+        self._threads = torch.get_num_threads()
 
     def __getstate__(self) -> dict[str, Any]:
         """Copies and pickles leave the sessions behind (they are not picklable); the copy
@@ -189,7 +192,8 @@ class OnnxParts:
 
     @property
     def threads(self) -> int:
-        return torch.get_num_threads()
+        """ONNX Runtime intra-op threads: torch's thread count when these parts were made."""
+        return self._threads
 
     def _decoder(self, with_mask: bool):
         if with_mask not in self._decoders:

@@ -239,3 +239,59 @@ def test_fast_segmenter_copies_and_pickles(rgb_image, isolated_home):
     for other in (copy.deepcopy(seg), pickle.loads(pickle.dumps(seg))):
         assert other.backend == "onnx"
         assert torch.equal(other.decode(emb, [[5.0, 5.0]], [1]).low_res_logits, want)
+
+
+def test_small_torch_ops_run_on_one_thread_beside_an_outside_decoder(rgb_image, isolated_home):
+    """Around an ONNX Runtime decoder the env's torch work runs on one thread (and the count is
+    restored); the decoder's own sessions keep the thread count of their segmenter's creation,
+    even when first made inside such a block; a torch decoder leaves the count alone."""
+    from envs import EnvConfig, PointPromptEnv
+    from segmenter.base import small_torch_ops
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        fast = build_segmenter("tiny", backend="onnx")
+        with small_torch_ops(fast):
+            assert torch.get_num_threads() == 1
+            fast.decode(fast.encode(rgb_image), [[5.0, 5.0]], [1])  # sessions made here
+        assert torch.get_num_threads() == 2
+        sessions = [*fast._fast._decoders.values(), fast._fast._encoder]
+        assert [s.get_session_options().intra_op_num_threads for s in sessions] == [2, 2]
+        with small_torch_ops(build_segmenter("tiny", backend="torch")):
+            assert torch.get_num_threads() == 2
+
+        class Recording:  # the oracle's labels, recording the threads of each call
+            name = "recording"
+            seen: dict[str, set[int]] = {"label": set(), "after_step": set()}
+
+            def begin(self, state):
+                pass
+
+            def foreground_map(self, state):
+                return None
+
+            def label(self, state, x, y):
+                self.seen["label"].add(torch.get_num_threads())
+                return 1
+
+            def after_step(self, state):
+                self.seen["after_step"].add(torch.get_num_threads())
+                return {}
+
+        class Sample:
+            id, mask = "s", np.zeros(rgb_image.shape[:2], bool)
+            mask[10:30, 10:30] = True
+
+            def load_image(self):
+                return rgb_image
+
+        labeler = Recording()
+        env = PointPromptEnv([Sample()], fast, labeler, EnvConfig(max_steps=2), cache=None)
+        env.reset(seed=0)
+        env.step(5)
+        # The labeler's online update is a real backward pass: it keeps every thread.
+        assert labeler.seen == {"label": {1}, "after_step": {2}}
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
