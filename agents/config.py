@@ -122,6 +122,13 @@ class TaskConfig:
         out["srm"] = self.srm.to_dict()
         return out
 
+    def eval_env(self, **changes: Any) -> EnvConfig:
+        """The env settings of episodes run as at test time: SRM start, no online learning,
+        images in order (evaluation, automatic segmentation, the imitation stage)."""
+        return dataclasses.replace(
+            self.env, start="labeler", labeler_learns=False, sample_order="sequential", **changes
+        )
+
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "task") -> TaskConfig:
         """Build from a plain dict, rejecting unknown keys with the file and key named."""

@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -98,9 +98,6 @@ class ImitationConfig:
             raise ValueError("imitation: holdout must lie in [0, 1) and patience be >= 1")
         if self.temperature <= 0:
             raise ValueError(f"imitation: temperature must be > 0, got {self.temperature}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def candidate_ious(env: PointPromptEnv, cells: Sequence[int]) -> np.ndarray:

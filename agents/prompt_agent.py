@@ -202,14 +202,8 @@ class PromptAgent:
         return cls(model, srm, task, segmenter, cache)
 
     def eval_config(self, **changes: Any) -> EnvConfig:
-        """The task's env settings for evaluation: SRM start, no online learning."""
-        return dataclasses.replace(
-            self.task.env,
-            start="labeler",
-            labeler_learns=False,
-            sample_order="sequential",
-            **changes,
-        )
+        """The task's env settings for evaluation (:meth:`TaskConfig.eval_env`)."""
+        return self.task.eval_env(**changes)
 
     def act(
         self, env: PointPromptEnv, obs: dict[str, np.ndarray], deterministic: bool = True

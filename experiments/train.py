@@ -6,7 +6,6 @@ the SRM offline, build the envs, then PPO with validation, checkpoints and Tenso
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import random
@@ -159,6 +158,7 @@ def train(
     start_step = 0
     best = -float("inf")
     ckpt = None
+    meta: dict[str, Any] = {}  # the resumed checkpoint's meta.json
     if resume is not None:
         ckpt = latest_checkpoint(resume)
         if ckpt is None:
@@ -235,10 +235,9 @@ def train(
     callback = AlignSAMCallback(run_dir, task, srm, segmenter, val_set, cache, best_score=best)
     callback.t0 = t_start  # the run's clock starts before SRM pretraining
     if ckpt is not None:  # a run from before this record started has no total: None
-        saved_meta = read_meta(ckpt)
-        callback.elapsed_before = saved_meta.get("elapsed_seconds", float("nan"))
-        callback.history = list(saved_meta.get("history", []))
-        callback.extra_meta["imitation_rounds"] = int(saved_meta.get("imitation_rounds", 0))
+        callback.elapsed_before = meta.get("elapsed_seconds", float("nan"))
+        callback.history = list(meta.get("history", []))
+        callback.extra_meta["imitation_rounds"] = int(meta.get("imitation_rounds", 0))
     imitation: dict[str, Any] = {}
     if task.imitation.rounds > callback.extra_meta.get("imitation_rounds", 0) and not start_step:
         imitation = imitate(
@@ -307,10 +306,7 @@ def imitate(
     if done == 0:
         callback.save("latest")  # a resume point before the first (long) collection
     folder = run_dir / "imitation"
-    env_config = dataclasses.replace(
-        task.env, start="labeler", labeler_learns=False, sample_order="sequential"
-    )
-    env = PointPromptEnv(train_set, segmenter, srm, env_config, cache=cache)
+    env = PointPromptEnv(train_set, segmenter, srm, task.eval_env(), cache=cache)
     writer = SummaryWriter(str(run_dir / "tb" / "imitation"))
     parts = [TeacherData.load(folder / f"round{r}.npz") for r in range(done)]
     rounds: list[dict[str, Any]] = []
