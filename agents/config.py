@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 import yaml
 
+from agents.features import PRIORS, SPATIAL_KEYS
 from agents.imitation import ImitationConfig
 from envs import EnvConfig
 from recalibration.srm import SRMConfig
@@ -51,7 +52,11 @@ class PPOConfig:
     ``policy``: ``cell`` (default) scores each grid cell with one shared network from that
     cell's features plus global context (:class:`~agents.features.CellPolicy`); ``dense`` is
     the first design, a CNN flattened to ``features_dim`` and a linear layer per action (its
-    runs still load). ``cnn_channels`` is the convolution width of both."""
+    runs still load). ``cnn_channels`` is the convolution width of both. ``inputs`` names the
+    observation maps the cell policy reads (default: all of ``state``, ``image``, ``mask``,
+    ``fg``, ``clicks``); ``[mask, fg, clicks]`` leaves out the segmenter's features. ``prior:
+    srm_confident`` adds the SRM-confident heuristic's score to the cell policy's logits (with a
+    learned scale; the learned part starts at zero), so training starts from that heuristic."""
 
     learning_rate: float = 1e-4
     gamma: float = 0.99
@@ -68,10 +73,23 @@ class PPOConfig:
     policy: Literal["cell", "dense"] = "cell"
     features_dim: int = 256
     cnn_channels: int = 64
+    inputs: tuple[str, ...] = SPATIAL_KEYS
+    prior: str | None = None
 
     def __post_init__(self) -> None:
         if self.policy not in ("cell", "dense"):
             raise ValueError(f"ppo.policy must be cell or dense, got {self.policy!r}")
+        self.inputs = tuple(self.inputs)
+        bad = [k for k in self.inputs if k not in SPATIAL_KEYS]
+        if bad or not self.inputs:
+            raise ValueError(
+                f"ppo.inputs must be a non-empty subset of {list(SPATIAL_KEYS)}, "
+                f"got {list(self.inputs)}"
+            )
+        if self.prior not in PRIORS:
+            raise ValueError(f"ppo.prior must be one of {list(PRIORS)}, got {self.prior!r}")
+        if self.policy == "dense" and (self.inputs != SPATIAL_KEYS or self.prior is not None):
+            raise ValueError("ppo.inputs and ppo.prior apply to the cell policy only")
 
 
 @dataclass

@@ -22,19 +22,34 @@ from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from stable_baselines3.common.type_aliases import Schedule
 
 SPATIAL_KEYS = ("state", "image", "mask", "fg", "clicks")
+PRIORS = (None, "srm_confident")
 
 
-def _stack_channels(observation_space: gym.spaces.Dict) -> int:
+def srm_confident_score(fg: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``|p - 0.5| * |p - m|`` per cell: where the labeler is sure (``p``, the ``fg`` map) and
+    the mask (``m``, the ``mask`` map) disagrees with it. The score of
+    :class:`~agents.clickers.EnvClicker`'s ``srm_confident`` policy; shapes ``(B, 1, G, G)``."""
+    return (fg - 0.5).abs() * (fg - mask).abs()
+
+
+def _stack_channels(
+    observation_space: gym.spaces.Dict, keys: tuple[str, ...] = SPATIAL_KEYS
+) -> int:
     """Channels of :func:`_stack` for ``observation_space`` (whose keys are checked)."""
-    missing = [k for k in (*SPATIAL_KEYS, "step") if k not in observation_space.spaces]
+    unknown = [k for k in keys if k not in SPATIAL_KEYS]
+    if unknown or not keys:
+        raise ValueError(f"policy inputs must be a non-empty subset of {SPATIAL_KEYS}, got {keys}")
+    missing = [k for k in (*keys, "step") if k not in observation_space.spaces]
     if missing:
         raise ValueError(f"observation space lacks keys {missing}")
-    return sum(observation_space[k].shape[0] for k in SPATIAL_KEYS) + 1
+    return sum(observation_space[k].shape[0] for k in keys) + 1
 
 
-def _stack(observations: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The spatial keys and the step fraction broadcast to a plane, along channels."""
-    maps = [observations[k] for k in SPATIAL_KEYS]
+def _stack(
+    observations: dict[str, torch.Tensor], keys: tuple[str, ...] = SPATIAL_KEYS
+) -> torch.Tensor:
+    """The spatial ``keys`` and the step fraction broadcast to a plane, along channels."""
+    maps = [observations[k] for k in keys]
     ref = maps[0]
     step = observations["step"].reshape(ref.shape[0], 1, 1, 1).expand(-1, 1, *ref.shape[-2:])
     return torch.cat([*maps, step], dim=1)
@@ -90,12 +105,29 @@ class CellFeaturesExtractor(BaseFeaturesExtractor):
     Args:
         observation_space: The env's ``Dict`` space.
         channels: Width of the per-cell features.
+        keys: The spatial keys the policy reads (all by default). Leaving out ``state`` and
+            ``image`` (the segmenter's features) leaves a policy that places clicks from the
+            labeler's map, the mask and the clicks alone: far fewer ways to fit 50 images.
+        prior: ``"srm_confident"`` appends one more plane, :func:`srm_confident_score` of the
+            ``fg`` and ``mask`` observations, which :class:`CellActionHead` adds to the learned
+            logits with a learned scale: the policy starts as the SRM-confident heuristic and
+            learns corrections to it. ``None`` (default): no prior.
     """
 
-    def __init__(self, observation_space: gym.spaces.Dict, channels: int = 64) -> None:
-        in_ch = _stack_channels(observation_space) + 2  # + the coordinate planes
+    def __init__(
+        self,
+        observation_space: gym.spaces.Dict,
+        channels: int = 64,
+        keys: tuple[str, ...] | list[str] = SPATIAL_KEYS,
+        prior: str | None = None,
+    ) -> None:
+        if prior not in PRIORS:
+            raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
+        in_ch = _stack_channels(observation_space, tuple(keys)) + 2  # + the coordinate planes
         grid = tuple(observation_space["mask"].shape[-2:])
-        super().__init__(observation_space, channels * grid[0] * grid[1])
+        super().__init__(observation_space, (channels + (prior is not None)) * grid[0] * grid[1])
+        self.keys = tuple(keys)
+        self.prior = prior
         self.channels = channels
         self.grid = grid
         self.trunk = nn.Sequential(
@@ -112,12 +144,15 @@ class CellFeaturesExtractor(BaseFeaturesExtractor):
         self.register_buffer("coords", torch.stack([ys, xs])[None], persistent=False)
 
     def cell_features(self, observations: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``(B, channels, G, G)`` per-cell features."""
-        stack = _stack(observations)
+        """``(B, channels, G, G)`` per-cell features (``channels + 1`` with the prior plane)."""
+        stack = _stack(observations, self.keys)
         coords = self.coords.expand(stack.shape[0], -1, -1, -1)
         x = self.trunk(torch.cat([stack, coords], dim=1))
         ctx = self.context(x.mean(dim=(2, 3)))[..., None, None].expand_as(x)
-        return self.fuse(torch.cat([x, ctx], dim=1))
+        x = self.fuse(torch.cat([x, ctx], dim=1))
+        if self.prior is not None:
+            x = torch.cat([x, srm_confident_score(observations["fg"], observations["mask"])], 1)
+        return x
 
     def forward(self, observations: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.cell_features(observations).flatten(1)
@@ -126,11 +161,24 @@ class CellFeaturesExtractor(BaseFeaturesExtractor):
 class CellActionHead(nn.Module):
     """Per-cell logits from the flattened ``(channels, G, G)`` features (shared 1x1 convs),
     plus, when the action space has one more action than cells (``allow_pass``), a pass logit
-    from the mean over cells."""
+    from the mean over cells.
 
-    def __init__(self, channels: int, grid: tuple[int, int], n_actions: int) -> None:
+    With ``prior``, the features carry one more plane (the extractor's prior score) and the
+    logits are ``prior_scale * prior + learned``, ``prior_scale`` a learned scalar that starts
+    at ``1 / prior_temperature`` and the learned part starting at exactly zero, so the
+    untrained policy's argmax is the prior's."""
+
+    def __init__(
+        self,
+        channels: int,
+        grid: tuple[int, int],
+        n_actions: int,
+        prior: bool = False,
+        prior_temperature: float = 0.02,
+    ) -> None:
         super().__init__()
         self.channels, self.grid = channels, grid
+        self.prior_scale = nn.Parameter(torch.tensor(1.0 / prior_temperature)) if prior else None
         n_cells = grid[0] * grid[1]
         if n_actions not in (n_cells, n_cells + 1):
             raise ValueError(f"{n_actions} actions do not fit a {grid[0]}x{grid[1]} grid")
@@ -139,9 +187,19 @@ class CellActionHead(nn.Module):
         )
         self.pass_logit = nn.Linear(channels, 1) if n_actions == n_cells + 1 else None
 
+    def zero_learned(self) -> None:
+        """Zero the learned part's last layer, so the logits are the prior's alone."""
+        nn.init.zeros_(self.score[-1].weight)
+        nn.init.zeros_(self.score[-1].bias)
+
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
-        x = latent.reshape(latent.shape[0], self.channels, *self.grid)
+        planes = self.channels + (self.prior_scale is not None)
+        x = latent.reshape(latent.shape[0], planes, *self.grid)
+        if self.prior_scale is not None:
+            x, prior = x[:, : self.channels], x[:, self.channels :]
         logits = self.score(x).flatten(1)
+        if self.prior_scale is not None:
+            logits = logits + self.prior_scale * prior.flatten(1)
         if self.pass_logit is not None:
             logits = torch.cat([logits, self.pass_logit(x.mean(dim=(2, 3)))], dim=1)
         return logits
@@ -175,12 +233,15 @@ def _build_cell_heads(policy: ActorCriticPolicy, lr_schedule: Schedule) -> None:
     mlp = policy.mlp_extractor
     if (mlp.latent_dim_pi, mlp.latent_dim_vf) != (fx.features_dim, fx.features_dim):
         raise ValueError("the cell policy reads the per-cell features: use net_arch=[] (no MLP)")
-    policy.action_net = CellActionHead(fx.channels, fx.grid, int(policy.action_space.n))
-    policy.value_net = CellValueHead(fx.channels, fx.grid)
+    prior = fx.prior is not None
+    policy.action_net = CellActionHead(fx.channels, fx.grid, int(policy.action_space.n), prior)
+    policy.value_net = CellValueHead(fx.channels + prior, fx.grid)
     if policy.ortho_init:
         gains = {fx: np.sqrt(2), policy.action_net: 0.01, policy.value_net: 1.0}
         for module, gain in gains.items():
             module.apply(partial(policy.init_weights, gain=gain))
+    if prior:
+        policy.action_net.zero_learned()
     policy.optimizer = policy.optimizer_class(
         policy.parameters(), lr=lr_schedule(1), **policy.optimizer_kwargs
     )

@@ -134,6 +134,7 @@ class MethodResult:
     kind: str  # "automatic" or "manual"
     per_image: list[dict[str, Any]] = field(default_factory=list)
     curve: list[list[float]] = field(default_factory=list)  # IoU after each click, per image
+    start_clicks: int = 0  # leading clicks of each curve decoded together (the start prompts)
     masks: dict[str, np.ndarray] = field(default_factory=dict)  # packed masks of kept images
     clicks_points: dict[str, np.ndarray] = field(default_factory=dict)
     train_seconds: float | None = None  # what learning it took (None: training-free)
@@ -389,6 +390,7 @@ def run_methods(
             tr = clicker.run(i, steps)
             res.add_trace(tr, gts[i])
             res.curve.append(list(tr.ious))
+            res.start_clicks = tr.start_clicks
         results.append(res)
         return res
 
@@ -624,6 +626,7 @@ def _assemble(
     }
     agent_miou = rows[0]["iou"]
     lo, hi = rows[0]["iou_ci95"]
+    by_click = _by_click(methods, seed)
     return {
         "task": task.name,
         "split": split,
@@ -641,8 +644,37 @@ def _assemble(
             "agent_equals_manual_clicks": position_on_curve(agent_miou, curve),
             "ci_equals_manual_clicks": [position_on_curve(lo, curve), position_on_curve(hi, curve)],
         },
+        "by_click": by_click,
         "per_image": {m.name: m.per_image for m in methods},
     }
+
+
+def _by_click(methods: list[MethodResult], seed: int) -> dict[str, Any] | None:
+    """mIoU after the start prompts and after each of the next clicks, for the agent (the first
+    method) and every automatic method whose click traces have the agent's length (the same
+    start and budget: random, heuristics, the agent's ablations with its T), with the paired
+    bootstrap interval of each method's difference to the agent at every budget. ``None`` when
+    the agent has no click traces."""
+    ref = methods[0]
+    if not ref.curve or len({len(c) for c in ref.curve}) != 1:
+        return None
+    length, first = len(ref.curve[0]), max(ref.start_clicks - 1, 0)
+    agent = np.asarray(ref.curve, np.float64)[:, first:]
+    budgets = list(range(int(ref.start_clicks == 0), agent.shape[1] + int(ref.start_clicks == 0)))
+    out: dict[str, Any] = {"clicks_after_start": budgets, "methods": {}}
+    for m in methods:
+        same = m.start_clicks == ref.start_clicks and len(m.curve) == len(ref.curve)
+        if m.kind != "automatic" or not same or any(len(c) != length for c in m.curve):
+            continue
+        ious = np.asarray(m.curve, np.float64)[:, first:]
+        row: dict[str, Any] = {"miou": ious.mean(0).tolist()}
+        if m is not ref:
+            row["diff_vs_agent"] = [
+                paired_diff_ci(ious[:, k].tolist(), agent[:, k].tolist(), seed=seed)
+                for k in range(ious.shape[1])
+            ]
+        out["methods"][m.name] = row
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -694,6 +726,7 @@ def render_markdown(result: dict[str, Any]) -> str:
             f"{r['clicks']:.1f} | {r['seconds']:.2f} | {_opt(r.get('train_seconds'), '.0f')} | "
             f"{_opt(r.get('trainable_params'), ',d')} |"
         )
+    lines += _by_click_lines(result.get("by_click"))
     m = result["manual"]
     curve = m["miou_at_k"]
     marks = ", ".join(f"@{k} {curve[str(k)]:.3f}" for k in MANUAL_KS if str(k) in curve)
@@ -714,6 +747,33 @@ def render_markdown(result: dict[str, Any]) -> str:
         " generator's single-point prompts.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _by_click_lines(by_click: dict[str, Any] | None) -> list[str]:
+    """The by-budget table: each automatic method's mIoU after k clicks past the start, with
+    its paired difference to the agent (``*`` where the interval excludes 0)."""
+    if not by_click or len(by_click["methods"]) < 2:
+        return []
+    budgets = by_click["clicks_after_start"]
+    shown = [i for i, k in enumerate(budgets) if k in (0, 1, 2, 3, 5, 10) or i == len(budgets) - 1]
+    lines = [
+        "",
+        "mIoU after k clicks past the start (the same start prompts and images; Δ vs the agent"
+        " at that budget in brackets):",
+        "",
+        "| method | " + " | ".join(f"k={budgets[i]}" for i in shown) + " |",
+        "|---|" + "---|" * len(shown),
+    ]
+    for name, row in by_click["methods"].items():
+        cells = []
+        for i in shown:
+            cell = f"{row['miou'][i]:.3f}"
+            if "diff_vs_agent" in row:
+                d, lo, hi = row["diff_vs_agent"][i]
+                cell += f" ({d:+.3f}{'' if lo <= 0 <= hi else '*'})"
+            cells.append(cell)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def plot_curves(

@@ -109,7 +109,13 @@ def new_ppo(task: TaskConfig, venv: Any, tensorboard_log: str | None = None) -> 
     p = task.ppo
     if p.policy == "cell":
         policy: Any = cell_policy_class(p.maskable)
-        policy_kwargs: dict[str, Any] = {"features_extractor_kwargs": {"channels": p.cnn_channels}}
+        policy_kwargs: dict[str, Any] = {
+            "features_extractor_kwargs": {
+                "channels": p.cnn_channels,
+                "keys": list(p.inputs),
+                "prior": p.prior,
+            }
+        }
     else:
         policy = "MultiInputPolicy"
         policy_kwargs = {
@@ -243,6 +249,11 @@ def train(
         imitation = imitate(
             task, model, srm, segmenter, train_set, cache, run_dir, callback, progress
         )
+    if ckpt is None and task.ppo.prior is not None and not imitation and callback.val_samples:
+        # The starting policy is the prior's heuristic: score it, so that best-on-val keeps it
+        # when PPO does not improve on it.
+        callback.model, callback.num_timesteps = model, 0
+        callback.evaluate(0, stage=f"prior {task.ppo.prior}")
     remaining = max(0, total - start_step)
     t_learn = time.perf_counter()
     if remaining:

@@ -114,3 +114,81 @@ def test_cell_scores_generalise_across_cells(design):
         assert seen > 0.9 and unseen > 0.5, (seen, unseen)
     else:
         assert seen < 0.6 and unseen < 0.1, (seen, unseen)
+
+
+def _random_obs(space: gym.spaces.Dict, rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
+    """``n`` observations with every map uniform in [0, 1] (soft SRM maps and mask coverage)."""
+    return {k: rng.random((n, *s.shape)).astype(np.float32) for k, s in space.spaces.items()}
+
+
+def test_prior_policy_starts_as_the_srm_confident_heuristic(tiny_segmenter):
+    """With ``prior="srm_confident"`` the untrained policy's logits are exactly 50 x the
+    heuristic's score, so its deterministic choice is the benchmark's SRM-confident click (the
+    same cell, ties included); training changes the learned part and the prior's scale."""
+    from agents.clickers import EnvClicker
+
+    env = PointPromptEnv(make_samples(), tiny_segmenter, OracleLabeler(), EnvConfig(grid=6))
+    clicker = EnvClicker(env, "srm_confident")
+    cls = cell_policy_class(True)
+    kwargs = {"features_extractor_kwargs": {"channels": 8, "prior": "srm_confident"}}
+    policy = cls(env.observation_space, env.action_space, lambda _: 1e-2, **kwargs)
+    rng = np.random.default_rng(0)
+    obs = _random_obs(env.observation_space, rng, 16)
+    obs["mask"][:8] = rng.integers(0, 2, obs["mask"][:8].shape)  # ties: some cells equal
+    allowed = rng.random((16, 36)) > 0.3
+    with torch.no_grad():
+        batch = obs_as_tensor(obs, policy.device)
+        logits = policy.get_distribution(batch).distribution.logits
+    score = np.abs(obs["fg"] - 0.5) * np.abs(obs["fg"] - obs["mask"])
+    assert torch.allclose(
+        logits, torch.log_softmax(torch.as_tensor(50.0 * score.reshape(16, -1)), 1), atol=1e-4
+    )
+    for i in range(16):
+        one = {k: v[i] for k, v in obs.items()}
+        action, _ = policy.predict(one, deterministic=True, action_masks=allowed[i])
+        assert int(action) == clicker._choose(one, allowed[i], rng)
+    # One gradient step on a cross-entropy moves both the learned part and the scale.
+    before = policy.action_net.prior_scale.item()
+    loss = -policy.get_distribution(batch).distribution.logits[:, 0].mean()
+    policy.optimizer.zero_grad()
+    loss.backward()
+    policy.optimizer.step()
+    assert policy.action_net.prior_scale.item() != before
+    assert policy.action_net.score[-1].weight.abs().sum() > 0
+
+
+def test_policy_inputs_leave_out_the_segmenter_features(tiny_segmenter):
+    """``keys`` without ``state`` / ``image``: the per-cell features do not move when the
+    segmenter's features do, and do move when the SRM map does; unknown keys are refused."""
+    env = PointPromptEnv(make_samples(), tiny_segmenter, OracleLabeler(), EnvConfig(grid=6))
+    cls = cell_policy_class(True)
+    kwargs = {"features_extractor_kwargs": {"channels": 8, "keys": ["mask", "fg", "clicks"]}}
+    policy = cls(env.observation_space, env.action_space, lambda _: 1e-3, **kwargs)
+    rng = np.random.default_rng(1)
+    obs = _random_obs(env.observation_space, rng, 4)
+
+    def logits(o: dict[str, np.ndarray]) -> torch.Tensor:  # the per-cell features, in fact
+        with torch.no_grad():
+            return policy.features_extractor(obs_as_tensor(o, policy.device))
+
+    base = logits(obs)
+    other = {**obs, "state": rng.random(obs["state"].shape).astype(np.float32)}
+    other["image"] = rng.random(obs["image"].shape).astype(np.float32)
+    assert torch.equal(logits(other), base)
+    assert not torch.allclose(logits({**obs, "fg": 1.0 - obs["fg"]}), base)
+    with pytest.raises(ValueError, match="subset"):
+        CellFeaturesExtractor(env.observation_space, keys=["mask", "depth"])
+    with pytest.raises(ValueError, match="prior"):
+        CellFeaturesExtractor(env.observation_space, prior="centre")
+
+
+def test_ppo_config_checks_inputs_and_prior():
+    from agents.config import PPOConfig
+
+    assert PPOConfig(inputs=["fg", "mask"]).inputs == ("fg", "mask")
+    with pytest.raises(ValueError, match="ppo.inputs"):
+        PPOConfig(inputs=["fg", "edges"])
+    with pytest.raises(ValueError, match="ppo.prior"):
+        PPOConfig(prior="random")
+    with pytest.raises(ValueError, match="cell policy only"):
+        PPOConfig(policy="dense", prior="srm_confident")

@@ -154,9 +154,21 @@ def test_benchmark_runs_every_method(first_run, tmp_path):
     assert set(m["miou_at_k"]) == {"1", "2", "3", "4", "5"} and 1 <= m["noc@90"] <= 5
     # The annotator's IoU after k clicks is what manual @k scored.
     assert rows["manual @5"]["iou"] == pytest.approx(m["miou_at_k"]["5"])
+    # By click budget: the same-start, same-budget methods; the agent's last budget is its
+    # final mask; the single-step ablation (a shorter trace) is left out.
+    by = res["by_click"]
+    assert by["clicks_after_start"] == [0, 1, 2, 3, 4]
+    assert "agent single step" not in by["methods"] and "SRM-confident" in by["methods"]
+    assert by["methods"]["agent"]["miou"][-1] == pytest.approx(rows["agent"]["iou"], abs=1e-6)
+    rnd = by["methods"]["random + SRM (w/o RL)"]
+    assert rnd["miou"][0] == pytest.approx(by["methods"]["agent"]["miou"][0])  # same start
+    assert rnd["diff_vs_agent"][-1][0] == pytest.approx(
+        rows["random + SRM (w/o RL)"]["diff_vs_agent"][0], abs=1e-6
+    )
     out = tmp_path / "bench"
     assert json.loads((out / "results.json").read_text())["n_images"] == 3
     assert "| agent |" in (out / "results.md").read_text()
+    assert "mIoU after k clicks past the start" in (out / "results.md").read_text()
     assert (out / "curves.png").stat().st_size > 1000 and (out / "examples.png").is_file()
 
 
