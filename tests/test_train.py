@@ -282,3 +282,16 @@ def test_sweep_without_ray_runs_trials_in_order_and_checks_the_grid(tiny_task, t
     assert row["run_dir"] == str(run) and latest_checkpoint(run) is not None
     assert json.loads((run / "config.json").read_text())["ppo"]["learning_rate"] == 3e-4
     assert json.loads((tmp_path / "runs" / "local.json").read_text()) == rows
+
+
+def test_train_with_prior_scores_the_starting_heuristic(tiny_task, tmp_path):
+    """``ppo.prior``: the untrained policy (the SRM-confident heuristic) is scored on val at
+    step 0 before PPO, so best-on-val can keep it; the run reloads with its prior."""
+    task = tiny_task(32)
+    task.ppo.prior = "srm_confident"
+    summary = train(task, runs=tmp_path / "runs", cache_dir=str(tmp_path / "emb"), progress=False)
+    first = summary["history"][0]
+    assert first["step"] == 0 and first["stage"] == "prior srm_confident"
+    assert summary["best_val_miou"] >= first["val_miou"]
+    agent = PromptAgent.load(summary["run_dir"])
+    assert agent.model.policy.features_extractor.prior == "srm_confident"
