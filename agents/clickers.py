@@ -479,6 +479,13 @@ class SimulatedAnnotator:
 # --------------------------------------------------------------------------------------------
 
 
+def srm_confident_score(fg: Any, mask: Any) -> Any:
+    """``|p - 0.5| * |p - m|`` per cell, the ``srm_confident`` policy's score: where the
+    labeler is sure (``p``, the ``fg`` map) and the mask (``m``, the ``mask`` map) disagrees
+    with it. NumPy arrays or torch tensors of one shape (the cell policy's prior uses it too)."""
+    return abs(fg - 0.5) * abs(fg - mask)
+
+
 def _has_foreground_map(labeler: Labeler) -> bool:
     return type(labeler).foreground_map is not Labeler.foreground_map
 
@@ -548,8 +555,7 @@ class EnvClicker:
         if self._fixed is not None:
             return int(next(c for c in self._fixed if allowed[c]))
         p = obs["fg"][0].reshape(-1).astype(np.float64)
-        m = obs["mask"][0].reshape(-1).astype(np.float64)
-        score = np.abs(p - 0.5) * np.abs(p - m)
+        score = srm_confident_score(p, obs["mask"][0].reshape(-1).astype(np.float64))
         score[~allowed] = -np.inf
         return int(np.argmax(score))
 

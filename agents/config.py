@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 import yaml
 
-from agents.features import PRIORS, SPATIAL_KEYS
+from agents.features import PRIORS, SPATIAL_KEYS, policy_inputs
 from agents.imitation import ImitationConfig
 from envs import EnvConfig
 from recalibration.srm import SRMConfig
@@ -79,13 +79,7 @@ class PPOConfig:
     def __post_init__(self) -> None:
         if self.policy not in ("cell", "dense"):
             raise ValueError(f"ppo.policy must be cell or dense, got {self.policy!r}")
-        self.inputs = tuple(self.inputs)
-        bad = [k for k in self.inputs if k not in SPATIAL_KEYS]
-        if bad or not self.inputs:
-            raise ValueError(
-                f"ppo.inputs must be a non-empty subset of {list(SPATIAL_KEYS)}, "
-                f"got {list(self.inputs)}"
-            )
+        self.inputs = policy_inputs(self.inputs, "ppo.inputs")
         if self.prior not in PRIORS:
             raise ValueError(f"ppo.prior must be one of {list(PRIORS)}, got {self.prior!r}")
         if self.policy == "dense" and (self.inputs != SPATIAL_KEYS or self.prior is not None):

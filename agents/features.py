@@ -9,6 +9,7 @@ from that cell's own features plus global context (fully convolutional).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
@@ -21,24 +22,27 @@ from stable_baselines3.common.policies import ActorCriticPolicy, MultiInputActor
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from stable_baselines3.common.type_aliases import Schedule
 
+from agents.clickers import srm_confident_score
+
 SPATIAL_KEYS = ("state", "image", "mask", "fg", "clicks")
 PRIORS = (None, "srm_confident")
 
 
-def srm_confident_score(fg: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``|p - 0.5| * |p - m|`` per cell: where the labeler is sure (``p``, the ``fg`` map) and
-    the mask (``m``, the ``mask`` map) disagrees with it. The score of
-    :class:`~agents.clickers.EnvClicker`'s ``srm_confident`` policy; shapes ``(B, 1, G, G)``."""
-    return (fg - 0.5).abs() * (fg - mask).abs()
+def policy_inputs(keys: Sequence[str], what: str = "policy inputs") -> tuple[str, ...]:
+    """``keys`` as a tuple, checked to be a non-empty subset of :data:`SPATIAL_KEYS`."""
+    keys = tuple(keys)
+    if not keys or any(k not in SPATIAL_KEYS for k in keys):
+        raise ValueError(
+            f"{what} must be a non-empty subset of {list(SPATIAL_KEYS)}, got {list(keys)}"
+        )
+    return keys
 
 
 def _stack_channels(
     observation_space: gym.spaces.Dict, keys: tuple[str, ...] = SPATIAL_KEYS
 ) -> int:
     """Channels of :func:`_stack` for ``observation_space`` (whose keys are checked)."""
-    unknown = [k for k in keys if k not in SPATIAL_KEYS]
-    if unknown or not keys:
-        raise ValueError(f"policy inputs must be a non-empty subset of {SPATIAL_KEYS}, got {keys}")
+    keys = policy_inputs(keys)
     missing = [k for k in (*keys, "step") if k not in observation_space.spaces]
     if missing:
         raise ValueError(f"observation space lacks keys {missing}")
@@ -108,7 +112,8 @@ class CellFeaturesExtractor(BaseFeaturesExtractor):
         keys: The spatial keys the policy reads (all by default). Leaving out ``state`` and
             ``image`` (the segmenter's features) leaves a policy that places clicks from the
             labeler's map, the mask and the clicks alone: far fewer ways to fit 50 images.
-        prior: ``"srm_confident"`` appends one more plane, :func:`srm_confident_score` of the
+        prior: ``"srm_confident"`` appends one more plane,
+            :func:`~agents.clickers.srm_confident_score` of the
             ``fg`` and ``mask`` observations, which :class:`CellActionHead` adds to the learned
             logits with a learned scale: the policy starts as the SRM-confident heuristic and
             learns corrections to it. ``None`` (default): no prior.

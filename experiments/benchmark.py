@@ -660,7 +660,9 @@ def _by_click(methods: list[MethodResult], seed: int) -> dict[str, Any] | None:
         return None
     length, first = len(ref.curve[0]), max(ref.start_clicks - 1, 0)
     agent = np.asarray(ref.curve, np.float64)[:, first:]
-    budgets = list(range(int(ref.start_clicks == 0), agent.shape[1] + int(ref.start_clicks == 0)))
+    # Column 0 is the start prompts' IoU (k = 0), or the first click when there is no start.
+    offset = int(ref.start_clicks == 0)
+    budgets = list(range(offset, offset + agent.shape[1]))
     out: dict[str, Any] = {"clicks_after_start": budgets, "methods": {}}
     for m in methods:
         same = m.start_clicks == ref.start_clicks and len(m.curve) == len(ref.curve)
