@@ -2,12 +2,21 @@
 by ONNX Runtime, as SAM's own repository does for its web demo.
 
 The decoder graph is this project's own rewrite of ``MaskDecoder.predict_masks`` with the same
-weights and the same arithmetic, laid out for a CPU: batch 1 without ``repeat_interleave``,
-and the two 2x2 / stride-2 transposed convolutions of the output upscaling as per-pixel matrix
-products in channels-last layout, so the channel LayerNorm is one fused op. Masks agree with the
-stock path to ~1e-5 in the logits (tests check it); :class:`~segmenter.sam.SamSegmenter` also
-compares the first fast call of a process with the stock path and falls back to stock when
-they differ.
+weights, laid out for a CPU:
+
+- batch 1 without ``repeat_interleave``;
+- the two 2x2 / stride-2 transposed convolutions of the output upscaling as per-pixel matrix
+  products in channels-last layout, so the channel LayerNorm is one fused op;
+- the first transformer layer's three image-side projections (keys and values of the
+  token-to-image attention, queries of the image-to-token one) split by linearity into a part
+  that depends only on the image, computed once per embedding by a small "prep" graph
+  (:class:`DecoderPrep`), and the part of the dense prompt: a constant without a mask input,
+  and with one the mask-downscaling stack's last 1x1 convolution folded into the projections,
+  a 16-channel product instead of a 256-channel one.
+
+Masks agree with the stock path to ~1e-4 in the logits (tests check it);
+:class:`~segmenter.sam.SamSegmenter` also compares the first fast call of a process with the
+stock path and falls back to stock when they differ.
 
 Exported graphs are cached under ``$ALIGNSAM_HOME/onnx``, keyed by a hash of the weights they
 hold, and written atomically.
@@ -17,9 +26,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import tempfile
 import warnings
+import weakref
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +45,7 @@ from segmenter import weights as W
 logger = logging.getLogger(__name__)
 
 #: Bump when a graph's definition changes: old exports are then ignored.
-GRAPH_VERSION = 2
+GRAPH_VERSION = 3
 OPSET = 17
 
 
@@ -47,14 +59,60 @@ def available() -> bool:
     return True
 
 
+def _attend(att: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """SAM's ``Attention.forward`` after its three input projections (``q``, ``k``, ``v``
+    ``(1, n, d)`` already projected)."""
+
+    def heads(x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(1, x.shape[1], att.num_heads, -1).transpose(1, 2)
+
+    q, k, v = heads(q), heads(k), heads(v)
+    attn = torch.softmax(q @ k.transpose(2, 3) / math.sqrt(q.shape[-1]), dim=-1)
+    out = (attn @ v).transpose(1, 2)
+    return att.out_proj(out.reshape(1, out.shape[1], -1))
+
+
+def _first_layer(sam: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """The decoder's first two-way block and its two cross attentions; refuses layouts the
+    split projections do not cover (the export then fails and the segmenter stays on stock)."""
+    layer = sam.mask_decoder.transformer.layers[0]
+    if not getattr(layer, "skip_first_layer_pe", False):
+        raise ValueError("the decoder's first layer does not skip the token positional encoding")
+    last = sam.prompt_encoder.mask_downscaling[-1]
+    if not isinstance(last, nn.Conv2d) or last.kernel_size != (1, 1):
+        raise ValueError(f"unexpected last mask-downscaling layer {last}")
+    return layer, layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
+
+
+class DecoderPrep(nn.Module):
+    """The image-only part of the first layer's image-side projections, once per embedding.
+
+    Input ``image_embeddings`` ``(1, C, He, We)``; output ``pre`` ``(He * We, 3 * D)``: the
+    token-to-image keys ``Wk (e + pe) + bk`` and values ``Wv e + bv`` and the image-to-token
+    queries ``Wq (e + pe) + bq``, without the dense prompt (added per call by
+    :class:`DecoderGraph`).
+    """
+
+    def __init__(self, sam: nn.Module, dense_pe: torch.Tensor) -> None:
+        super().__init__()
+        _, self.t2i, self.i2t = _first_layer(sam)
+        self.register_buffer("pe", dense_pe.detach().flatten(2)[0].T.contiguous())
+
+    def forward(self, image_embeddings: torch.Tensor) -> torch.Tensor:
+        src = image_embeddings.flatten(2)[0].T  # (He * We, C)
+        kin = src + self.pe
+        return torch.cat([self.t2i.k_proj(kin), self.t2i.v_proj(src), self.i2t.q_proj(kin)], 1)
+
+
 class DecoderGraph(nn.Module):
     """Prompt encoder (points and optional mask) + mask decoder for one image, all four masks.
 
-    Inputs: ``image_embeddings`` ``(1, C, He, We)``; ``coords`` ``(1, N, 2)`` in the encoder's
-    input frame, the padding point included; ``labels`` ``(1, N)`` float (1, 0, -1 = padding);
-    with ``with_mask`` also ``mask_input`` ``(1, 1, Hl, Wl)``. Outputs: ``masks`` ``(1, 4, Hl,
-    Wl)`` low-res logits and ``iou`` ``(1, 4)``: token 0 is the single-mask head, 1-3 the
-    multimask candidates.
+    Inputs: ``image_embeddings`` ``(1, C, He, We)``; ``pre`` ``(He * We, 3 * D)`` from
+    :class:`DecoderPrep` for the same embedding; ``coords`` ``(1, N, 2)`` in the encoder's input
+    frame, the padding point included; ``labels`` ``(1, N)`` float (1, 0, -1 = padding); with
+    ``with_mask`` also ``mask_input`` ``(1, 1, Hl, Wl)``. Outputs: ``masks`` ``(1, 4, Hl, Wl)``
+    low-res logits and ``iou`` ``(1, 4)``: token 0 is the single-mask head, 1-3 the multimask
+    candidates.
     """
 
     def __init__(self, sam: nn.Module, dense_pe: torch.Tensor, with_mask: bool) -> None:
@@ -62,7 +120,7 @@ class DecoderGraph(nn.Module):
         self.prompt_encoder = sam.prompt_encoder
         self.decoder = sam.mask_decoder
         self.with_mask = with_mask
-        self.register_buffer("image_pe", dense_pe.detach().clone())
+        self.register_buffer("image_pe", dense_pe.detach().flatten(2).transpose(1, 2).clone())
         ct1, norm, _, ct2, _ = self.decoder.output_upscaling
         for conv in (ct1, ct2):
             if conv.kernel_size != (2, 2) or conv.stride != (2, 2):
@@ -74,6 +132,18 @@ class DecoderGraph(nn.Module):
         self.register_buffer("b2", ct2.bias.repeat(4))
         self.norm = norm
         self.c1, self.c2 = ct1.out_channels, ct2.out_channels
+        # The dense prompt's share of the first layer's projections (see DecoderPrep).
+        _, t2i, i2t = _first_layer(sam)
+        proj = torch.cat([t2i.k_proj.weight, t2i.v_proj.weight, i2t.q_proj.weight])  # (3D, C)
+        conv = sam.prompt_encoder.mask_downscaling[-1]
+        w_dense = conv.weight[:, :, 0, 0]  # (C, c_mask): dense = w_dense @ h + b_dense
+        self.register_buffer("mask_proj", (proj @ w_dense).T.contiguous())
+        self.register_buffer("mask_proj_bias", proj @ conv.bias)
+        self.register_buffer("mask_dense", w_dense.T.contiguous())
+        self.register_buffer("mask_dense_bias", conv.bias.detach().clone())
+        no_mask = sam.prompt_encoder.no_mask_embed.weight[0]
+        self.register_buffer("no_mask", no_mask.detach().clone())
+        self.register_buffer("no_mask_proj", proj @ no_mask)
 
     def _points(self, coords: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """``PromptEncoder._embed_points`` without in-place boolean indexing."""
@@ -90,21 +160,42 @@ class DecoderGraph(nn.Module):
     def forward(
         self,
         image_embeddings: torch.Tensor,
+        pre: torch.Tensor,
         coords: torch.Tensor,
         labels: torch.Tensor,
         mask_input: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        pe, dec = self.prompt_encoder, self.decoder
+        dec = self.decoder
+        tr = dec.transformer
+        layer = tr.layers[0]
+        t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
+        _, _, h, w = image_embeddings.shape
+        src = image_embeddings.flatten(2).transpose(1, 2)  # (1, h * w, C)
         if self.with_mask:
-            dense = pe.mask_downscaling(mask_input)
+            down = self.prompt_encoder.mask_downscaling[:-1](mask_input)  # (1, c_mask, h, w)
+            down = down.flatten(2)[0].T
+            kvq = pre + (down @ self.mask_proj + self.mask_proj_bias)
+            src = src + (down @ self.mask_dense + self.mask_dense_bias)
         else:
-            dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1)
+            kvq = pre + self.no_mask_proj
+            src = src + self.no_mask
+        d = kvq.shape[1] // 3
+        keys1, values1, queries1 = kvq[None, :, :d], kvq[None, :, d : 2 * d], kvq[None, :, 2 * d :]
         tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], 0)[None]
         tokens = torch.cat([tokens, self._points(coords, labels)], 1)
-        src = image_embeddings + dense
-        _, _, h, w = src.shape
-        hs, x = dec.transformer(src, self.image_pe, tokens)  # x: (1, h * w, C), channels last
-        x = x[0] @ self.w1 + self.b1  # (h * w, 4 * c1), ordered (dy, dx, c1)
+        # TwoWayAttentionBlock.forward of the first layer (skip_first_layer_pe) with the split
+        # projections; the other layers and the final attention are SAM's own modules.
+        queries = layer.norm1(layer.self_attn(q=tokens, k=tokens, v=tokens))
+        attn = _attend(t2i, t2i.q_proj(queries + tokens), keys1, values1)
+        queries = layer.norm2(queries + attn)
+        queries = layer.norm3(queries + layer.mlp(queries))
+        q = queries + tokens
+        keys = layer.norm4(src + _attend(i2t, queries1, i2t.k_proj(q), i2t.v_proj(queries)))
+        for block in tr.layers[1:]:
+            queries, keys = block(queries=queries, keys=keys, query_pe=tokens, key_pe=self.image_pe)
+        attn = tr.final_attn_token_to_image(q=queries + tokens, k=keys + self.image_pe, v=keys)
+        hs = tr.norm_final_attn(queries + attn)
+        x = keys[0] @ self.w1 + self.b1  # (h * w, 4 * c1), ordered (dy, dx, c1)
         x = x.reshape(h, w, 2, 2, self.c1).permute(0, 2, 1, 3, 4).reshape(4 * h * w, self.c1)
         x = F.gelu(F.layer_norm(x, (self.c1,), self.norm.weight, self.norm.bias, self.norm.eps))
         x = x @ self.w2 + self.b2
@@ -167,11 +258,17 @@ def _session(path: Path, threads: int):
 
 
 class OnnxParts:
-    """ONNX Runtime sessions for one frozen SAM: encoder and decoder (with / without mask input).
+    """ONNX Runtime sessions for one frozen SAM: encoder, decoder prep and decoder (with /
+    without mask input).
 
     Sessions are created on first use, so a process that only decodes cached embeddings never
-    exports or loads the encoder.
+    exports or loads the encoder. The prep of the last :attr:`PREPS_KEPT` embeddings is kept,
+    keyed by the features tensor itself (a weak reference, so a freed tensor whose id is
+    reused never picks up another image's prep).
     """
+
+    #: Embeddings whose decoder prep is kept (~6 MB each for MobileSAM).
+    PREPS_KEPT = 8
 
     def __init__(self, sam: nn.Module, model_id: str, dense_pe: torch.Tensor) -> None:
         self.sam = sam
@@ -179,6 +276,10 @@ class OnnxParts:
         self.dense_pe = dense_pe
         self._decoders: dict[bool, Any] = {}
         self._encoder: Any = None
+        self._prep_session: Any = None
+        self._preps: OrderedDict[int, tuple[weakref.ref, np.ndarray]] = OrderedDict()
+        #: Prep graph runs (one per embedding decoded, while it stays among the kept ones).
+        self.prep_calls = 0
         # Fixed here, not when a session is made on first use: that may happen inside a block
         # that runs torch on one thread (segmenter.base.small_torch_ops).
         self._threads = torch.get_num_threads()
@@ -187,7 +288,8 @@ class OnnxParts:
         """Copies and pickles leave the sessions behind (they are not picklable); the copy
         builds its own on first use, from the same exported files."""
         state = self.__dict__.copy()
-        state["_decoders"], state["_encoder"] = {}, None
+        state["_decoders"], state["_encoder"], state["_prep_session"] = {}, None, None
+        state["_preps"] = OrderedDict()
         return state
 
     @property
@@ -195,21 +297,53 @@ class OnnxParts:
         """ONNX Runtime intra-op threads: torch's thread count when these parts were made."""
         return self._threads
 
+    def _decoder_parts(self) -> tuple[nn.Module, ...]:
+        return (self.sam.prompt_encoder, self.sam.mask_decoder)
+
+    def _prep(self, features: torch.Tensor, embeddings: np.ndarray) -> np.ndarray:
+        """:class:`DecoderPrep` of ``features`` (given as ``embeddings``), computed once."""
+        key = id(features)
+        hit = self._preps.get(key)
+        if hit is not None and hit[0]() is features:
+            self._preps.move_to_end(key)
+            return hit[1]
+        if self._prep_session is None:
+            c, (he, we) = self.dense_pe.shape[1], self.dense_pe.shape[2:]
+            path = _export(
+                DecoderPrep(self.sam, self.dense_pe).eval(),
+                (torch.zeros(1, c, he, we),),
+                graph_path(self.model_id, "decoder_prep", self._decoder_parts()),
+                input_names=["image_embeddings"],
+                output_names=["pre"],
+            )
+            self._prep_session = _session(path, self.threads)
+        (pre,) = self._prep_session.run(None, {"image_embeddings": embeddings})
+        self.prep_calls += 1
+        self._preps[key] = (weakref.ref(features), pre)
+        while len(self._preps) > self.PREPS_KEPT:
+            self._preps.popitem(last=False)
+        return pre
+
     def _decoder(self, with_mask: bool):
         if with_mask not in self._decoders:
             c, (he, we) = self.dense_pe.shape[1], self.dense_pe.shape[2:]
             hl, wl = self.sam.prompt_encoder.mask_input_size
-            args: tuple = (torch.zeros(1, c, he, we), torch.zeros(1, 2, 2), torch.zeros(1, 2))
-            names = ["image_embeddings", "coords", "labels"]
+            d = self.sam.mask_decoder.transformer.layers[0].cross_attn_token_to_image.internal_dim
+            args: tuple = (
+                torch.zeros(1, c, he, we),
+                torch.zeros(he * we, 3 * d),
+                torch.zeros(1, 2, 2),
+                torch.zeros(1, 2),
+            )
+            names = ["image_embeddings", "pre", "coords", "labels"]
             if with_mask:
                 args += (torch.zeros(1, 1, hl, wl),)
                 names.append("mask_input")
             part = "decoder_mask" if with_mask else "decoder"
-            parts = (self.sam.prompt_encoder, self.sam.mask_decoder)
             path = _export(
                 DecoderGraph(self.sam, self.dense_pe, with_mask).eval(),
                 args,
-                graph_path(self.model_id, part, parts),
+                graph_path(self.model_id, part, self._decoder_parts()),
                 input_names=names,
                 output_names=["masks", "iou"],
                 dynamic_axes={"coords": {1: "points"}, "labels": {1: "points"}},
@@ -230,8 +364,10 @@ class OnnxParts:
         """
         pts = np.concatenate([coords.reshape(-1, 2), np.zeros((1, 2))]).astype(np.float32)
         lab = np.concatenate([labels.reshape(-1), [-1]]).astype(np.float32)
+        embeddings = features.detach().to("cpu", torch.float32).numpy()
         feed = {
-            "image_embeddings": features.detach().to("cpu", torch.float32).numpy(),
+            "image_embeddings": embeddings,
+            "pre": self._prep(features, embeddings),
             "coords": pts[None],
             "labels": lab[None],
         }

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -162,7 +164,33 @@ def test_fast_backend_matches_stock(tiny_segmenter, rgb_image, isolated_home):
     no_points = fast.decode(e_stock, np.zeros((0, 2)), [], mask_input=prev)  # stock rule
     assert torch.equal(no_points.low_res_logits, stock.decode(e_stock, [], [], prev).low_res_logits)
     assert fast.backend == "onnx" and fast.decoder_calls == 9
-    assert len(list((isolated_home / "onnx").glob("tiny-*.onnx"))) == 3  # encoder, 2 decoders
+    # encoder, decoder prep, 2 decoders
+    assert len(list((isolated_home / "onnx").glob("tiny-*.onnx"))) == 4
+    assert fast._fast.prep_calls == 1  # the image-only part of the decoder, once per embedding
+
+
+def test_decoder_prep_is_per_embedding(rgb_image, isolated_home):
+    fast = build_segmenter("tiny", backend="onnx")
+    stock = build_segmenter("tiny", backend="torch")
+    parts = fast._fast
+    first = fast.encode(rgb_image)
+    pts, lbl = [[40.0, 50.0], [100.0, 30.0]], [1, 0]
+    fast.decode(first, pts, lbl)
+    other = fast.encode(np.ascontiguousarray(rgb_image[::-1]))
+    for emb in (other, first, other):  # both kept: no new prep
+        b = fast.decode(emb, pts, lbl)
+        assert torch.allclose(
+            b.low_res_logits, stock.decode(emb, pts, lbl).low_res_logits, atol=1e-4
+        )
+    assert parts.prep_calls == 2
+    # a copy of the same features is another tensor: its prep is computed, and equal
+    copy = dataclasses.replace(first, features=first.features.clone())
+    a = fast.decode(copy, pts, lbl)
+    assert parts.prep_calls == 3
+    assert torch.allclose(a.low_res_logits, fast.decode(first, pts, lbl).low_res_logits)
+    for k in range(parts.PREPS_KEPT + 2):  # only the last few are kept
+        fast.decode(fast.encode(np.roll(rgb_image, k + 1, axis=0)), pts, lbl)
+    assert len(parts._preps) == parts.PREPS_KEPT
 
 
 def test_fast_backend_falls_back_on_mismatch(rgb_image, isolated_home, monkeypatch, caplog):
