@@ -198,6 +198,7 @@ class PromptAgent:
             embed_channels=int(segmenter.embedding_shape[0]),
             online=False,
         )
+        srm.use_fast_head(getattr(segmenter, "backend", None) == "onnx")  # frozen: inference
         model = ppo_class(task.ppo.maskable).load(ckpt / "agent.zip", device=device)
         return cls(model, srm, task, segmenter, cache)
 

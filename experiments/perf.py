@@ -32,24 +32,37 @@ from segmenter import EmbeddingCache, SamSegmenter, mask_iou
 logger = logging.getLogger(__name__)
 
 
+#: Pause before each timed encoder / decoder call. Torch's OpenMP threads keep spinning for a
+#: while after its last op and slowed a fast call that came right after a stock one by ~3 ms
+#: (32 vs 29 ms, measured here); with the pause each call starts on idle cores, both paths alike.
+SETTLE_S = 0.02
+
+
 def _median_ms(values: Sequence[float]) -> float:
     return 1000.0 * statistics.median(values)
+
+
+def _timed(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, float]:
+    """``fn(*args, **kwargs)`` and its wall seconds, started after :data:`SETTLE_S` idle."""
+    time.sleep(SETTLE_S)
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - t0
 
 
 def time_encoders(
     stock: SamSegmenter, fast: SamSegmenter, images: Sequence[np.ndarray]
 ) -> tuple[dict[str, float], list[Any]]:
-    """Median encoder ms/image of both paths, alternating which goes first per image, and the
-    stock embeddings. One warm-up call each is left out (the fast path exports and checks
-    itself on first use)."""
+    """Median encoder ms/image of both paths, alternating which goes first per image (each
+    call after :data:`SETTLE_S` idle), and the stock embeddings. One warm-up call each is left
+    out (the fast path exports and checks itself on first use)."""
     stock.encode(images[0])
     fast.encode(images[0])
     t_stock, t_fast, embeddings = [], [], []
     for i, image in enumerate(tqdm(images, desc="encoders", unit="img")):
         for seg in (stock, fast) if i % 2 == 0 else (fast, stock):
-            t0 = time.perf_counter()
-            emb = seg.encode(image)
-            (t_stock if seg is stock else t_fast).append(time.perf_counter() - t0)
+            emb, seconds = _timed(seg.encode, image)
+            (t_stock if seg is stock else t_fast).append(seconds)
             if seg is stock:
                 embeddings.append(emb)
     timing = {"stock_ms": _median_ms(t_stock), "fast_ms": _median_ms(t_fast), "images": len(images)}
@@ -60,7 +73,7 @@ def time_decoders(
     stock: SamSegmenter, fast: SamSegmenter, embeddings: Sequence[Any], calls: int = 40
 ) -> dict[str, float]:
     """Median decoder ms/call of both paths on the same prompt sets (1-8 points, the previous
-    logits as mask input), alternating the order."""
+    logits as mask input), alternating the order, each call after :data:`SETTLE_S` idle."""
     rng = np.random.default_rng(0)
     for seg in (stock, fast):  # warm-up: export / first-call checks
         e = embeddings[0]
@@ -75,9 +88,9 @@ def time_decoders(
         pts = rng.uniform([0, 0], [w, h], size=(n, 2))
         lbl = rng.integers(0, 2, n)
         for seg in (stock, fast) if i % 2 == 0 else (fast, stock):
-            t0 = time.perf_counter()
-            pred = seg.decode(emb, pts, lbl, mask_input=prev if i % len(embeddings) else None)
-            (t_stock if seg is stock else t_fast).append(time.perf_counter() - t0)
+            mask_input = prev if i % len(embeddings) else None
+            pred, seconds = _timed(seg.decode, emb, pts, lbl, mask_input=mask_input)
+            (t_stock if seg is stock else t_fast).append(seconds)
             if seg is stock:
                 prev = pred.low_res_logits
     return {"stock_ms": _median_ms(t_stock), "fast_ms": _median_ms(t_fast), "calls": calls}
@@ -183,6 +196,7 @@ def time_segment(
 
     channels = int(segmenter.embedding_shape[0])
     srm = SemanticRecalibrationModule(task.srm, channels, device=task.device)
+    srm.use_fast_head(segmenter.backend == "onnx")  # as PromptAgent.load does
     venv = make_vec_env(samples[:1], segmenter, srm, train_env_config(task))
     agent = PromptAgent(new_ppo(task, venv), srm, task, segmenter, cache=None)
     agent.segment(images[0], steps)  # warm-up

@@ -311,6 +311,7 @@ def time_srm(
     state = EpisodeState("timing", emb, rng.random((he, we)).astype(np.float32), gt_grid=gt_grid)
     saved = srm.state_dict()
     saved_opt = srm.optimizer.state_dict()
+    fast = srm.fast_head  # online steps switch the fast head off: restored below
     pred_ms, cold_ms, upd_ms = [], [], []
     try:
         srm.predict(state)
@@ -336,6 +337,7 @@ def time_srm(
     finally:
         srm.load_state_dict(saved)
         srm.optimizer.load_state_dict(saved_opt)
+        srm.use_fast_head(fast)
     return {
         "predict_ms": float(np.median(pred_ms)),
         "predict_new_image_ms": float(np.median(cold_ms)),

@@ -680,6 +680,8 @@ class SemanticRecalibrationModule(Labeler):
         self._pred_cache: tuple[tuple[Any, ...], np.ndarray] | None = None
         self._semantic: dict[tuple[str, str], np.ndarray] = {}
         self.online_updates = 0
+        self._fast_threads = 0  # > 0: run the frozen head through ONNX Runtime (use_fast_head)
+        self._fast_head: Any = None
 
     # -- construction helpers ---------------------------------------------------------------------
     @staticmethod
@@ -726,6 +728,66 @@ class SemanticRecalibrationModule(Labeler):
         self._version += 1
         self._proj_cache = None
         self._pred_cache = None
+        self._fast_head = None  # new weights: re-exported (or found by their hash) on next use
+
+    # -- fast inference ---------------------------------------------------------------------------
+    def use_fast_head(self, on: bool = True) -> bool:
+        """Run the head through ONNX Runtime while its weights stay fixed (inference).
+
+        With torch, the per-step head runs on one thread beside ONNX Runtime decoder calls
+        (:func:`segmenter.base.small_torch_ops`); ONNX Runtime runs it on this process's torch
+        thread count (taken now) without spinning threads. The first fast result is checked
+        against the torch head; on a mismatch or a failed export the module warns and stays on
+        torch. Online updates (:meth:`after_step` with ground truth) switch it off. Only the
+        implicit head on the CPU; returns whether the fast head is on.
+        """
+        self._fast_threads, self._fast_head = 0, None
+        if not on:
+            return False
+        from segmenter import onnx_backend
+
+        if self.branch != "implicit" or self.device.type != "cpu":
+            logger.debug("fast SRM head: only the implicit head on the CPU (%s)", self.branch)
+            return False
+        if not onnx_backend.available():
+            return False
+        self._fast_threads = torch.get_num_threads()
+        return True
+
+    @property
+    def fast_head(self) -> bool:
+        """Whether the head runs through ONNX Runtime (see :meth:`use_fast_head`)."""
+        return self._fast_threads > 0
+
+    def _weights_will_change(self, why: str) -> None:
+        """Training: the fast head goes off (its export would be stale after every step)."""
+        if self.fast_head:
+            logger.info("SRM: %s, fast head off", why)
+            self._fast_threads, self._fast_head = 0, None
+
+    def _fast_off(self, reason: str) -> None:
+        logger.warning("SRM: fast head off (%s); using the torch head", reason)
+        self._fast_threads, self._fast_head = 0, None
+
+    def _head_projected(self, proj: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+        """``head.forward_projected`` in eval mode, through ONNX Runtime when it is on."""
+        if self._fast_threads > 0 and not self.head.training:
+            from recalibration.fast_head import OnnxHead
+
+            if self._fast_head is None:
+                self._fast_head = OnnxHead(self.head, self._fast_threads)
+            try:
+                out = self._fast_head.run(proj, maps)
+            except Exception as exc:  # noqa: BLE001 - any export / runtime failure: use torch
+                self._fast_off(f"{type(exc).__name__}: {exc}")
+            else:
+                if self._fast_head.verified:
+                    return out
+                why = self._fast_head.check(out, self.head.forward_projected(proj, maps))
+                if why is None:
+                    return out
+                self._fast_off(why)
+        return self.head.forward_projected(proj, maps)
 
     # -- tensors ----------------------------------------------------------------------------------
     def _normalize(self, feats: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -816,12 +878,12 @@ class SemanticRecalibrationModule(Labeler):
         """
         n = self.config.tta
         if n <= 1:
-            return self.head.forward_projected(proj, maps)
+            return self._head_projected(proj, maps)
         b = proj.shape[0]
         ts = _TTA_TRANSFORMS[:n]
         p = torch.cat([_dihedral(proj, k, f) for k, f in ts])
         m = torch.cat([_dihedral(maps, k, f) for k, f in ts])
-        out = self.head.forward_projected(p, m)
+        out = self._head_projected(p, m)
         back = [_undihedral(out[i * b : (i + 1) * b], k, f) for i, (k, f) in enumerate(ts)]
         return torch.stack(back).mean(dim=0)
 
@@ -874,6 +936,7 @@ class SemanticRecalibrationModule(Labeler):
         q = self.config.effective_q_steps
         if not self.config.online or state.gt_grid is None or q == 0:
             return {}
+        self._weights_will_change("learning online")
         emb = state.embedding
         valid_np = _valid_mask(emb)
         feats = emb.features.to(self.device, torch.float32)
@@ -1112,6 +1175,7 @@ class SemanticRecalibrationModule(Labeler):
 
         if not len(items):
             raise ValueError("pretrain needs at least one item")
+        self._weights_will_change("pretraining")
         rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
         torch.manual_seed(int(rng.integers(2**31)))
         if mask_states is None and segmenter is not None:

@@ -225,7 +225,7 @@ def graph_path(model_id: str, part: str, modules: tuple[nn.Module, ...]) -> Path
     return W.cache_dir() / "onnx" / f"{safe}-{part}-g{GRAPH_VERSION}-{fingerprint(*modules)}.onnx"
 
 
-def _export(module: nn.Module, args: tuple, path: Path, **kwargs: Any) -> Path:
+def export_graph(module: nn.Module, args: tuple, path: Path, **kwargs: Any) -> Path:
     """Export once per model and graph version; atomic, so concurrent processes are safe."""
     if path.is_file():
         return path
@@ -244,7 +244,8 @@ def _export(module: nn.Module, args: tuple, path: Path, **kwargs: Any) -> Path:
     return path
 
 
-def _session(path: Path, threads: int):
+def cpu_session(path: Path, threads: int):
+    """An ONNX Runtime CPU session of ``path`` with ``threads`` intra-op threads, no spinning."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -309,14 +310,14 @@ class OnnxParts:
             return hit[1]
         if self._prep_session is None:
             c, (he, we) = self.dense_pe.shape[1], self.dense_pe.shape[2:]
-            path = _export(
+            path = export_graph(
                 DecoderPrep(self.sam, self.dense_pe).eval(),
                 (torch.zeros(1, c, he, we),),
                 graph_path(self.model_id, "decoder_prep", self._decoder_parts()),
                 input_names=["image_embeddings"],
                 output_names=["pre"],
             )
-            self._prep_session = _session(path, self.threads)
+            self._prep_session = cpu_session(path, self.threads)
         (pre,) = self._prep_session.run(None, {"image_embeddings": embeddings})
         self.prep_calls += 1
         self._preps[key] = (weakref.ref(features), pre)
@@ -340,7 +341,7 @@ class OnnxParts:
                 args += (torch.zeros(1, 1, hl, wl),)
                 names.append("mask_input")
             part = "decoder_mask" if with_mask else "decoder"
-            path = _export(
+            path = export_graph(
                 DecoderGraph(self.sam, self.dense_pe, with_mask).eval(),
                 args,
                 graph_path(self.model_id, part, self._decoder_parts()),
@@ -348,7 +349,7 @@ class OnnxParts:
                 output_names=["masks", "iou"],
                 dynamic_axes={"coords": {1: "points"}, "labels": {1: "points"}},
             )
-            self._decoders[with_mask] = _session(path, self.threads)
+            self._decoders[with_mask] = cpu_session(path, self.threads)
         return self._decoders[with_mask]
 
     def decode(
@@ -381,13 +382,13 @@ class OnnxParts:
         """Image encoder on a preprocessed ``(1, 3, S, S)`` batch."""
         if self._encoder is None:
             size = int(self.sam.image_encoder.img_size)
-            path = _export(
+            path = export_graph(
                 self.sam.image_encoder,
                 (torch.zeros(1, 3, size, size),),
                 graph_path(self.model_id, "encoder", (self.sam.image_encoder,)),
                 input_names=["image"],
                 output_names=["embedding"],
             )
-            self._encoder = _session(path, self.threads)
+            self._encoder = cpu_session(path, self.threads)
         (out,) = self._encoder.run(None, {"image": x.detach().to("cpu", torch.float32).numpy()})
         return torch.from_numpy(out)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
+import pickle
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before open_clip/huggingface_hub are imported
 
@@ -419,3 +421,74 @@ def test_evaluate_saved_srm_matches_label_accuracy(seg, items, tmp_path) -> None
     direct = label_accuracy(srm, [(seg.encode(s.image), s.mask, None) for s in samples])
     assert res["eval"]["zeros"]["accuracy"] == pytest.approx(direct["accuracy"])
     assert res["eval"]["zeros"]["n_cells"] == 4 * 100
+
+
+# -- fast head (ONNX Runtime) ---------------------------------------------------------------------
+def _srm_graphs(home: Path) -> list[Path]:
+    return sorted((home / "onnx").glob("srm-*.onnx"))
+
+
+@pytest.mark.parametrize("tta", [1, 4])
+def test_fast_head_matches_torch(items, isolated_home, tta: int) -> None:
+    srm, ref = make_srm(context=2, tta=tta), make_srm(context=2, tta=tta)
+    srm.pretrain(items[:2], epochs=1, batch_size=2, rng=0, progress=False)
+    ref.load_state_dict(srm.state_dict())
+    assert srm.use_fast_head() and srm.fast_head and not ref.fast_head
+    rng = np.random.default_rng(0)
+    for item in items:
+        mask = rng.random(item[0].grid_size).astype(np.float32)
+        np.testing.assert_allclose(
+            srm.predict(state_of(item, mask)), ref.predict(state_of(item, mask)), atol=1e-5
+        )
+    assert srm.fast_head and srm._fast_head.verified and len(_srm_graphs(isolated_home)) == 1
+
+
+def test_fast_head_follows_weight_changes(items, isolated_home, caplog) -> None:
+    srm = make_srm(q_steps=1, lr=3e-3, dropout=0.0)
+    srm.use_fast_head()
+    st = state_of(items[0])
+    before = srm.predict(st).copy()
+    with caplog.at_level(logging.INFO):
+        srm.after_step(st)  # online learning: back to torch
+    assert not srm.fast_head and "fast head off" in caplog.text
+    trained = make_srm()
+    trained.load_state_dict(srm.state_dict())
+    srm.use_fast_head()
+    fresh = make_srm()
+    srm.load_state_dict(fresh.state_dict())  # new weights: a new export, still equal to torch
+    np.testing.assert_allclose(srm.predict(st), before, atol=1e-5)
+    assert srm.fast_head and len(_srm_graphs(isolated_home)) == 1  # same weights, same file
+    srm.load_state_dict(trained.state_dict())
+    np.testing.assert_allclose(srm.predict(st), trained.predict(st), atol=1e-5)
+    assert len(_srm_graphs(isolated_home)) == 2
+
+
+def test_fast_head_falls_back_on_mismatch(items, isolated_home, monkeypatch, caplog) -> None:
+    from recalibration.fast_head import OnnxHead
+
+    real = OnnxHead.run
+    monkeypatch.setattr(OnnxHead, "run", lambda self, p, m: real(self, p, m) + 1.0)
+    srm, ref = make_srm(), make_srm()
+    srm.use_fast_head()
+    with caplog.at_level(logging.WARNING):
+        out = srm.predict(state_of(items[0]))
+    assert "fast head off" in caplog.text and not srm.fast_head
+    np.testing.assert_array_equal(out, ref.predict(state_of(items[0])))
+
+
+def test_fast_head_only_where_it_applies(items, isolated_home, tiny_clip: ClipSurgery) -> None:
+    explicit = SemanticRecalibrationModule(
+        SRMConfig(branch="explicit", text="car", hidden=16), CHANNELS, clip=tiny_clip
+    )
+    assert not explicit.use_fast_head() and not explicit.fast_head
+    srm = make_srm()
+    assert srm.use_fast_head() and not srm.use_fast_head(False) and not srm.fast_head
+    srm.use_fast_head()
+    st = state_of(items[0])
+    srm.predict(st)
+    st = state_of(items[0], np.full(items[0][0].grid_size, 0.5, np.float32))  # not memoised
+    out = make_srm().predict(st)
+    for twin in (copy.deepcopy(srm), pickle.loads(pickle.dumps(srm))):  # sessions stay behind
+        assert twin.fast_head and twin._fast_head._session is None
+        np.testing.assert_allclose(twin.predict(st), out, atol=1e-6)
+        assert twin._fast_head._session is not None

@@ -1,0 +1,87 @@
+"""The SRM head through ONNX Runtime: the SRM's share of the fast path.
+
+At inference (``segment``, benchmarks) the SRM's weights are fixed and its head, a few 3x3
+convolutions on the embedding grid, runs once per step beside the decoder call. In torch it
+has to run on one thread there (:func:`segmenter.base.small_torch_ops`: torch's spinning
+OpenMP threads would take the cores from the decoder call that follows); ONNX Runtime uses
+both cores without spinning. The graph is exported once per weights (keyed by their hash,
+under ``$ALIGNSAM_HOME/onnx``) and its first result is checked against the torch head.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from segmenter import onnx_backend
+
+logger = logging.getLogger(__name__)
+
+
+class _Projected(nn.Module):
+    """``head.forward_projected`` as a module's ``forward`` (what the exporter traces)."""
+
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, proj: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+        return self.head.forward_projected(proj, maps)
+
+
+class OnnxHead:
+    """A frozen SRM head's ``forward_projected`` run by ONNX Runtime.
+
+    Args:
+        head: The torch head (an :class:`~recalibration.srm.ImplicitHead`), in eval mode.
+        threads: ONNX Runtime intra-op threads.
+
+    The export reflects the weights at the time of the first :meth:`run`; the owner drops this
+    object when the weights change.
+    """
+
+    def __init__(self, head: nn.Module, threads: int) -> None:
+        self.head = head
+        self.threads = max(1, int(threads))
+        self._session: Any = None
+        self.verified = False
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies and pickles leave the session behind; the copy builds its own."""
+        return {**self.__dict__, "_session": None}
+
+    def _build(self, proj: torch.Tensor, maps: torch.Tensor) -> Any:
+        module = _Projected(self.head).eval()
+        path = onnx_backend.export_graph(
+            module,
+            (proj.detach().cpu().float(), maps.detach().cpu().float()),
+            onnx_backend.graph_path("srm", type(self.head).__name__, (self.head,)),
+            input_names=["proj", "maps"],
+            output_names=["logits"],
+            dynamic_axes={
+                "proj": {0: "batch", 2: "height", 3: "width"},
+                "maps": {0: "batch", 2: "height", 3: "width"},
+            },
+        )
+        return onnx_backend.cpu_session(path, self.threads)
+
+    def run(self, proj: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, 1, H, W)``, as ``head.forward_projected(proj, maps)``."""
+        if self._session is None:
+            self._session = self._build(proj, maps)
+        feed = {
+            "proj": proj.detach().to("cpu", torch.float32).numpy(),
+            "maps": maps.detach().to("cpu", torch.float32).numpy(),
+        }
+        (out,) = self._session.run(None, feed)
+        return torch.from_numpy(out).to(proj.device)
+
+    def check(self, fast: torch.Tensor, stock: torch.Tensor) -> str | None:
+        """``None`` when the fast logits match the torch ones, else why not."""
+        self.verified = True
+        scale = max(1.0, float(stock.abs().max()))
+        diff = float((fast - stock).abs().max()) / scale
+        return None if diff <= 1e-3 else f"its output differs from torch by {diff:.2e}"
