@@ -108,9 +108,10 @@ def time_env(
 ) -> dict[str, float]:
     """Env steps/s next to bare decoder calls/s on the same prompt sets, in one run.
 
-    Episodes use random legal actions. Every prompt set the env decoded is then decoded again
-    with a bare ``segmenter.decode`` call (same points, labels and mask input), so the ratio
-    compares like with like.
+    Episodes use random legal actions. Right after each env step, the prompt set it decoded is
+    decoded again with a bare ``segmenter.decode`` call (same points, labels and mask input), so
+    the ratio compares like with like, and at the same moment: the VM's speed drifts by 10-30%
+    over minutes, which made a ratio of all steps first and all bare calls after unreliable.
     """
     from envs import EnvConfig, PointPromptEnv
 
@@ -118,7 +119,7 @@ def time_env(
     rng = np.random.default_rng(0)
     for i in range(len(samples)):  # encode / prepare outside the timed region
         env.reset(seed=i, options={"index": i})
-    step_times, replays = [], []
+    step_times, bare = [], []
     for ep in range(episodes):
         env.reset(seed=ep, options={"index": ep % len(samples)})
         for _ in range(env.config.max_steps):
@@ -127,12 +128,10 @@ def time_env(
             t0 = time.perf_counter()
             env.step(action)
             step_times.append(time.perf_counter() - t0)
-            replays.append((env._ep.embedding, env._ep.points.copy(), env._ep.labels.copy(), prev))
-    bare = []
-    for emb, pts, lbl, prev in replays:
-        t0 = time.perf_counter()
-        segmenter.decode(emb, pts, lbl, mask_input=prev)
-        bare.append(time.perf_counter() - t0)
+            emb, pts, lbl = env._ep.embedding, env._ep.points.copy(), env._ep.labels.copy()
+            t0 = time.perf_counter()
+            segmenter.decode(emb, pts, lbl, mask_input=prev)
+            bare.append(time.perf_counter() - t0)
     step = statistics.median(step_times)
     dec = statistics.median(bare)
     return {

@@ -148,3 +148,7 @@ def test_cli_bench_perf_tiny(tmp_path):
     assert 0 < res["ppo_fast"]["update_share"] < 1 and res["ppo_fast"]["steps"] == 400
     for line in ("encoder ms/image", "decoder ms/call", "PPO training env-steps/s", "agreement"):
         assert line in proc.stdout
+    for name in ("stock", "fast"):  # segment's budget: its own encoder + decoder calls replayed
+        seg = res[f"segment_{name}"]
+        assert seg["decoder_calls"] >= 2 and seg["replay_decoder_ms"] > 0
+        assert seg["ratio_over_budget"] > 0 and "replayed bare" in proc.stdout
