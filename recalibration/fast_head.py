@@ -20,6 +20,9 @@ from segmenter import onnx_backend
 
 logger = logging.getLogger(__name__)
 
+#: Bump when the head's graph changes without its weights changing: old exports are ignored.
+HEAD_GRAPH_VERSION = 2
+
 
 class _Projected(nn.Module):
     """``head.forward_projected`` as a module's ``forward`` (what the exporter traces)."""
@@ -58,7 +61,9 @@ class OnnxHead:
         path = onnx_backend.export_graph(
             module,
             (proj.detach().cpu().float(), maps.detach().cpu().float()),
-            onnx_backend.graph_path("srm", type(self.head).__name__, (self.head,)),
+            onnx_backend.graph_path(
+                "srm", f"{type(self.head).__name__}-v{HEAD_GRAPH_VERSION}", (self.head,)
+            ),
             input_names=["proj", "maps"],
             output_names=["logits"],
             dynamic_axes={
