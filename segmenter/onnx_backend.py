@@ -12,7 +12,8 @@ weights, laid out for a CPU:
   that depends only on the image, computed once per embedding by a small "prep" graph
   (:class:`DecoderPrep`), and the part of the dense prompt: a constant without a mask input,
   and with one the mask-downscaling stack's last 1x1 convolution folded into the projections,
-  a 16-channel product instead of a 256-channel one.
+  a 16-channel product instead of a 256-channel one. The prep also hands the embedding over
+  channels-last, the layout the decoder works in.
 
 Masks agree with the stock path to ~1e-4 in the logits (tests check it);
 :class:`~segmenter.sam.SamSegmenter` also compares the first fast call of a process with the
@@ -45,7 +46,7 @@ from segmenter import weights as W
 logger = logging.getLogger(__name__)
 
 #: Bump when a graph's definition changes: old exports are then ignored.
-GRAPH_VERSION = 3
+GRAPH_VERSION = 4
 OPSET = 17
 
 
@@ -87,10 +88,11 @@ def _first_layer(sam: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module]:
 class DecoderPrep(nn.Module):
     """The image-only part of the first layer's image-side projections, once per embedding.
 
-    Input ``image_embeddings`` ``(1, C, He, We)``; output ``pre`` ``(He * We, 3 * D)``: the
+    Input ``image_embeddings`` ``(1, C, He, We)``; outputs ``pre`` ``(He * We, 3 * D)``: the
     token-to-image keys ``Wk (e + pe) + bk`` and values ``Wv e + bv`` and the image-to-token
     queries ``Wq (e + pe) + bq``, without the dense prompt (added per call by
-    :class:`DecoderGraph`).
+    :class:`DecoderGraph`); and ``image`` ``(He * We, C)``, the embedding channels-last (the
+    decoder's layout, so no call transposes it again).
     """
 
     def __init__(self, sam: nn.Module, dense_pe: torch.Tensor) -> None:
@@ -98,17 +100,18 @@ class DecoderPrep(nn.Module):
         _, self.t2i, self.i2t = _first_layer(sam)
         self.register_buffer("pe", dense_pe.detach().flatten(2)[0].T.contiguous())
 
-    def forward(self, image_embeddings: torch.Tensor) -> torch.Tensor:
+    def forward(self, image_embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         src = image_embeddings.flatten(2)[0].T  # (He * We, C)
         kin = src + self.pe
-        return torch.cat([self.t2i.k_proj(kin), self.t2i.v_proj(src), self.i2t.q_proj(kin)], 1)
+        pre = torch.cat([self.t2i.k_proj(kin), self.t2i.v_proj(src), self.i2t.q_proj(kin)], 1)
+        return pre, src
 
 
 class DecoderGraph(nn.Module):
     """Prompt encoder (points and optional mask) + mask decoder for one image, all four masks.
 
-    Inputs: ``image_embeddings`` ``(1, C, He, We)``; ``pre`` ``(He * We, 3 * D)`` from
-    :class:`DecoderPrep` for the same embedding; ``coords`` ``(1, N, 2)`` in the encoder's input
+    Inputs: ``image`` ``(He * We, C)`` and ``pre`` ``(He * We, 3 * D)``, both from
+    :class:`DecoderPrep` for the image's embedding; ``coords`` ``(1, N, 2)`` in the encoder's input
     frame, the padding point included; ``labels`` ``(1, N)`` float (1, 0, -1 = padding); with
     ``with_mask`` also ``mask_input`` ``(1, 1, Hl, Wl)``. Outputs: ``masks`` ``(1, 4, Hl, Wl)``
     low-res logits and ``iou`` ``(1, 4)``: token 0 is the single-mask head, 1-3 the multimask
@@ -121,6 +124,7 @@ class DecoderGraph(nn.Module):
         self.decoder = sam.mask_decoder
         self.with_mask = with_mask
         self.register_buffer("image_pe", dense_pe.detach().flatten(2).transpose(1, 2).clone())
+        self.grid = tuple(int(n) for n in dense_pe.shape[2:])
         ct1, norm, _, ct2, _ = self.decoder.output_upscaling
         for conv in (ct1, ct2):
             if conv.kernel_size != (2, 2) or conv.stride != (2, 2):
@@ -159,7 +163,7 @@ class DecoderGraph(nn.Module):
 
     def forward(
         self,
-        image_embeddings: torch.Tensor,
+        image: torch.Tensor,
         pre: torch.Tensor,
         coords: torch.Tensor,
         labels: torch.Tensor,
@@ -169,8 +173,8 @@ class DecoderGraph(nn.Module):
         tr = dec.transformer
         layer = tr.layers[0]
         t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
-        _, _, h, w = image_embeddings.shape
-        src = image_embeddings.flatten(2).transpose(1, 2)  # (1, h * w, C)
+        h, w = self.grid
+        src = image[None]  # (1, h * w, C)
         if self.with_mask:
             down = self.prompt_encoder.mask_downscaling[:-1](mask_input)  # (1, c_mask, h, w)
             down = down.flatten(2)[0].T
@@ -268,7 +272,7 @@ class OnnxParts:
     reused never picks up another image's prep).
     """
 
-    #: Embeddings whose decoder prep is kept (~6 MB each for MobileSAM).
+    #: Embeddings whose decoder prep is kept (~10 MB each for MobileSAM).
     PREPS_KEPT = 8
 
     def __init__(self, sam: nn.Module, model_id: str, dense_pe: torch.Tensor) -> None:
@@ -301,8 +305,9 @@ class OnnxParts:
     def _decoder_parts(self) -> tuple[nn.Module, ...]:
         return (self.sam.prompt_encoder, self.sam.mask_decoder)
 
-    def _prep(self, features: torch.Tensor, embeddings: np.ndarray) -> np.ndarray:
-        """:class:`DecoderPrep` of ``features`` (given as ``embeddings``), computed once."""
+    def _prep(self, features: torch.Tensor) -> dict[str, np.ndarray]:
+        """The decoder's ``image`` and ``pre`` inputs for ``features`` (:class:`DecoderPrep`),
+        computed once."""
         key = id(features)
         hit = self._preps.get(key)
         if hit is not None and hit[0]() is features:
@@ -315,15 +320,17 @@ class OnnxParts:
                 (torch.zeros(1, c, he, we),),
                 graph_path(self.model_id, "decoder_prep", self._decoder_parts()),
                 input_names=["image_embeddings"],
-                output_names=["pre"],
+                output_names=["pre", "image"],
             )
             self._prep_session = cpu_session(path, self.threads)
-        (pre,) = self._prep_session.run(None, {"image_embeddings": embeddings})
+        embeddings = features.detach().to("cpu", torch.float32).numpy()
+        pre, image = self._prep_session.run(None, {"image_embeddings": embeddings})
         self.prep_calls += 1
-        self._preps[key] = (weakref.ref(features), pre)
+        inputs = {"image": image, "pre": pre}
+        self._preps[key] = (weakref.ref(features), inputs)
         while len(self._preps) > self.PREPS_KEPT:
             self._preps.popitem(last=False)
-        return pre
+        return inputs
 
     def _decoder(self, with_mask: bool):
         if with_mask not in self._decoders:
@@ -331,12 +338,12 @@ class OnnxParts:
             hl, wl = self.sam.prompt_encoder.mask_input_size
             d = self.sam.mask_decoder.transformer.layers[0].cross_attn_token_to_image.internal_dim
             args: tuple = (
-                torch.zeros(1, c, he, we),
+                torch.zeros(he * we, c),
                 torch.zeros(he * we, 3 * d),
                 torch.zeros(1, 2, 2),
                 torch.zeros(1, 2),
             )
-            names = ["image_embeddings", "pre", "coords", "labels"]
+            names = ["image", "pre", "coords", "labels"]
             if with_mask:
                 args += (torch.zeros(1, 1, hl, wl),)
                 names.append("mask_input")
@@ -365,13 +372,7 @@ class OnnxParts:
         """
         pts = np.concatenate([coords.reshape(-1, 2), np.zeros((1, 2))]).astype(np.float32)
         lab = np.concatenate([labels.reshape(-1), [-1]]).astype(np.float32)
-        embeddings = features.detach().to("cpu", torch.float32).numpy()
-        feed = {
-            "image_embeddings": embeddings,
-            "pre": self._prep(features, embeddings),
-            "coords": pts[None],
-            "labels": lab[None],
-        }
+        feed = {**self._prep(features), "coords": pts[None], "labels": lab[None]}
         if mask_input is not None:
             hl, wl = self.sam.prompt_encoder.mask_input_size
             feed["mask_input"] = mask_input.to("cpu", torch.float32).reshape(1, 1, hl, wl).numpy()
