@@ -237,7 +237,9 @@ def _bench_perf(args: argparse.Namespace, samples) -> int:
     task.device = args.device
     kwargs = {"checkpoint": args.checkpoint, "device": args.device}
     stock = build_segmenter(args.segmenter, backend="torch", **kwargs)
-    fast = build_segmenter(args.segmenter, backend="onnx", **kwargs)
+    # The fast path where it applies: ONNX Runtime on the CPU; with --bf16 (or on a GPU, where
+    # ONNX Runtime does not run here) the stock graph under bf16 autocast if asked, else stock.
+    fast = build_segmenter(args.segmenter, backend="auto", autocast_bf16=args.bf16, **kwargs)
     agree = load_dataset(args.agreement_dataset or args.dataset)[: args.agreement_images]
     t0 = time.perf_counter()
     result = run_perf(

@@ -270,6 +270,8 @@ def run_perf(
         "segmenter": stock.model_id,
         "threads": torch.get_num_threads(),
         "fast_backend": fast.backend,
+        "fast_bf16": bool(fast.autocast_bf16),
+        "device": str(stock.device),
     }
     out["encoder"], embeddings = time_encoders(stock, fast, images)
     out["decoder"] = time_decoders(stock, fast, embeddings[:5], decode_calls)
@@ -305,7 +307,8 @@ def render(r: dict[str, Any]) -> str:
     """The printed report: stock vs fast with ratios, and the targets of the performance issue."""
     enc, dec, ag = r["encoder"], r["decoder"], r["agreement"]
     lines = [
-        f"[{r['segmenter']}, {r['threads']} threads, fast backend: {r['fast_backend']}]",
+        f"[{r['segmenter']} on {r['device']}, {r['threads']} threads, fast backend: "
+        f"{r['fast_backend']}{' under bf16 autocast' if r['fast_bf16'] else ''}]",
         f"{'':34s}{'stock':>10s}{'fast':>10s}{'fast/stock':>12s}",
     ]
 
