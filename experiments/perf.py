@@ -32,9 +32,8 @@ from segmenter import EmbeddingCache, SamSegmenter, mask_iou
 logger = logging.getLogger(__name__)
 
 
-#: Pause before each timed encoder / decoder call. Torch's OpenMP threads keep spinning for a
-#: while after its last op and slowed a fast call that came right after a stock one by ~3 ms
-#: (32 vs 29 ms, measured here); with the pause each call starts on idle cores, both paths alike.
+#: Pause before each timed encoder call, so neither path pays for the other's spinning threads
+#: (an encoder call is ~0.7 s: the pause costs nothing against it).
 SETTLE_S = 0.02
 
 
@@ -70,34 +69,50 @@ def time_encoders(
 
 
 def time_decoders(
-    stock: SamSegmenter, fast: SamSegmenter, embeddings: Sequence[Any], calls: int = 40
+    stock: SamSegmenter,
+    fast: SamSegmenter,
+    embeddings: Sequence[Any],
+    calls: int = 40,
+    block: int = 8,
 ) -> dict[str, float]:
-    """Median decoder ms/call of both paths on the same prompt sets (1-8 points, the previous
-    logits as mask input), alternating the order, each call after :data:`SETTLE_S` idle."""
+    """Median decoder ms/call of both paths on the same prompt sets: 1-8 points, most with a
+    low-res mask input, over ``embeddings``.
+
+    The sets run in blocks of ``block`` calls, back to back as in an episode: each block is run
+    by one path and then the other, alternating which goes first. The first call of every block
+    is left out of the timing, since it follows the other path (torch's OpenMP threads keep
+    spinning for a while after its last op and slowed a fast call that came right after a stock
+    one by ~3 ms: 32 vs 29 ms). A pause before every call instead, tried first, let the VM idle
+    between calls and gave bimodal fast timings (30 or 44 ms per run).
+    """
     rng = np.random.default_rng(0)
     # Warm-up, left out: the fast path's export and first-call checks, and every prompt-set
     # size once (ONNX Runtime plans each new input shape on its first run; in an env the
-    # sizes recur every episode).
+    # sizes recur every episode). Stock's logits on each image serve as its mask input.
+    masks = {}
     for seg in (stock, fast):
-        for e in embeddings:
+        for k, e in enumerate(embeddings):
             for n in range(1, 9):
                 pts = np.full((n, 2), 1.0)
-                seg.decode(e, pts, np.ones(n, int))
-                seg.decode(e, pts, np.ones(n, int), mask_input=torch.zeros(stock.low_res_size))
-    t_stock, t_fast = [], []
-    prev = None
+                pred = seg.decode(e, pts, np.ones(n, int))
+                seg.decode(e, pts, np.ones(n, int), mask_input=pred.low_res_logits)
+                if seg is stock:
+                    masks[k] = pred.low_res_logits
+    sets = []
     for i in range(calls):
-        emb = embeddings[i % len(embeddings)]
-        h, w = emb.original_size
+        k = i % len(embeddings)
+        h, w = embeddings[k].original_size
         n = 1 + i % 8
-        pts = rng.uniform([0, 0], [w, h], size=(n, 2))
-        lbl = rng.integers(0, 2, n)
-        for seg in (stock, fast) if i % 2 == 0 else (fast, stock):
-            mask_input = prev if i % len(embeddings) else None
-            pred, seconds = _timed(seg.decode, emb, pts, lbl, mask_input=mask_input)
-            (t_stock if seg is stock else t_fast).append(seconds)
-            if seg is stock:
-                prev = pred.low_res_logits
+        pts, lbl = rng.uniform([0, 0], [w, h], size=(n, 2)), rng.integers(0, 2, n)
+        sets.append((embeddings[k], pts, lbl, masks[k] if i % len(embeddings) else None))
+    t_stock, t_fast = [], []
+    for b, first in enumerate(range(0, calls, block)):
+        for seg in (stock, fast) if b % 2 == 0 else (fast, stock):
+            for j, (emb, pts, lbl, mask_input) in enumerate(sets[first : first + block]):
+                t0 = time.perf_counter()
+                seg.decode(emb, pts, lbl, mask_input=mask_input)
+                if j:
+                    (t_stock if seg is stock else t_fast).append(time.perf_counter() - t0)
     return {"stock_ms": _median_ms(t_stock), "fast_ms": _median_ms(t_fast), "calls": calls}
 
 
