@@ -49,6 +49,13 @@ def test_agent_segments_an_image(first_run):
     assert mask.shape == (90, 120) and mask.dtype == bool
     assert clicks.shape == (2 + 4, 3)  # SRM start (+, -) then T = 4 agent clicks
     assert set(clicks[:, 2]) <= {0.0, 1.0}
+    # a loaded (frozen) SRM runs its head through ONNX Runtime beside the fast decoder, checked
+    # against torch on first use; the torch head gives the same clicks and mask
+    assert agent.segmenter.backend == "onnx" and agent.srm.fast_head  # onnxruntime is a dependency
+    assert agent.srm._fast_head.verified
+    agent.srm.use_fast_head(False)
+    mask_torch, clicks_torch = agent.segment(image)
+    assert np.array_equal(mask, mask_torch) and np.allclose(clicks, clicks_torch)
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (1, 9), (2, 700), (700, 3)])
