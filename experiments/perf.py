@@ -75,15 +75,14 @@ def time_decoders(
     calls: int = 40,
     block: int = 8,
 ) -> dict[str, float]:
-    """Median decoder ms/call of both paths on the same prompt sets: 1-8 points, most with a
-    low-res mask input, over ``embeddings``.
+    """Median decoder ms/call of both paths on the same prompt sets.
 
-    The sets run in blocks of ``block`` calls, back to back as in an episode: each block is run
-    by one path and then the other, alternating which goes first. The first call of every block
-    is left out of the timing, since it follows the other path (torch's OpenMP threads keep
-    spinning for a while after its last op and slowed a fast call that came right after a stock
-    one by ~3 ms: 32 vs 29 ms). A pause before every call instead, tried first, let the VM idle
-    between calls and gave bimodal fast timings (30 or 44 ms per run).
+    The calls come in blocks of ``block`` on one image, as in an episode: 1 to ``block``
+    random points with the image's low-res logits as mask input, back to back. Each block is
+    run by one path and then the other, alternating which goes first, and the images take
+    turns between blocks. The first call of every block is left out of the timing: it follows
+    the other path, and torch's OpenMP threads keep spinning for a while after its last op
+    (a fast call right after a stock one was ~3 ms slower: 32 vs 29 ms).
     """
     rng = np.random.default_rng(0)
     # Warm-up, left out: the fast path's export and first-call checks, and every prompt-set
@@ -92,25 +91,25 @@ def time_decoders(
     masks = {}
     for seg in (stock, fast):
         for k, e in enumerate(embeddings):
-            for n in range(1, 9):
+            for n in range(1, block + 1):
                 pts = np.full((n, 2), 1.0)
                 pred = seg.decode(e, pts, np.ones(n, int))
                 seg.decode(e, pts, np.ones(n, int), mask_input=pred.low_res_logits)
                 if seg is stock:
                     masks[k] = pred.low_res_logits
-    sets = []
-    for i in range(calls):
-        k = i % len(embeddings)
-        h, w = embeddings[k].original_size
-        n = 1 + i % 8
-        pts, lbl = rng.uniform([0, 0], [w, h], size=(n, 2)), rng.integers(0, 2, n)
-        sets.append((embeddings[k], pts, lbl, masks[k] if i % len(embeddings) else None))
     t_stock, t_fast = [], []
-    for b, first in enumerate(range(0, calls, block)):
+    for b in range(max(1, calls // block)):
+        k = b % len(embeddings)
+        emb = embeddings[k]
+        h, w = emb.original_size
+        sets = [
+            (rng.uniform([0, 0], [w, h], size=(n, 2)), rng.integers(0, 2, n))
+            for n in range(1, block + 1)
+        ]
         for seg in (stock, fast) if b % 2 == 0 else (fast, stock):
-            for j, (emb, pts, lbl, mask_input) in enumerate(sets[first : first + block]):
+            for j, (pts, lbl) in enumerate(sets):
                 t0 = time.perf_counter()
-                seg.decode(emb, pts, lbl, mask_input=mask_input)
+                seg.decode(emb, pts, lbl, mask_input=masks[k] if j else None)
                 if j:
                     (t_stock if seg is stock else t_fast).append(time.perf_counter() - t0)
     return {"stock_ms": _median_ms(t_stock), "fast_ms": _median_ms(t_fast), "calls": calls}
