@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 import yaml
 
-from agents.features import PRIORS, SPATIAL_KEYS, policy_inputs
+from agents.features import SPATIAL_KEYS, policy_inputs, policy_prior
 from agents.imitation import ImitationConfig
 from envs import EnvConfig
 from recalibration.srm import SRMConfig
@@ -80,8 +80,7 @@ class PPOConfig:
         if self.policy not in ("cell", "dense"):
             raise ValueError(f"ppo.policy must be cell or dense, got {self.policy!r}")
         self.inputs = policy_inputs(self.inputs, "ppo.inputs")
-        if self.prior not in PRIORS:
-            raise ValueError(f"ppo.prior must be one of {list(PRIORS)}, got {self.prior!r}")
+        self.prior = policy_prior(self.prior, "ppo.prior")
         if self.policy == "dense" and (self.inputs != SPATIAL_KEYS or self.prior is not None):
             raise ValueError("ppo.inputs and ppo.prior apply to the cell policy only")
 

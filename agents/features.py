@@ -38,6 +38,13 @@ def policy_inputs(keys: Sequence[str], what: str = "policy inputs") -> tuple[str
     return keys
 
 
+def policy_prior(prior: str | None, what: str = "prior") -> str | None:
+    """``prior``, checked to be one of :data:`PRIORS`."""
+    if prior not in PRIORS:
+        raise ValueError(f"{what} must be one of {list(PRIORS)}, got {prior!r}")
+    return prior
+
+
 def _stack_channels(
     observation_space: gym.spaces.Dict, keys: tuple[str, ...] = SPATIAL_KEYS
 ) -> int:
@@ -126,8 +133,7 @@ class CellFeaturesExtractor(BaseFeaturesExtractor):
         keys: tuple[str, ...] | list[str] = SPATIAL_KEYS,
         prior: str | None = None,
     ) -> None:
-        if prior not in PRIORS:
-            raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
+        policy_prior(prior)
         in_ch = _stack_channels(observation_space, tuple(keys)) + 2  # + the coordinate planes
         grid = tuple(observation_space["mask"].shape[-2:])
         super().__init__(observation_space, (channels + (prior is not None)) * grid[0] * grid[1])

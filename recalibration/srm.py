@@ -767,11 +767,11 @@ class SemanticRecalibrationModule(Labeler):
         """Training: the fast head goes off (its export would be stale after every step)."""
         if self.fast_head:
             logger.info("SRM: %s, fast head off", why)
-            self._fast_threads, self._fast_head = 0, None
+            self.use_fast_head(False)
 
     def _fast_off(self, reason: str) -> None:
         logger.warning("SRM: fast head off (%s); using the torch head", reason)
-        self._fast_threads, self._fast_head = 0, None
+        self.use_fast_head(False)
 
     def _head_projected(self, proj: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
         """``head.forward_projected`` in eval mode, through ONNX Runtime when it is on."""

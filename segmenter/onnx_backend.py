@@ -212,6 +212,19 @@ class DecoderGraph(nn.Module):
         return masks, dec.iou_prediction_head(hs[:, 0, :])
 
 
+#: Largest difference, relative to the reference's magnitude (at least 1), that a fast result
+#: may have from the stock one it replaces.
+AGREEMENT_TOLERANCE = 1e-3
+
+
+def disagreement(fast: torch.Tensor, stock: torch.Tensor) -> str | None:
+    """``None`` when ``fast`` matches ``stock`` within :data:`AGREEMENT_TOLERANCE`, else how far
+    apart they are. The first-use check of every fast path (segmenter and SRM head)."""
+    scale = max(1.0, float(stock.abs().max()))
+    diff = float((fast.float() - stock.float()).abs().max()) / scale
+    return None if diff <= AGREEMENT_TOLERANCE else f"differs by {diff:.2e} (relative)"
+
+
 def fingerprint(*modules: nn.Module) -> str:
     """Short hash of the modules' weights: exported graphs are keyed by what they compute,
     so a fine-tuned decoder never picks up the graph of the frozen one."""

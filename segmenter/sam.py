@@ -130,11 +130,12 @@ class SamSegmenter:
 
     def _agrees(self, what: str, fast: torch.Tensor, stock: torch.Tensor) -> bool:
         """Compare the first fast result of a kind with the stock one (once per process)."""
+        from segmenter.onnx_backend import disagreement
+
         self._verified.add(what)
-        scale = max(1.0, float(stock.abs().max()))
-        diff = float((fast.float() - stock.float()).abs().max()) / scale
-        if not diff <= 1e-3:
-            self._fall_back(what, f"its output differs from stock by {diff:.2e} (relative)")
+        why = disagreement(fast, stock)
+        if why is not None:
+            self._fall_back(what, f"its output {why} from stock")
             return False
         return True
 
