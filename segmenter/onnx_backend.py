@@ -13,7 +13,9 @@ weights, laid out for a CPU:
   (:class:`DecoderPrep`), and the part of the dense prompt: a constant without a mask input,
   and with one the mask-downscaling stack's last 1x1 convolution folded into the projections,
   a 16-channel product instead of a 256-channel one. The prep also hands the embedding over
-  channels-last, the layout the decoder works in.
+  channels-last, the layout the decoder works in;
+- the final token-to-image attention run for the five output tokens alone (IoU and mask
+  tokens), reassociated so the 4,096 image tokens are never projected to keys and values.
 
 Masks agree with the stock path to ~1e-4 in the logits (tests check it);
 :class:`~segmenter.sam.SamSegmenter` also compares the first fast call of a process with the
@@ -46,7 +48,7 @@ from segmenter import weights as W
 logger = logging.getLogger(__name__)
 
 #: Bump when a graph's definition changes: old exports are then ignored.
-GRAPH_VERSION = 4
+GRAPH_VERSION = 5
 OPSET = 17
 
 
@@ -85,26 +87,40 @@ def _first_layer(sam: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module]:
     return layer, layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
 
 
+def _dense_projection(sam: nn.Module) -> tuple[torch.Tensor, nn.Module]:
+    """The first layer's three image-side projection weights stacked ``(3D, C)``, and the mask
+    stack's last 1x1 convolution (the dense prompt is ``conv(h)`` with a mask input)."""
+    _, t2i, i2t = _first_layer(sam)
+    proj = torch.cat([t2i.k_proj.weight, t2i.v_proj.weight, i2t.q_proj.weight]).detach()
+    return proj, sam.prompt_encoder.mask_downscaling[-1]
+
+
 class DecoderPrep(nn.Module):
     """The image-only part of the first layer's image-side projections, once per embedding.
 
     Input ``image_embeddings`` ``(1, C, He, We)``; outputs ``pre`` ``(He * We, 3 * D)``: the
     token-to-image keys ``Wk (e + pe) + bk`` and values ``Wv e + bv`` and the image-to-token
-    queries ``Wq (e + pe) + bq``, without the dense prompt (added per call by
-    :class:`DecoderGraph`); and ``image`` ``(He * We, C)``, the embedding channels-last (the
-    decoder's layout, so no call transposes it again).
+    queries ``Wq (e + pe) + bq``, with the share of the dense prompt's bias ``b`` (the rest of the
+    dense prompt is added per call by :class:`DecoderGraph`); and ``image`` ``(He * We, C)``,
+    ``e + b`` channels-last (the decoder's layout, so no call transposes it again).
     """
 
     def __init__(self, sam: nn.Module, dense_pe: torch.Tensor) -> None:
         super().__init__()
         _, self.t2i, self.i2t = _first_layer(sam)
         self.register_buffer("pe", dense_pe.detach().flatten(2)[0].T.contiguous())
+        proj, conv = _dense_projection(sam)
+        # The mask input's dense bias, so a call with a mask input adds no bias of its own (the
+        # common call: every click after the first); a call without one swaps it for the
+        # no-mask embedding.
+        self.register_buffer("pre_bias", proj @ conv.bias)
+        self.register_buffer("image_bias", conv.bias.detach().clone())
 
     def forward(self, image_embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         src = image_embeddings.flatten(2)[0].T  # (He * We, C)
         kin = src + self.pe
         pre = torch.cat([self.t2i.k_proj(kin), self.t2i.v_proj(src), self.i2t.q_proj(kin)], 1)
-        return pre, src
+        return pre + self.pre_bias, src + self.image_bias
 
 
 class DecoderGraph(nn.Module):
@@ -136,18 +152,22 @@ class DecoderGraph(nn.Module):
         self.register_buffer("b2", ct2.bias.repeat(4))
         self.norm = norm
         self.c1, self.c2 = ct1.out_channels, ct2.out_channels
-        # The dense prompt's share of the first layer's projections (see DecoderPrep).
-        _, t2i, i2t = _first_layer(sam)
-        proj = torch.cat([t2i.k_proj.weight, t2i.v_proj.weight, i2t.q_proj.weight])  # (3D, C)
-        conv = sam.prompt_encoder.mask_downscaling[-1]
-        w_dense = conv.weight[:, :, 0, 0]  # (C, c_mask): dense = w_dense @ h + b_dense
+        # The dense prompt's share of the first layer's projections (see DecoderPrep, whose
+        # outputs already hold the mask input's dense bias b).
+        proj, conv = _dense_projection(sam)  # (3D, C)
+        w_dense = conv.weight[:, :, 0, 0].detach()  # (C, c_mask): dense = w_dense @ h + b
         self.register_buffer("mask_proj", (proj @ w_dense).T.contiguous())
-        self.register_buffer("mask_proj_bias", proj @ conv.bias)
         self.register_buffer("mask_dense", w_dense.T.contiguous())
-        self.register_buffer("mask_dense_bias", conv.bias.detach().clone())
-        no_mask = sam.prompt_encoder.no_mask_embed.weight[0]
-        self.register_buffer("no_mask", no_mask.detach().clone())
+        no_mask = sam.prompt_encoder.no_mask_embed.weight[0].detach() - conv.bias.detach()
+        self.register_buffer("no_mask", no_mask)
         self.register_buffer("no_mask_proj", proj @ no_mask)
+        # The final token-to-image attention, reassociated for the output tokens only (below).
+        fa = self.decoder.transformer.final_attn_token_to_image
+        heads, c = fa.num_heads, fa.internal_dim // fa.num_heads
+        self.heads, self.outputs = heads, 1 + self.decoder.num_mask_tokens
+        self.register_buffer("final_wk", fa.k_proj.weight.detach().reshape(heads, c, -1) / c**0.5)
+        self.register_buffer("final_wv", fa.v_proj.weight.detach().reshape(heads, c, -1))
+        self.register_buffer("final_bv", fa.v_proj.bias.detach().reshape(heads, 1, c))
 
     def _points(self, coords: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """``PromptEncoder._embed_points`` without in-place boolean indexing."""
@@ -178,8 +198,8 @@ class DecoderGraph(nn.Module):
         if self.with_mask:
             down = self.prompt_encoder.mask_downscaling[:-1](mask_input)  # (1, c_mask, h, w)
             down = down.flatten(2)[0].T
-            kvq = pre + (down @ self.mask_proj + self.mask_proj_bias)
-            src = src + (down @ self.mask_dense + self.mask_dense_bias)
+            kvq = down @ self.mask_proj + pre
+            src = down @ self.mask_dense + src
         else:
             kvq = pre + self.no_mask_proj
             src = src + self.no_mask
@@ -197,8 +217,9 @@ class DecoderGraph(nn.Module):
         keys = layer.norm4(src + _attend(i2t, queries1, i2t.k_proj(q), i2t.v_proj(queries)))
         for block in tr.layers[1:]:
             queries, keys = block(queries=queries, keys=keys, query_pe=tokens, key_pe=self.image_pe)
-        attn = tr.final_attn_token_to_image(q=queries + tokens, k=keys + self.image_pe, v=keys)
-        hs = tr.norm_final_attn(queries + attn)
+        # Only the IoU and mask tokens leave the final attention, so it runs for them alone.
+        n = self.outputs
+        hs = tr.norm_final_attn(queries[:, :n] + self._final_attention(queries + tokens, keys))
         x = keys[0] @ self.w1 + self.b1  # (h * w, 4 * c1), ordered (dy, dx, c1)
         x = x.reshape(h, w, 2, 2, self.c1).permute(0, 2, 1, 3, 4).reshape(4 * h * w, self.c1)
         x = F.gelu(F.layer_norm(x, (self.c1,), self.norm.weight, self.norm.bias, self.norm.eps))
@@ -210,6 +231,24 @@ class DecoderGraph(nn.Module):
         )  # (1, 4, c2)
         masks = (x @ hyper[0].T).T.reshape(1, -1, 4 * h, 4 * w)  # transpose 4 x HW, not HW x C
         return masks, dec.iou_prediction_head(hs[:, 0, :])
+
+    def _final_attention(self, q_in: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """SAM's final token-to-image ``Attention(q_in, keys + pe, keys)`` for the first
+        :attr:`outputs` tokens, without projecting the ``h * w`` keys and values.
+
+        Per head, ``q . (Wk k + bk) = (Wk^T q) . k + q . bk``: the last term is the same for
+        every key, which the softmax ignores. And as the weights sum to 1,
+        ``sum_j a_j (Wv k_j + bv) = Wv (sum_j a_j k_j) + bv``. So the image side is two
+        ``(heads * outputs) x C x (h * w)`` products instead of two ``(h * w) x C x D`` ones.
+        """
+        fa = self.decoder.transformer.final_attn_token_to_image
+        n, heads = self.outputs, self.heads
+        q = fa.q_proj(q_in[0, :n]).reshape(n, heads, -1).transpose(0, 1)  # (heads, n, c)
+        qk = (q @ self.final_wk).reshape(heads * n, -1)  # (heads * n, C), scaled
+        attn = torch.softmax(qk @ (keys[0] + self.image_pe[0]).T, dim=-1)
+        ctx = (attn @ keys[0]).reshape(heads, n, -1)  # (heads, n, C)
+        out = (ctx @ self.final_wv.transpose(1, 2) + self.final_bv).transpose(0, 1)
+        return fa.out_proj(out.reshape(1, n, -1))
 
 
 #: Largest difference, relative to the reference's magnitude (at least 1), that a fast result
@@ -261,6 +300,12 @@ def export_graph(module: nn.Module, args: tuple, path: Path, **kwargs: Any) -> P
     return path
 
 
+#: ONNX Runtime graph rewrites left out: its fused Add + LayerNorm (SkipLayerNormalization)
+#: took 3.0 ms on the decoder's 4,096 x 256 image tokens where the plain LayerNorm of the same
+#: shape takes 0.3 ms (ONNX Runtime 1.32's profiler, 2 threads).
+UNFUSED = ["SkipLayerNormFusion"]
+
+
 def cpu_session(path: Path, threads: int):
     """An ONNX Runtime CPU session of ``path`` with ``threads`` intra-op threads, no spinning."""
     import onnxruntime as ort
@@ -272,7 +317,9 @@ def cpu_session(path: Path, threads: int):
     # env, SRM and policy), which made training slower overall (measured with `bench perf`).
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(
+        str(path), opts, providers=["CPUExecutionProvider"], disabled_optimizers=UNFUSED
+    )
 
 
 class OnnxParts:
