@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -21,18 +22,20 @@ from segmenter import onnx_backend
 logger = logging.getLogger(__name__)
 
 #: Bump when the head's graph changes without its weights changing: old exports are ignored.
-HEAD_GRAPH_VERSION = 2
+HEAD_GRAPH_VERSION = 3
 
 
 class _Projected(nn.Module):
-    """``head.forward_projected`` as a module's ``forward`` (what the exporter traces)."""
+    """``head.forward_parts`` as a module's ``forward`` over the projection's parts and the maps
+    (what the exporter traces). The parts come in as separate inputs, so the graph does not
+    copy them apart."""
 
     def __init__(self, head: nn.Module) -> None:
         super().__init__()
         self.head = head
 
-    def forward(self, proj: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
-        return self.head.forward_projected(proj, maps)
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.head.forward_parts(inputs[:-1], inputs[-1])
 
 
 class OnnxHead:
@@ -56,31 +59,33 @@ class OnnxHead:
         """Copies and pickles leave the session behind; the copy builds its own."""
         return {**self.__dict__, "_session": None}
 
-    def _build(self, proj: torch.Tensor, maps: torch.Tensor) -> Any:
-        module = _Projected(self.head).eval()
+    def _inputs(self, proj: torch.Tensor, maps: torch.Tensor) -> dict[str, np.ndarray]:
+        """The graph's feed: the projection's parts (channel slices: views when the batch is
+        1) and the maps."""
+        parts = proj.detach().to("cpu", torch.float32).split(self.head.stem.hidden, dim=1)
+        feed = {f"part{i}": p.numpy() for i, p in enumerate(parts)}
+        feed["maps"] = maps.detach().to("cpu", torch.float32).numpy()
+        return feed
+
+    def _build(self, feed: dict[str, np.ndarray]) -> Any:
+        names = list(feed)
         path = onnx_backend.export_graph(
-            module,
-            (proj.detach().cpu().float(), maps.detach().cpu().float()),
+            _Projected(self.head).eval(),
+            tuple(torch.from_numpy(np.ascontiguousarray(v)) for v in feed.values()),
             onnx_backend.graph_path(
                 "srm", f"{type(self.head).__name__}-v{HEAD_GRAPH_VERSION}", (self.head,)
             ),
-            input_names=["proj", "maps"],
+            input_names=names,
             output_names=["logits"],
-            dynamic_axes={
-                "proj": {0: "batch", 2: "height", 3: "width"},
-                "maps": {0: "batch", 2: "height", 3: "width"},
-            },
+            dynamic_axes={n: {0: "batch", 2: "height", 3: "width"} for n in names},
         )
         return onnx_backend.cpu_session(path, self.threads)
 
     def run(self, proj: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
         """Logits ``(B, 1, H, W)``, as ``head.forward_projected(proj, maps)``."""
+        feed = self._inputs(proj, maps)
         if self._session is None:
-            self._session = self._build(proj, maps)
-        feed = {
-            "proj": proj.detach().to("cpu", torch.float32).numpy(),
-            "maps": maps.detach().to("cpu", torch.float32).numpy(),
-        }
+            self._session = self._build(feed)
         (out,) = self._session.run(None, feed)
         return torch.from_numpy(out).to(proj.device)
 

@@ -213,8 +213,9 @@ def _conv_block(cin: int, cout: int, dilation: int = 1) -> nn.Sequential:
 class _StateStem(nn.Module):
     """First 1x1 convolution of the state ``concat(E, E*M, M[, E*S, S])``, evaluated cheaply.
 
-    ``W [E, E*M, M] = W_a E + M * (W_b E) + w_c M``: the projections of ``E`` are computed by
-    :meth:`project` (cacheable per image) and combined with the maps by :meth:`combine`.
+    ``W [E, E*M, M] + b = (W_a E + b) + M * (W_b E + w_c)``: the two image-only terms are
+    computed by :meth:`project` (cacheable per image) and combined with the maps by
+    :meth:`combine`, so a new mask costs one product and one sum per map.
 
     Args:
         embed_channels: C of the embedding.
@@ -238,22 +239,26 @@ class _StateStem(nn.Module):
         self.norm = nn.GroupNorm(_groups(hidden), hidden)
 
     def project(self, e: torch.Tensor) -> torch.Tensor:
-        """``(B, C, H, W)`` normalised embedding -> ``(B, P * hidden, H, W)`` projections."""
-        return self.proj(e)
+        """``(B, C, H, W)`` normalised embedding -> ``(B, (1 + n_maps) * hidden, H, W)``: the
+        constant term and one factor per map (:meth:`combine`)."""
+        parts = self.proj(e).split(self.hidden, dim=1)
+        bias = self.bias.view(1, -1, 1, 1)
+        if self.full:
+            weights = self.map_weight.view(self.n_maps, 1, -1, 1, 1)
+            terms = [parts[0] + bias, *(parts[1 + i] + weights[i] for i in range(self.n_maps))]
+        else:
+            terms = [bias.expand_as(parts[0]), *parts]
+        return torch.cat(terms, dim=1)
 
     def combine(self, proj: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
-        """Hidden state from the projections and the ``(B, n_maps, H, W)`` maps."""
-        parts = proj.split(self.hidden, dim=1)
-        offset = 1 if self.full else 0
-        x = self.bias.view(1, -1, 1, 1)
-        if self.full:
-            # sum_m maps[:, m] * map_weight[m] as broadcast products: the same arithmetic as an
-            # einsum, which ONNX Runtime ran several times slower than these
-            x = x + parts[0]
-            for i in range(self.n_maps):
-                x = x + maps[:, i : i + 1] * self.map_weight[i].view(1, -1, 1, 1)
+        """Hidden state from :meth:`project`'s output and the ``(B, n_maps, H, W)`` maps."""
+        return self.combine_parts(proj.split(self.hidden, dim=1), maps)
+
+    def combine_parts(self, parts: Sequence[torch.Tensor], maps: torch.Tensor) -> torch.Tensor:
+        """:meth:`combine` with the projection already split into its ``1 + n_maps`` parts."""
+        x = parts[0]
         for i in range(self.n_maps):
-            x = x + maps[:, i : i + 1] * parts[offset + i]
+            x = x + maps[:, i : i + 1] * parts[1 + i]
         return F.relu(self.norm(x))
 
 
@@ -317,7 +322,11 @@ class ImplicitHead(nn.Module):
 
     def forward_projected(self, proj: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
         """Logits ``(B, 1, H, W)`` from cached projections and ``(B, 1, H, W)`` mask maps."""
-        x = self.drop(self.stem.combine(proj, maps))
+        return self.forward_parts(proj.split(self.stem.hidden, dim=1), maps)
+
+    def forward_parts(self, parts: Sequence[torch.Tensor], maps: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward_projected` with the projections split into their parts."""
+        x = self.drop(self.stem.combine_parts(parts, maps))
         x = self.context(self.drop(self.block1(x)))
         x = self.block2(x)
         return self.out(x)
