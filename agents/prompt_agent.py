@@ -23,7 +23,7 @@ import torch
 from agents.config import TaskConfig
 from envs import EnvConfig, PointPromptEnv
 from recalibration.srm import SemanticRecalibrationModule
-from segmenter import EmbeddingCache, Segmenter, build_segmenter
+from segmenter import EmbeddingCache, Segmenter, build_segmenter, onnx_backend
 from segmenter.base import small_torch_ops
 from segmenter.io import atomic_write
 
@@ -153,6 +153,23 @@ class PromptAgent:
         self.segmenter = segmenter
         self.cache = cache
         self.maskable = task.ppo.maskable
+        self._fast_policy: Any = None
+
+    def use_fast_policy(self, on: bool = True) -> bool:
+        """Deterministic actions through ONNX Runtime (:mod:`agents.fast_policy`), checked
+        against torch on first use and after any change to the weights; :meth:`load` turns it
+        on when the segmenter is on the fast path. Returns whether it is on."""
+        self._fast_policy = None
+        if on and onnx_backend.available():
+            from agents.fast_policy import OnnxPolicy
+
+            self._fast_policy = OnnxPolicy(self.model.policy)
+        return self._fast_policy is not None
+
+    @property
+    def fast_policy(self) -> bool:
+        """Whether deterministic actions go through ONNX Runtime."""
+        return self._fast_policy is not None
 
     @classmethod
     def load(
@@ -198,9 +215,12 @@ class PromptAgent:
             embed_channels=int(segmenter.embedding_shape[0]),
             online=False,
         )
-        srm.use_fast_head(getattr(segmenter, "backend", None) == "onnx")  # frozen: inference
+        fast = getattr(segmenter, "backend", None) == "onnx"
+        srm.use_fast_head(fast)  # frozen: inference
         model = ppo_class(task.ppo.maskable).load(ckpt / "agent.zip", device=device)
-        return cls(model, srm, task, segmenter, cache)
+        agent = cls(model, srm, task, segmenter, cache)
+        agent.use_fast_policy(fast and model.device.type == "cpu")
+        return agent
 
     def eval_config(self, **changes: Any) -> EnvConfig:
         """The task's env settings for evaluation (:meth:`TaskConfig.eval_env`)."""
@@ -210,10 +230,32 @@ class PromptAgent:
         self, env: PointPromptEnv, obs: dict[str, np.ndarray], deterministic: bool = True
     ) -> int:
         """The policy's action for ``obs`` (respecting action masks when maskable)."""
-        kwargs = {"action_masks": env.action_masks()} if self.maskable else {}
+        masks = env.action_masks() if self.maskable else None
+        if deterministic and self._fast_policy is not None:
+            action = self._fast_act(obs, masks)
+            if action is not None:
+                return action
+        kwargs = {"action_masks": masks} if self.maskable else {}
         with small_torch_ops(self.segmenter):
             action, _ = self.model.predict(obs, deterministic=deterministic, **kwargs)
         return int(action)
+
+    def _fast_act(self, obs: dict[str, np.ndarray], masks: np.ndarray | None) -> int | None:
+        """The deterministic action from the ONNX Runtime policy (the argmax of the allowed
+        logits, SB3's mode), or ``None`` after switching it off."""
+        fast = self._fast_policy
+        try:
+            logits = fast.logits(obs)
+            why = None if fast.verified else fast.check(logits, obs)
+        except Exception as exc:  # noqa: BLE001 - any export / runtime failure: use torch
+            why = f"{type(exc).__name__}: {exc}"
+        if why is not None:
+            logger.warning("policy: fast path off (%s); using torch", why)
+            self._fast_policy = None
+            return None
+        if masks is not None:
+            logits = np.where(masks, logits, -np.inf)
+        return int(np.argmax(logits))
 
     def run_episode(
         self, env: PointPromptEnv, index: int, steps: int | None = None, deterministic: bool = True

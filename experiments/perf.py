@@ -223,6 +223,7 @@ def time_segment(
     srm.use_fast_head(segmenter.backend == "onnx")  # as PromptAgent.load does
     venv = make_vec_env(samples[:1], segmenter, srm, train_env_config(task))
     agent = PromptAgent(new_ppo(task, venv), srm, task, segmenter, cache=None)
+    agent.use_fast_policy(segmenter.backend == "onnx")  # as PromptAgent.load does
     agent.segment(images[0], steps)  # warm-up
     decode = segmenter.decode
     seconds, encode, calls, replay = [], [], [], []

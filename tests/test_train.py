@@ -53,9 +53,67 @@ def test_agent_segments_an_image(first_run):
     # against torch on first use; the torch head gives the same clicks and mask
     assert agent.segmenter.backend == "onnx" and agent.srm.fast_head  # onnxruntime is a dependency
     assert agent.srm._fast_head.verified
+    # and so does the policy; torch picks the same actions
+    assert agent.fast_policy and agent._fast_policy.verified
     agent.srm.use_fast_head(False)
+    agent.use_fast_policy(False)
     mask_torch, clicks_torch = agent.segment(image)
     assert np.array_equal(mask, mask_torch) and np.allclose(clicks, clicks_torch)
+
+
+def test_fast_policy_follows_weights_and_falls_back(first_run, isolated_home, caplog):
+    import torch
+
+    from agents.fast_policy import OnnxPolicy
+    from envs import PointPromptEnv
+
+    summary, _ = first_run
+    agent = PromptAgent.load(summary["run_dir"])
+    image = np.random.default_rng(2).integers(0, 255, (90, 120, 3), dtype=np.uint8)
+    env = PointPromptEnv([_Image(image)], agent.segmenter, agent.srm, agent.eval_config())
+    obs, _ = env.reset(options={"index": 0})
+    fast = agent._fast_policy
+    graphs = lambda: sorted((isolated_home / "onnx").glob("policy-*.onnx"))  # noqa: E731
+
+    def torch_logits() -> np.ndarray:  # SB3's distribution holds log-probabilities
+        with torch.no_grad():
+            o, _ = agent.model.policy.obs_to_tensor(obs)
+            return agent.model.policy.get_distribution(o).distribution.logits[0].numpy()
+
+    def fast_logits() -> np.ndarray:
+        return torch.log_softmax(torch.from_numpy(fast.logits(obs)), 0).numpy()
+
+    agent.act(env, obs)
+    assert fast.verified and len(graphs()) == 1
+    np.testing.assert_allclose(fast_logits(), torch_logits(), atol=1e-4)
+    # a weight change (an optimizer step, load_state_dict) is noticed before the next action
+    with torch.no_grad():
+        agent.model.policy.action_net.score[-1].bias.add_(1.0)
+        agent.model.policy.action_net.score[0].weight.mul_(-1.0)
+    np.testing.assert_allclose(fast_logits(), torch_logits(), atol=1e-4)
+    assert not fast.verified and len(graphs()) == 2  # exported again, checked at the next act
+    agent.act(env, obs)
+    assert fast.verified and agent.fast_policy
+    # a graph that disagrees with torch is switched off, and torch acts
+    action = agent.act(env, obs)
+    fast.verified = False
+    real = OnnxPolicy.logits
+    wrong = lambda self, o: real(self, o) + np.arange(len(real(self, o)), dtype=np.float32)  # noqa: E731
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(OnnxPolicy, "logits", wrong)
+        assert agent.act(env, obs) == action
+    assert not agent.fast_policy and "fast path off" in caplog.text
+
+
+class _Image:
+    id = "image"
+    mask = None
+
+    def __init__(self, image: np.ndarray) -> None:
+        self.image = image
+
+    def load_image(self) -> np.ndarray:
+        return self.image
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (1, 9), (2, 700), (700, 3)])
