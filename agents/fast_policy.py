@@ -63,17 +63,17 @@ class OnnxPolicy:
         self.policy = policy
         self.keys = list(policy.observation_space.spaces)
         self._session: Any = None
-        self._stamp: tuple[int, ...] | None = None
+        self._stamp: tuple[tuple[int, int], ...] | None = None
         self.verified = False
 
     def __getstate__(self) -> dict[str, Any]:
         """Copies and pickles leave the session behind; the copy builds its own."""
         return {**self.__dict__, "_session": None, "_stamp": None, "verified": False}
 
-    def _weights_stamp(self) -> tuple[int, ...]:
-        """Torch's in-place version counter of every parameter: optimizer steps and
-        ``load_state_dict`` change it, so a stale graph is never used."""
-        return tuple(p._version for p in self.policy.parameters())
+    def _weights_stamp(self) -> tuple[tuple[int, int], ...]:
+        """Every parameter's storage and torch's in-place version counter: optimizer steps,
+        ``load_state_dict`` and swapped tensors change it, so a stale graph is never used."""
+        return tuple((p.data_ptr(), p._version) for p in self.policy.parameters())
 
     def _module(self) -> nn.Module:
         return _Logits(self.policy, self.keys)

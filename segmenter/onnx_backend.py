@@ -113,7 +113,7 @@ class DecoderPrep(nn.Module):
         # The mask input's dense bias, so a call with a mask input adds no bias of its own (the
         # common call: every click after the first); a call without one swaps it for the
         # no-mask embedding.
-        self.register_buffer("pre_bias", proj @ conv.bias)
+        self.register_buffer("pre_bias", proj @ conv.bias.detach())
         self.register_buffer("image_bias", conv.bias.detach().clone())
 
     def forward(self, image_embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
