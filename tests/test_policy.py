@@ -192,3 +192,41 @@ def test_ppo_config_checks_inputs_and_prior():
         PPOConfig(prior="random")
     with pytest.raises(ValueError, match="cell policy only"):
         PPOConfig(policy="dense", prior="srm_confident")
+
+
+@pytest.mark.parametrize("design", ["cell_masked", "cell_plain", "grid"])
+def test_onnx_policy_acts_as_sb3(tiny_segmenter, isolated_home, design):
+    """The ONNX Runtime policy's logits and deterministic actions equal SB3's, for every
+    policy design a run can have."""
+    from stable_baselines3.common.policies import MultiInputActorCriticPolicy
+
+    from agents.fast_policy import OnnxPolicy
+
+    cfg = EnvConfig(max_steps=4, grid=6, allow_pass=design == "cell_masked")
+    env = PointPromptEnv(make_samples(), tiny_segmenter, OracleLabeler(), cfg)
+    if design == "grid":
+        kwargs = {
+            "features_extractor_class": GridFeaturesExtractor,
+            "features_extractor_kwargs": {"features_dim": 32, "channels": 8},
+            "net_arch": {"pi": [], "vf": [16]},
+        }
+        policy = MultiInputActorCriticPolicy(
+            env.observation_space, env.action_space, lambda _: 1e-3, **kwargs
+        )
+    else:
+        policy = _policy(env, maskable=design == "cell_masked")
+    fast = OnnxPolicy(policy)
+    obs, _ = env.reset(seed=0)
+    for _ in range(cfg.max_steps):
+        logits = fast.logits(obs)
+        assert fast.check(logits, obs) is None
+        batch = obs_as_tensor({k: v[None] for k, v in obs.items()}, policy.device)
+        with torch.no_grad():
+            ref = policy.get_distribution(batch).distribution.logits[0].numpy()
+        np.testing.assert_allclose(torch.log_softmax(torch.from_numpy(logits), 0), ref, atol=1e-5)
+        kwargs = {"action_masks": env.action_masks()} if design == "cell_masked" else {}
+        action = int(policy.predict(obs, deterministic=True, **kwargs)[0])
+        allowed = env.action_masks() if design == "cell_masked" else np.ones_like(logits, bool)
+        assert int(np.argmax(np.where(allowed, logits, -np.inf))) == action
+        obs, *_ = env.step(action)
+    assert len(list((isolated_home / "onnx").glob("policy-*.onnx"))) == 1
