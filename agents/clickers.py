@@ -593,7 +593,7 @@ class EnvClicker:
         n_cells = env.config.grid**2  # the pass action (allow_pass) is the policy fn's to take
         visited = np.zeros(n_cells, bool)
         actions: list[int] = []
-        for _ in range(steps):
+        for t in range(steps):
             allowed = env.action_masks()[:n_cells] & ~visited
             if not allowed.any():  # more steps than cells: allow repeats rather than stop
                 allowed = np.ones(n_cells, bool)
@@ -601,7 +601,10 @@ class EnvClicker:
             if action < n_cells:
                 visited[action] = True
             actions.append(action)
-            obs, _, _, _, info = env.step(action)
+            if t == steps - 1:  # nothing reads the observation after the last click
+                _, info = env.final_step(action)
+            else:
+                obs, _, _, _, info = env.step(action)
             calls += info.get("click") is not None  # a pass makes no decoder call
             env_ious.append(float(info["iou"]))
             if gt is not None:

@@ -262,8 +262,13 @@ class PromptAgent:
     ) -> dict[str, Any]:
         """One automatic episode on ``env.samples[index]``; returns the final info."""
         obs, info = env.reset(options={"index": index})
-        for _ in range(steps if steps is not None else env.config.max_steps):
-            obs, _, _, _, info = env.step(self.act(env, obs, deterministic))
+        steps = env.config.max_steps if steps is None else steps
+        for t in range(steps):
+            action = self.act(env, obs, deterministic)
+            if t == steps - 1:  # nothing reads the observation after the last click
+                _, info = env.final_step(action)
+            else:
+                obs, _, _, _, info = env.step(action)
         return info
 
     def segment(self, image: np.ndarray, steps: int | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -200,6 +200,8 @@ class PointPromptEnv(gym.Env):
         )
         self._next_index = 0
         self._ep: EpisodeState | None = None
+        self._fg: np.ndarray | None = None
+        self._fg_stale = False
 
     # -- per-image preparation ---------------------------------------------------------------
     def _prepare(self, sample: Any) -> _Prepared:
@@ -264,6 +266,7 @@ class PointPromptEnv(gym.Env):
         with small_torch_ops(self.segmenter):
             self.labeler.begin(self._ep)
             self._fg = self.labeler.foreground_map(self._ep)
+            self._fg_stale = False
             start = options.get("start", self.config.start)
             points, labels = self._start_points(start, prep)
             if len(points):
@@ -303,6 +306,19 @@ class PointPromptEnv(gym.Env):
         return (col + 0.5) * w / g, (row + 0.5) * h / g
 
     def step(self, action: int) -> tuple[dict[str, np.ndarray], float, bool, bool, dict[str, Any]]:
+        return self._checked_step(action, observe=True)
+
+    def final_step(self, action: int) -> tuple[float, dict[str, Any]]:
+        """:meth:`step` for a caller that reads no observation after it (the last click of an
+        automatic episode): the same click, decoder call, reward and info, but the labeler's map
+        for the next observation is left until something asks for it, which saves a call of the
+        labeler (an SRM head) per episode. Returns ``(reward, info)``."""
+        _, reward, _, _, info = self._checked_step(action, observe=False)
+        return reward, info
+
+    def _checked_step(
+        self, action: int, observe: bool
+    ) -> tuple[dict[str, np.ndarray] | None, float, bool, bool, dict[str, Any]]:
         if self._ep is None:
             raise RuntimeError("call reset() before step()")
         if isinstance(action, np.ndarray):
@@ -314,13 +330,15 @@ class PointPromptEnv(gym.Env):
         action = int(action)
         threads = torch.get_num_threads()
         with small_torch_ops(self.segmenter):
-            return self._step(action, threads)
+            return self._step(action, threads, observe)
 
     def _step(
-        self, action: int, threads: int
-    ) -> tuple[dict[str, np.ndarray], float, bool, bool, dict[str, Any]]:
+        self, action: int, threads: int, observe: bool
+    ) -> tuple[dict[str, np.ndarray] | None, float, bool, bool, dict[str, Any]]:
         """:meth:`step` after validation; ``threads``: torch threads for the labeler's online
-        update (a real backward pass, unlike the rest of the step)."""
+        update (a real backward pass, unlike the rest of the step); ``observe``: whether the
+        caller reads the observation after it (:meth:`final_step`)."""
+        self._labeler_map()  # up to date after a final_step, should the episode go on
         if self.is_pass(action):
             return self._pass()
         x, y = self.cell_to_pixel(action)
@@ -340,7 +358,10 @@ class PointPromptEnv(gym.Env):
         if self.config.labeler_learns:
             with torch_threads(threads):
                 learn = self.labeler.after_step(self._ep)
-        self._fg = self.labeler.foreground_map(self._ep)
+        if observe:
+            self._fg = self.labeler.foreground_map(self._ep)
+        else:
+            self._fg_stale = True
 
         if self.config.reward == "iou_gain":
             reward = self._iou - prev_iou
@@ -360,11 +381,20 @@ class PointPromptEnv(gym.Env):
             abstained=False,
             **{f"labeler/{k}": v for k, v in learn.items()},
         )
-        return self._obs(), float(reward), False, False, info
+        return (self._obs() if observe else None), float(reward), False, False, info
 
     def is_pass(self, action: int) -> bool:
         """Whether ``action`` is the pass action (only with ``allow_pass``)."""
         return self.config.allow_pass and int(action) == self.config.grid**2
+
+    def _labeler_map(self) -> np.ndarray | None:
+        """The labeler's ``(He, We)`` map for the current mask (``None`` for a labeler without
+        one), computed now if a :meth:`final_step` left it out."""
+        if self._fg_stale:
+            with small_torch_ops(self.segmenter):
+                self._fg = self.labeler.foreground_map(self._ep)
+            self._fg_stale = False
+        return self._fg
 
     def _abstains(self, x: float, y: float) -> bool:
         """Whether the labeler's foreground probability at ``(x, y)`` is too close to 0.5."""
@@ -416,10 +446,11 @@ class PointPromptEnv(gym.Env):
         state = pool((feats * mask)[None], g)[0]
         image = pool(feats[None], g)[0]
         mask_g = pool(mask[None, None], g)[0]
-        if self._fg is None:
+        fg_map = self._labeler_map()
+        if fg_map is None:
             fg = np.full((1, *g), 0.5, np.float32)
         else:
-            fg = to_grid(self._fg[:vh, :vw], g)[None]
+            fg = to_grid(fg_map[:vh, :vw], g)[None]
         return {
             "state": state.numpy().astype(np.float32),
             "image": image.numpy().astype(np.float32),
@@ -456,9 +487,10 @@ class PointPromptEnv(gym.Env):
         return cells
 
     def foreground_map(self) -> tuple[np.ndarray, ImageEmbedding]:
-        """The labeler's ``(He, We)`` foreground probability of this episode's image at its
-        start (before any click), and the embedding whose grid it is on."""
-        return self._fg, self._prep.embedding
+        """The labeler's ``(He, We)`` foreground probability of this episode's image for the
+        current mask (before any click: right after :meth:`reset`), and the embedding whose
+        grid it is on."""
+        return self._labeler_map(), self._prep.embedding
 
     def current_mask(self) -> np.ndarray:
         """``(H, W)`` bool full-resolution mask of the current prompt set."""

@@ -284,3 +284,37 @@ def test_abstaining_on_unsure_cells(tiny_segmenter):
     assert tr.n_clicks == 2 + 6 - len(left) and tr.decoder_calls == 1 + 6 - len(left)
     with pytest.raises(ValueError, match="abstain_margin"):
         EnvConfig(abstain_margin=0.5)
+
+
+def test_final_step_skips_only_the_unread_labeler_map(tiny_segmenter):
+    """``final_step`` is ``step`` without the labeler's map for an observation nobody reads:
+    the same decoder call, reward and info, one labeler call fewer; the map is computed when
+    the episode goes on after all."""
+
+    class Counting(OracleLabeler):
+        calls = 0
+
+        def foreground_map(self, state):
+            Counting.calls += 1
+            return super().foreground_map(state)
+
+    cfg = EnvConfig(max_steps=3, grid=5, start="labeler")
+    runs = []
+    for final in (False, True):
+        Counting.calls = 0
+        env = PointPromptEnv(make_samples(), tiny_segmenter, Counting(), cfg)
+        env.reset(seed=0, options={"index": 0})
+        env.step(7)
+        if final:
+            reward, info = env.final_step(12)
+        else:
+            _, reward, _, _, info = env.step(12)
+        runs.append((reward, info, Counting.calls, env.current_mask()))
+    (r0, i0, c0, m0), (r1, i1, c1, m1) = runs
+    assert r0 == r1 and i0 == i1 and np.array_equal(m0, m1)
+    assert c1 == c0 - 1
+    obs, *_ = env.step(3)  # the episode goes on: the map is brought up to date first
+    assert Counting.calls == c0 + 1
+    fg, _ = env.foreground_map()
+    assert np.array_equal(fg, env.labeler.foreground_map(env._ep))
+    assert obs["fg"].shape == (1, 5, 5)
