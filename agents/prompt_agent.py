@@ -241,8 +241,10 @@ class PromptAgent:
         return int(action)
 
     def _fast_act(self, obs: dict[str, np.ndarray], masks: np.ndarray | None) -> int | None:
-        """The deterministic action from the ONNX Runtime policy (the argmax of the allowed
-        logits, SB3's mode), or ``None`` after switching it off."""
+        """The deterministic action from the ONNX Runtime policy: the argmax of the allowed
+        logits, SB3's mode (logits within float rounding of each other, as an untrained head
+        gives, may break the tie differently from SB3's softmax), or ``None`` after switching
+        the fast policy off. SB3's distribution objects would cost as much as the graph."""
         fast = self._fast_policy
         try:
             logits = fast.logits(obs)
