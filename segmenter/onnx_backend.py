@@ -258,7 +258,7 @@ AGREEMENT_TOLERANCE = 1e-3
 
 def disagreement(fast: torch.Tensor, stock: torch.Tensor) -> str | None:
     """``None`` when ``fast`` matches ``stock`` within :data:`AGREEMENT_TOLERANCE`, else how far
-    apart they are. The first-use check of every fast path (segmenter and SRM head)."""
+    apart they are. The first-use check of every fast path (segmenter, SRM head and policy)."""
     scale = max(1.0, float(stock.abs().max()))
     diff = float((fast.float() - stock.float()).abs().max()) / scale
     return None if diff <= AGREEMENT_TOLERANCE else f"differs by {diff:.2e} (relative)"
