@@ -36,6 +36,7 @@ from scipy import ndimage
 from envs.prompt_env import PointPromptEnv
 from recalibration.labelers import Labeler
 from segmenter.base import ImageEmbedding, Segmenter, mask_iou
+from segmenter.session import PromptSession
 
 logger = logging.getLogger(__name__)
 
@@ -360,20 +361,19 @@ class SimulatedAnnotator:
         return int(row), int(col), int(positive)
 
     def _select(
-        self, embedding: ImageEmbedding, pred: Any, gt: np.ndarray
-    ) -> tuple[torch.Tensor, np.ndarray, int]:
-        """Selected low-res logits, their full mask, and the candidate index of a first click."""
+        self, session: PromptSession, gt: np.ndarray
+    ) -> tuple[np.ndarray, int]:
+        """Apply the first-click selection rule to the session's multimask prediction: the
+        full mask and the candidate index kept."""
+        pred = session.prediction
         if self.selection == "oracle":
-            masks = [self.segmenter.upscale(embedding, c) for c in pred.candidates]
-            ious = [mask_iou(m, gt) for m in masks]
-            best = int(np.argmax(ious))
-            return pred.candidates[best], masks[best], best
-        if self.selection == "score":
-            best = int(torch.argmax(torch.as_tensor(pred.candidate_scores)))
-            logits = pred.candidates[best]
-        else:
-            best, logits = 0, pred.low_res_logits
-        return logits, self.segmenter.upscale(embedding, logits), best
+            masks = [self.segmenter.upscale(session.embedding, c) for c in pred.candidates]
+            best = int(np.argmax([mask_iou(m, gt) for m in masks]))
+            session.select_candidate(best)
+            return masks[best], best
+        # "score": the decoder kept the best-scoring candidate; "single": its only mask.
+        best = int(torch.argmax(torch.as_tensor(pred.candidate_scores)))
+        return session.current_mask(), best if self.selection == "score" else 0
 
     def run(
         self,
@@ -404,11 +404,13 @@ class SimulatedAnnotator:
             )
         pred_mask = np.zeros(gt.shape, bool)
         clicked = np.zeros(gt.shape, bool)
-        points: list[tuple[float, float]] = []
-        labels: list[int] = []
+        session = PromptSession(
+            self.segmenter,
+            embedding,
+            use_mask_input=self.use_mask_input,
+            multimask_single_click=self.selection != "single",
+        )
         ious: list[float] = []
-        logits: torch.Tensor | None = None
-        calls = 0
         stop = "max_clicks"
         first_candidate = -1
         kept: dict[int, np.ndarray] = {}
@@ -420,44 +422,32 @@ class SimulatedAnnotator:
                 break
             row, col, label = click
             clicked[row, col] = True
-            points.append((col + 0.5, row + 0.5))
-            labels.append(label)
-            first = len(points) == 1
-            multimask = first and self.selection != "single"
-            pred = self.segmenter.decode(
-                embedding,
-                np.asarray(points, np.float32),
-                np.asarray(labels, np.int64),
-                mask_input=logits if self.use_mask_input else None,
-                multimask=multimask,
-            )
-            calls += 1
-            if first:
-                logits, pred_mask, first_candidate = self._select(embedding, pred, gt)
+            session.click(col + 0.5, row + 0.5, label)
+            if len(session.points) == 1:
+                pred_mask, first_candidate = self._select(session, gt)
             else:
-                logits = pred.low_res_logits
-                pred_mask = self.segmenter.upscale(embedding, logits)
+                pred_mask = session.current_mask()
             ious.append(mask_iou(pred_mask, gt))
             seconds_at.append(time.perf_counter() - t0)
-            if len(points) in keep_masks:
-                kept[len(points)] = pred_mask
+            if len(session.points) in keep_masks:
+                kept[len(session.points)] = pred_mask
         for k in keep_masks:
             kept.setdefault(int(k), pred_mask)
         seconds = time.perf_counter() - t0
         logger.debug(
             "annotator %s: %d clicks, IoU %.3f, stop=%s",
             sample_id,
-            len(points),
+            len(session.points),
             ious[-1] if ious else float("nan"),
             stop,
         )
         return ClickTrace(
             sample_id=sample_id,
-            points=np.asarray(points, np.float32).reshape(-1, 2),
-            labels=np.asarray(labels, np.int64),
+            points=session.points.reshape(-1, 2),
+            labels=session.labels,
             ious=ious,
             final_mask=pred_mask,
-            decoder_calls=calls,
+            decoder_calls=session.decoder_calls,
             seconds=seconds,
             info={
                 "stop": stop,

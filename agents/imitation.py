@@ -35,7 +35,6 @@ import torch
 from tqdm.auto import tqdm
 
 from envs import PointPromptEnv
-from segmenter import mask_iou
 
 logger = logging.getLogger(__name__)
 
@@ -102,26 +101,12 @@ class ImitationConfig:
 
 def candidate_ious(env: PointPromptEnv, cells: Sequence[int]) -> np.ndarray:
     """IoU (the env's low-resolution IoU) after clicking each of ``cells`` from the current
-    state, each labelled by the env's labeler and decoded on top of the current prompt set.
-    One decoder call per cell; the env's state is left unchanged."""
-    ep, seg = env._ep, env.segmenter
-    vh, vw = env._prep.valid_low
-    gt = env._prep.gt_low
-    if gt is None:
+    state, each labelled by the env's labeler and decoded on top of the current prompt set
+    (:meth:`~envs.prompt_env.PointPromptEnv.preview`). One decoder call per cell; the env's
+    state is left unchanged."""
+    if env.session.target is None:
         raise RuntimeError("candidate IoUs need ground-truth masks")
-    mask_input = env._logits if env.config.use_mask_input else None
-    out = np.empty(len(cells), np.float32)
-    for i, cell in enumerate(cells):
-        x, y = env.cell_to_pixel(int(cell))
-        if env._abstains(x, y):  # an abstained click changes nothing
-            out[i] = env._iou
-            continue
-        label = int(env.labeler.label(ep, x, y))
-        points = np.concatenate([ep.points, [[x, y]]]).astype(np.float32)
-        labels = np.concatenate([ep.labels, [label]]).astype(np.int64)
-        pred = seg.decode(ep.embedding, points, labels, mask_input=mask_input)
-        out[i] = mask_iou(pred.low_res_logits[:vh, :vw].numpy() > 0, gt)
-    return out
+    return np.array([p.iou for p in env.preview([int(c) for c in cells])], np.float32)
 
 
 @dataclass
@@ -262,11 +247,11 @@ def collect_round(
             states.append(obs)
             cells_l.append(np.pad(cells, (0, k - len(cells)), constant_values=-1))
             ious_l.append(np.pad(ious, (0, k - len(ious)), constant_values=np.nan))
-            current.append(float(env._iou))
+            current.append(float(env.iou))
             images.append(episode % len(env.samples))
             action = behaviour(env, obs, cells, ious, rng)
             obs, *_ = env.step(int(action))
-        bar.set_postfix(final_iou=f"{env._iou:.3f}")
+        bar.set_postfix(final_iou=f"{env.iou:.3f}")
         if save is not None and (episode + 1) % config.save_every == 0:
             save(snapshot(episode + 1))
     data = snapshot(config.episodes)

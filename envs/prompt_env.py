@@ -37,13 +37,15 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
-from recalibration.labelers import EpisodeState, Labeler, OracleLabeler, to_grid
+from envs.rewards import REWARDS, Step
+from recalibration.labelers import EpisodeState, Labeler, OracleLabeler
 from segmenter.base import ImageEmbedding, Segmenter, mask_iou, small_torch_ops, torch_threads
 from segmenter.cache import EmbeddingCache
+from segmenter.geometry import action_centre, to_grid
+from segmenter.session import Outcome, PromptSession, Target
 
 logger = logging.getLogger(__name__)
 
-RewardMode = Literal["iou_gain", "iou", "hit"]
 StartMode = Literal["gt", "labeler", "none"]
 FEATURE_CLIP = 10.0
 
@@ -55,8 +57,9 @@ class EnvConfig:
     Attributes:
         grid: G, the action grid side (the paper's 10 x 10 patches of an 800 x 800 image).
         max_steps: T, prompting steps per episode (also ``max_episode_steps``).
-        reward: ``iou_gain`` (IoU_t - IoU_{t-1}), ``iou`` (IoU_t) or ``hit`` (+1/-1 for a
-            click inside / outside the ground truth, the paper's reward).
+        reward: A reward of :data:`envs.rewards.REWARDS`: ``iou_gain`` (IoU_t - IoU_{t-1}),
+            ``iou`` (IoU_t) or ``hit`` (+1/-1 for a click inside / outside the ground truth,
+            the paper's reward).
         start: ``gt`` one random positive and one random negative ground-truth point
             (training); ``labeler`` the labeler's most / least confident cells (evaluation);
             ``none`` an empty prompt set.
@@ -86,7 +89,7 @@ class EnvConfig:
 
     grid: int = 10
     max_steps: int = 15
-    reward: RewardMode = "iou_gain"
+    reward: str = "iou_gain"
     start: StartMode = "gt"
     mask_repeats: bool = True
     feature_channels: int = 32
@@ -109,8 +112,8 @@ class EnvConfig:
             raise ValueError(f"grid must be >= 2, got {self.grid}")
         if self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
-        if self.reward not in ("iou_gain", "iou", "hit"):
-            raise ValueError(f"reward must be iou_gain, iou or hit, got {self.reward!r}")
+        if self.reward not in REWARDS:
+            raise ValueError(f"reward must be one of {', '.join(REWARDS)}, got {self.reward!r}")
         if self.start not in ("gt", "labeler", "none"):
             raise ValueError(f"start must be gt, labeler or none, got {self.start!r}")
         if not 0.0 <= self.abstain_margin < 0.5:
@@ -131,16 +134,37 @@ class _Prepared:
 
     embedding: ImageEmbedding
     features: torch.Tensor  # (K, He, We) projected, standardised
-    gt_full: np.ndarray | None  # (H, W) bool
-    gt_low: np.ndarray | None  # (vh, vw) bool, ground truth in the valid low-res frame
-    gt_grid: np.ndarray | None  # (He, We) float coverage
+    target: Target | None  # ground truth in the session's frames
     fg_pixels: np.ndarray | None  # (P, 2) (y, x) foreground pixel coordinates
     bg_pixels: np.ndarray | None
-    valid_low: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class ClickPreview:
+    """What one action would do from the current state (:meth:`PointPromptEnv.preview`).
+
+    Attributes:
+        action: The action.
+        click: ``(x, y, label)`` it would add, ``None`` for the pass action or an abstained
+            label (no click, no decoder call).
+        iou: Low-res IoU with the ground truth after it (0 without ground truth).
+        reward: The env's reward for it.
+        outcome: The decoded outcome (``None`` without a click); :meth:`PointPromptEnv.step`
+            with the same action gives the same mask.
+    """
+
+    action: int
+    click: tuple[float, float, int] | None
+    iou: float
+    reward: float
+    outcome: Outcome | None
 
 
 class PointPromptEnv(gym.Env):
     """Click-by-click prompting of a frozen segmenter, rewarded by mask quality.
+
+    Each episode is a :class:`~segmenter.session.PromptSession` on one image; the env adds the
+    action grid, the labeler, the reward (:mod:`envs.rewards`) and the observation.
 
     Args:
         samples: Sequence of objects with ``id``, ``mask`` (``(H, W)`` bool, may be ``None``
@@ -182,6 +206,7 @@ class PointPromptEnv(gym.Env):
         self.labeler = labeler or OracleLabeler()
         self.cache = cache
         self.render_mode = render_mode
+        self._reward = REWARDS[self.config.reward]
         self._prepared: dict[str, _Prepared] = {}
         g, k = self.config.grid, self.config.feature_channels
         channels = int(segmenter.embedding_shape[0])
@@ -200,6 +225,7 @@ class PointPromptEnv(gym.Env):
         )
         self._next_index = 0
         self._ep: EpisodeState | None = None
+        self._session: PromptSession | None = None
         self._fg: np.ndarray | None = None
         self._fg_stale = False
 
@@ -215,21 +241,18 @@ class PointPromptEnv(gym.Env):
         feats = torch.einsum("kc,chw->khw", self._proj, emb.features[0].float().cpu())
         feats = (feats - feats.mean()) / (feats.std() + 1e-6)
         feats = feats.clamp(-FEATURE_CLIP, FEATURE_CLIP)
-        low = self.segmenter.low_res_size
-        valid_low = emb.valid_shape(low)
         gt = getattr(sample, "mask", None)
-        gt_low = gt_grid = fg = bg = None
+        target = fg = bg = None
         if gt is not None:
             gt = np.asarray(gt, dtype=bool)
             if gt.shape != emb.original_size:
                 raise ValueError(
                     f"sample {sample.id!r}: mask {gt.shape} and image {emb.original_size} differ"
                 )
-            gt_low = emb.to_frame(gt, low)[: valid_low[0], : valid_low[1]] > 0.5
-            gt_grid = emb.to_frame(gt, emb.grid_size)
+            target = Target.of(emb, gt, self.segmenter.low_res_size)
             fg = np.argwhere(gt)
             bg = np.argwhere(~gt)
-        prep = _Prepared(emb, feats, gt, gt_low, gt_grid, fg, bg, valid_low)
+        prep = _Prepared(emb, feats, target, fg, bg)
         self._prepared[sample.id] = prep
         return prep
 
@@ -249,20 +272,25 @@ class PointPromptEnv(gym.Env):
         sample = self.samples[index]
         prep = self._prepare(sample)
         self._sample, self._prep = sample, prep
-        he, we = prep.embedding.grid_size
+        self._session = PromptSession(
+            self.segmenter,
+            prep.embedding,
+            prep.target,
+            use_mask_input=self.config.use_mask_input,
+            multimask_single_click=self.config.multimask_single_click,
+        )
+        target = prep.target
         self._ep = EpisodeState(
             sample_id=sample.id,
             embedding=prep.embedding,
-            mask_prob=np.zeros((he, we), np.float32),
-            gt_grid=prep.gt_grid,
-            gt_full=prep.gt_full,
+            mask_prob=self._session.mask_prob,
+            gt_grid=None if target is None else target.grid,
+            gt_full=None if target is None else target.full,
             load_image=sample.load_image,
         )
         self._t = 0
         self._visited = np.zeros(self.config.grid**2, bool)
         self._clicks = np.zeros((2, self.config.grid, self.config.grid), np.float32)
-        self._logits: torch.Tensor | None = None
-        self._iou = 0.0
         with small_torch_ops(self.segmenter):
             self.labeler.begin(self._ep)
             self._fg = self.labeler.foreground_map(self._ep)
@@ -270,7 +298,7 @@ class PointPromptEnv(gym.Env):
             start = options.get("start", self.config.start)
             points, labels = self._start_points(start, prep)
             if len(points):
-                self._decode(points, labels)
+                self._commit(self._session.prompt(points, labels))
             return self._obs(), self._info(final=False)
 
     def _start_points(self, start: str, prep: _Prepared) -> tuple[np.ndarray, np.ndarray]:
@@ -300,10 +328,7 @@ class PointPromptEnv(gym.Env):
 
     def cell_to_pixel(self, action: int) -> tuple[float, float]:
         """Centre of action-grid cell ``action`` in original ``(x, y)`` pixels."""
-        g = self.config.grid
-        row, col = divmod(int(action), g)
-        h, w = self._prep.embedding.original_size
-        return (col + 0.5) * w / g, (row + 0.5) * h / g
+        return action_centre(self._prep.embedding.original_size, self.config.grid, action)
 
     def step(self, action: int) -> tuple[dict[str, np.ndarray], float, bool, bool, dict[str, Any]]:
         return self._checked_step(action, observe=True)
@@ -316,9 +341,7 @@ class PointPromptEnv(gym.Env):
         _, reward, _, _, info = self._checked_step(action, observe=False)
         return reward, info
 
-    def _checked_step(
-        self, action: int, observe: bool
-    ) -> tuple[dict[str, np.ndarray] | None, float, bool, bool, dict[str, Any]]:
+    def _check_action(self, action: Any) -> int:
         if self._ep is None:
             raise RuntimeError("call reset() before step()")
         if isinstance(action, np.ndarray):
@@ -327,10 +350,25 @@ class PointPromptEnv(gym.Env):
             raise ValueError(
                 f"action {action!r} is out of range: expected an int in [0, {self.action_space.n})"
             )
-        action = int(action)
+        return int(action)
+
+    def _checked_step(
+        self, action: int, observe: bool
+    ) -> tuple[dict[str, np.ndarray] | None, float, bool, bool, dict[str, Any]]:
+        action = self._check_action(action)
         threads = torch.get_num_threads()
         with small_torch_ops(self.segmenter):
             return self._step(action, threads, observe)
+
+    def _click_of(self, action: int) -> tuple[float, float, int] | None:
+        """The click ``(x, y, label)`` that ``action`` adds now, ``None`` for the pass action or
+        an abstained label."""
+        if self.is_pass(action):
+            return None
+        x, y = self.cell_to_pixel(action)
+        if self._abstains(x, y):
+            return None
+        return x, y, int(self.labeler.label(self._ep, x, y))
 
     def _step(
         self, action: int, threads: int, observe: bool
@@ -339,20 +377,18 @@ class PointPromptEnv(gym.Env):
         update (a real backward pass, unlike the rest of the step); ``observe``: whether the
         caller reads the observation after it (:meth:`final_step`)."""
         self._labeler_map()  # up to date after a final_step, should the episode go on
-        if self.is_pass(action):
-            return self._pass()
-        x, y = self.cell_to_pixel(action)
-        repeated = bool(self._visited[action])
-        self._visited[action] = True
-        if self._abstains(x, y):
-            return self._pass(abstained=True)
-        label = int(self.labeler.label(self._ep, x, y))
+        repeated = False
+        if not self.is_pass(action):
+            repeated = bool(self._visited[action])
+            self._visited[action] = True
+        click = self._click_of(action)
+        if click is None:
+            return self._pass(abstained=not self.is_pass(action))
+        x, y, label = click
         row, col = divmod(action, self.config.grid)
         self._clicks[0 if label == 1 else 1, row, col] = 1.0
-        points = np.concatenate([self._ep.points, [[x, y]]]).astype(np.float32)
-        labels = np.concatenate([self._ep.labels, [label]]).astype(np.int64)
-        prev_iou = self._iou
-        self._decode(points, labels)
+        prev_iou = self.iou
+        self._commit(self._session.click(x, y, label))
         self._t += 1
         learn = {}
         if self.config.labeler_learns:
@@ -362,26 +398,38 @@ class PointPromptEnv(gym.Env):
             self._fg = self.labeler.foreground_map(self._ep)
         else:
             self._fg_stale = True
-
-        if self.config.reward == "iou_gain":
-            reward = self._iou - prev_iou
-        elif self.config.reward == "iou":
-            reward = self._iou
-        else:
-            gt = self._prep.gt_full
-            if gt is None:
-                raise RuntimeError("reward='hit' needs ground truth")
-            h, w = gt.shape
-            reward = 1.0 if gt[min(int(y), h - 1), min(int(x), w - 1)] else -1.0
+        reward = self._reward(Step(prev_iou, self.iou, click, self._prep.target))
         final = self._t >= self.config.max_steps
         info = self._info(final=final)
         info.update(
-            click=(x, y, label),
+            click=click,
             repeated=repeated,
             abstained=False,
             **{f"labeler/{k}": v for k, v in learn.items()},
         )
         return (self._obs() if observe else None), float(reward), False, False, info
+
+    def preview(self, actions: Sequence[int]) -> list[ClickPreview]:
+        """What each of ``actions`` would do from the current state: its click (labelled by
+        the labeler, exactly as :meth:`step` would), IoU and reward; one decoder call per
+        action that clicks; the episode is left unchanged. The labeler learns nothing here.
+
+        Raises:
+            ValueError: An action is out of range.
+        """
+        actions = [self._check_action(a) for a in actions]
+        with small_torch_ops(self.segmenter):
+            self._labeler_map()
+            clicks = [self._click_of(a) for a in actions]
+            outcomes = iter(self._session.preview([c for c in clicks if c is not None]))
+        target, prev = self._prep.target, self.iou
+        out = []
+        for action, click in zip(actions, clicks, strict=True):
+            outcome = None if click is None else next(outcomes)
+            iou = prev if outcome is None or outcome.iou is None else float(outcome.iou)
+            reward = float(self._reward(Step(prev, iou, click, target)))
+            out.append(ClickPreview(action, click, iou, reward, outcome))
+        return out
 
     def is_pass(self, action: int) -> bool:
         """Whether ``action`` is the pass action (only with ``allow_pass``)."""
@@ -409,30 +457,46 @@ class PointPromptEnv(gym.Env):
         """The pass action (or an abstained click): no click, no decode; the step counter
         advances."""
         self._t += 1
-        reward = {"iou_gain": 0.0, "iou": self._iou}.get(self.config.reward, 0.0)
+        iou = self.iou
+        reward = self._reward(Step(iou, iou, None, self._prep.target))
         info = self._info(final=self._t >= self.config.max_steps)
         info.update(click=None, repeated=False, abstained=abstained)
         return self._obs(), float(reward), False, False, info
 
-    def _decode(self, points: np.ndarray, labels: np.ndarray) -> None:
+    def _commit(self, outcome: Outcome) -> None:
+        """Mirror the session's prompts and mask state into what the labeler sees."""
         ep = self._ep
-        mask_input = (
-            self._logits if (self.config.use_mask_input and self._logits is not None) else None
-        )
-        pred = self.segmenter.decode(
-            ep.embedding,
-            points,
-            labels,
-            mask_input=mask_input,
-            multimask=self.config.multimask_single_click and len(points) == 1,
-        )
-        self._logits = pred.low_res_logits
-        ep.points, ep.labels = points, labels
-        prob = torch.sigmoid(pred.low_res_logits)
-        ep.mask_prob = to_grid(prob, ep.embedding.grid_size)
-        if self._prep.gt_low is not None:
-            vh, vw = self._prep.valid_low
-            self._iou = mask_iou(pred.low_res_logits[:vh, :vw].numpy() > 0, self._prep.gt_low)
+        ep.points, ep.labels = outcome.points, outcome.labels
+        ep.mask_prob = outcome.mask_prob
+
+    # -- what others may read -----------------------------------------------------------------
+    @property
+    def session(self) -> PromptSession:
+        """The current episode's prompting session (read it; step the env to change it)."""
+        if self._session is None:
+            raise RuntimeError("call reset() first")
+        return self._session
+
+    @property
+    def episode_state(self) -> EpisodeState:
+        """What the labeler sees of the current episode."""
+        if self._ep is None:
+            raise RuntimeError("call reset() first")
+        return self._ep
+
+    @property
+    def iou(self) -> float:
+        """Low-res IoU of the current mask with the ground truth (0.0 without ground truth or
+        before the first decode)."""
+        session = self._session
+        if session is None or session.target is None:
+            return 0.0
+        return session.iou
+
+    @property
+    def steps_taken(self) -> int:
+        """Steps of the current episode so far."""
+        return self._t
 
     # -- observation / info -------------------------------------------------------------------
     def _obs(self) -> dict[str, np.ndarray]:
@@ -464,16 +528,17 @@ class PointPromptEnv(gym.Env):
         ep = self._ep
         info: dict[str, Any] = {
             "sample_id": ep.sample_id,
-            "iou": self._iou,
+            "iou": self.iou,
             "prompts": [
                 (float(x), float(y), int(lab))
                 for (x, y), lab in zip(ep.points, ep.labels, strict=True)
             ],
         }
+        target = self._prep.target
         if final:
-            info["is_success"] = bool(self._iou >= self.config.success_iou)
-            if self.config.full_res_eval and self._prep.gt_full is not None:
-                info["iou_full"] = mask_iou(self.current_mask(), self._prep.gt_full)
+            info["is_success"] = bool(self.iou >= self.config.success_iou)
+            if self.config.full_res_eval and target is not None:
+                info["iou_full"] = mask_iou(self.current_mask(), target.full)
         return info
 
     def action_masks(self) -> np.ndarray:
@@ -494,20 +559,12 @@ class PointPromptEnv(gym.Env):
 
     def current_mask(self) -> np.ndarray:
         """``(H, W)`` bool full-resolution mask of the current prompt set."""
-        h, w = self._prep.embedding.original_size
-        if self._logits is None:
-            return np.zeros((h, w), bool)
-        return self.segmenter.upscale(self._prep.embedding, self._logits)
+        return self.session.current_mask()
 
     def mask_score(self) -> float:
         """Mean decoder foreground probability inside the current mask (0.0 when empty): a
         confidence score for the final mask, computed without ground truth."""
-        if self._logits is None:
-            return 0.0
-        vh, vw = self._prep.valid_low
-        logits = self._logits[:vh, :vw]
-        inside = logits > 0
-        return float(torch.sigmoid(logits[inside]).mean()) if bool(inside.any()) else 0.0
+        return self.session.mask_score()
 
     def render(self) -> np.ndarray | None:
         if self.render_mode != "rgb_array":

@@ -3,8 +3,8 @@
 For each image, three click policies run in the run's evaluation environment from the same SRM
 start points, with labels always from the SRM:
 
-- ``greedy``: at every step, the cell whose click (with the SRM's label) gives the best IoU
-  with the ground truth. It reads the ground truth to choose, so it is a ceiling for any
+- ``greedy``: at every step, the cell whose click (with the SRM's label) earns the env's reward
+  most (with the default ``iou_gain``: the best IoU with the ground truth). It reads the ground truth to choose, so it is a ceiling for any
   placement policy with these labels (greedy, so not the exact optimum), and a teacher for one.
 - ``agent``: the run's trained policy.
 - ``random``: uniformly random unvisited cells (the paper's "w/o RL").
@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from agents.imitation import candidate_ious
 from agents.prompt_agent import PromptAgent
 from envs import PointPromptEnv
 
@@ -32,9 +31,10 @@ POLICIES = ("greedy", "agent", "random")
 
 
 def greedy_action(env: PointPromptEnv) -> int:
-    """The legal cell whose click, labelled by the env's labeler, gives the best IoU next."""
+    """The legal cell whose click, labelled by the env's labeler, earns the env's reward most
+    (with the default ``iou_gain``: the best IoU next)."""
     cells = [int(c) for c in np.flatnonzero(env.action_masks()) if not env.is_pass(int(c))]
-    return cells[int(np.argmax(candidate_ious(env, cells)))]
+    return cells[int(np.argmax([p.reward for p in env.preview(cells)]))]
 
 
 def placement_ceiling(
@@ -57,7 +57,7 @@ def placement_ceiling(
                     legal = [a for a in np.flatnonzero(env.action_masks()) if not env.is_pass(a)]
                     action = int(rng.choice(legal))
                 obs, *_ = env.step(action)
-            per_image[policy].append(float(env._iou))
+            per_image[policy].append(float(env.iou))
     return {
         "n": len(samples),
         "mean_iou": {p: float(np.mean(v)) for p, v in per_image.items()},

@@ -124,11 +124,12 @@ def time_env(
         env.reset(seed=ep, options={"index": ep % len(samples)})
         for _ in range(env.config.max_steps):
             action = int(rng.choice(np.flatnonzero(env.action_masks())))
-            prev = env._logits
+            prev = env.session.logits
             t0 = time.perf_counter()
             env.step(action)
             step_times.append(time.perf_counter() - t0)
-            emb, pts, lbl = env._ep.embedding, env._ep.points.copy(), env._ep.labels.copy()
+            session = env.session
+            emb, pts, lbl = session.embedding, session.points.copy(), session.labels.copy()
             t0 = time.perf_counter()
             segmenter.decode(emb, pts, lbl, mask_input=prev)
             bare.append(time.perf_counter() - t0)

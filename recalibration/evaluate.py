@@ -22,7 +22,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from recalibration.labelers import EpisodeState, to_grid
+from recalibration.labelers import EpisodeState
 from recalibration.srm import (
     SemanticRecalibrationModule,
     SRMConfig,
@@ -31,6 +31,8 @@ from recalibration.srm import (
 )
 from segmenter.base import ImageEmbedding, Segmenter
 from segmenter.cache import EmbeddingCache
+from segmenter.geometry import action_centres, value_at
+from segmenter.session import PromptSession
 
 logger = logging.getLogger(__name__)
 
@@ -56,22 +58,9 @@ MaskStateMode = Literal["zeros", "self_start", "gt_start"]
 
 
 def action_cell_centres(size: tuple[int, int], grid: int) -> np.ndarray:
-    """``(G*G, 2)`` ``(x, y)`` centres of the action cells in original pixels (row-major)."""
-    h, w = size
-    rows, cols = np.divmod(np.arange(grid * grid), grid)
-    return np.stack([(cols + 0.5) * w / grid, (rows + 0.5) * h / grid], axis=1)
-
-
-def _decode_prob(
-    segmenter: Segmenter,
-    emb: ImageEmbedding,
-    points: np.ndarray,
-    labels: np.ndarray,
-    mask_input: torch.Tensor | None = None,
-) -> tuple[np.ndarray, torch.Tensor]:
-    pred = segmenter.decode(emb, points, labels, mask_input=mask_input, multimask=len(points) == 1)
-    prob = to_grid(torch.sigmoid(pred.low_res_logits), emb.grid_size)
-    return prob.astype(np.float32), pred.low_res_logits
+    """``(G*G, 2)`` ``(x, y)`` centres of the action cells in original pixels (row-major;
+    :func:`segmenter.geometry.action_centres`)."""
+    return action_centres(size, grid)
 
 
 def _start_state(
@@ -92,23 +81,17 @@ def _start_state(
         return zeros
     if segmenter is None:
         raise ValueError(f"mask_state={mode!r} needs a segmenter to decode the start clicks")
-    h, w = gt.shape
     state = EpisodeState(sample_id=emb.image_hash, embedding=emb, mask_prob=zeros)
     if mode == "self_start":
         # As the environment's start="labeler": argmax / argmin over the valid cells.
         fg = srm.predict(state, semantic)
         vh, vw = emb.valid_shape((he, we))
         fgv = fg[:vh, :vw]
-        side = max(emb.input_size)
-        pts = []
-        for r, c in (
+        cells = (
             np.unravel_index(np.argmax(fgv), fgv.shape),
             np.unravel_index(np.argmin(fgv), fgv.shape),
-        ):
-            x = (c + 0.5) / we * side * w / emb.input_size[1]
-            y = (r + 0.5) / he * side * h / emb.input_size[0]
-            pts.append([min(x, w - 0.5), min(y, h - 0.5)])
-        points = np.array(pts, np.float32)
+        )
+        points = np.array([emb.cell_centre(r, c) for r, c in cells], np.float32)
     elif mode == "gt_start":
         fg_px, bg_px = np.argwhere(gt), np.argwhere(~gt)
         fy, fx = fg_px[rng.integers(len(fg_px))]
@@ -116,21 +99,20 @@ def _start_state(
         points = np.array([[fx + 0.5, fy + 0.5], [bx + 0.5, by + 0.5]], np.float32)
     else:
         raise ValueError(f"unknown mask_state {mode!r}; use zeros, self_start or gt_start")
-    labels = np.array([1, 0], np.int64)
-    prob, logits = _decode_prob(segmenter, emb, points, labels)
-    centres = action_cell_centres((h, w), grid)
+    # Lone clicks never occur here; the session decodes with the previous mask as mask input.
+    session = PromptSession(segmenter, emb, multimask_single_click=True)
+    session.prompt(points, np.array([1, 0], np.int64))
+    centres = action_centres(gt.shape, grid)
     for cell in rng.permutation(grid * grid)[:clicks]:
         x, y = centres[cell]
-        state.mask_prob = prob
+        state.mask_prob = session.mask_prob
         if mode == "self_start":
             p = srm.predict(state, semantic)[state.grid_cell(float(x), float(y))]
             lab = int(p >= srm.config.threshold)
         else:
-            lab = int(gt[min(int(y), h - 1), min(int(x), w - 1)])
-        points = np.concatenate([points, [[x, y]]]).astype(np.float32)
-        labels = np.concatenate([labels, [lab]]).astype(np.int64)
-        prob, logits = _decode_prob(segmenter, emb, points, labels, logits)
-    return prob
+            lab = int(value_at(gt, x, y))
+        session.click(x, y, lab)
+    return session.mask_prob
 
 
 def label_accuracy(
@@ -180,12 +162,12 @@ def label_accuracy(
         mask = _start_state(srm, emb, gt, sem, mask_state, segmenter, rng, clicks, grid)
         state = EpisodeState(sample_id=emb.image_hash, embedding=emb, mask_prob=mask)
         fg = srm.predict(state, sem)
-        centres = action_cell_centres((h, w), grid)
+        centres = action_centres((h, w), grid)
         p = np.empty(len(centres), np.float64)
         t = np.empty(len(centres), bool)
         for i, (x, y) in enumerate(centres):
             p[i] = fg[state.grid_cell(float(x), float(y))]
-            t[i] = gt[min(int(y), h - 1), min(int(x), w - 1)]
+            t[i] = value_at(gt, x, y)
         probs.append(p)
         truths.append(t)
         per_image.append(float(((p >= srm.config.threshold) == t).mean()))
@@ -320,7 +302,7 @@ def time_srm(
             t0 = time.perf_counter()
             srm.predict(state)
             pred_ms.append(1e3 * (time.perf_counter() - t0))
-            srm._proj_cache = None  # noqa: SLF001 - measure a first call on an image
+            srm.clear_cache()  # measure a first call on an image
             state.mask_prob = rng.random((he, we)).astype(np.float32)
             t0 = time.perf_counter()
             srm.predict(state)

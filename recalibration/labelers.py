@@ -14,9 +14,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from segmenter.base import ImageEmbedding
+from segmenter.geometry import to_grid, value_at
+
+__all__ = [
+    "AlwaysPositiveLabeler",
+    "EpisodeState",
+    "Labeler",
+    "OracleLabeler",
+    "PositiveWithMap",
+    "to_grid",
+]
 
 
 @dataclass
@@ -48,13 +57,7 @@ class EpisodeState:
 
     def grid_cell(self, x: float, y: float) -> tuple[int, int]:
         """Embedding-grid ``(row, col)`` holding original-image pixel ``(x, y)``."""
-        h, w = self.embedding.original_size
-        nh, nw = self.embedding.input_size
-        side = max(nh, nw)
-        he, we = self.embedding.grid_size
-        row = int(np.clip(y * nh / h / side * he, 0, he - 1))
-        col = int(np.clip(x * nw / w / side * we, 0, we - 1))
-        return row, col
+        return self.embedding.cell_at(x, y)
 
 
 class Labeler(ABC):
@@ -91,8 +94,7 @@ class OracleLabeler(Labeler):
     def label(self, state: EpisodeState, x: float, y: float) -> int:
         if state.gt_full is None:
             raise RuntimeError("the oracle labeler needs ground truth, and this episode has none")
-        h, w = state.gt_full.shape
-        return int(state.gt_full[min(int(y), h - 1), min(int(x), w - 1)])
+        return int(value_at(state.gt_full, x, y))
 
 
 class AlwaysPositiveLabeler(Labeler):
@@ -121,9 +123,3 @@ class PositiveWithMap(AlwaysPositiveLabeler):
 
     def foreground_map(self, state: EpisodeState) -> np.ndarray | None:
         return self.base.foreground_map(state)
-
-
-def to_grid(prob: torch.Tensor | np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Area-average a 2-D map to ``size``."""
-    t = torch.as_tensor(np.asarray(prob, dtype=np.float32))[None, None]
-    return torch.nn.functional.adaptive_avg_pool2d(t, size)[0, 0].numpy()

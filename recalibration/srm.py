@@ -49,9 +49,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from recalibration.clip_surgery import ClipLoadError, ClipSpec, ClipSurgery
-from recalibration.labelers import EpisodeState, Labeler, to_grid
+from recalibration.labelers import EpisodeState, Labeler
 from segmenter.base import ImageEmbedding, Segmenter
+from segmenter.geometry import action_centres, value_at
 from segmenter.io import atomic_write
+from segmenter.session import PromptSession
 
 logger = logging.getLogger(__name__)
 
@@ -575,41 +577,34 @@ def simulate_mask_states(
         List of ``(He, We)`` float32 mask probabilities on the embedding grid.
     """
     gt = np.asarray(gt_full, bool)
-    h, w = gt.shape
     fg, bg = np.argwhere(gt), np.argwhere(~gt)
     if not len(fg) or not len(bg):
         return []
     out: list[np.ndarray] = []
     record = set(record_at)
+    centres = action_centres(gt.shape, grid)
     for ep in range(episodes):
         noise = float(label_noise[ep % len(label_noise)]) if len(label_noise) else 0.0
         wrong = bool(wrong_start[ep % len(wrong_start)]) if len(wrong_start) else False
         fy, fx = (bg if wrong else fg)[rng.integers(len(bg) if wrong else len(fg))]
         by, bx = bg[rng.integers(len(bg))]
         points = np.array([[fx + 0.5, fy + 0.5], [bx + 0.5, by + 0.5]], np.float32)
-        labels = np.array([1, 0], np.int64)
-        pred = segmenter.decode(emb, points, labels)
-        logits = pred.low_res_logits
-        prob = to_grid(torch.sigmoid(logits), emb.grid_size)
+        session = PromptSession(segmenter, emb)
+        session.prompt(points, np.array([1, 0], np.int64))
         if 0 in record:
-            out.append(prob.astype(np.float32))
+            out.append(session.mask_prob.astype(np.float32))
         cells = rng.permutation(grid * grid)[:steps]
         for t, cell in enumerate(cells, start=1):
-            r, c = divmod(int(cell), grid)
-            x, y = (c + 0.5) * w / grid, (r + 0.5) * h / grid
+            x, y = (float(v) for v in centres[int(cell)])
             if labeler is not None:
-                lab = int(labeler(prob, x, y))
+                lab = int(labeler(session.mask_prob, x, y))
             else:
-                lab = int(gt[min(int(y), h - 1), min(int(x), w - 1)])
+                lab = int(value_at(gt, x, y))
                 if rng.random() < noise:
                     lab = 1 - lab
-            points = np.concatenate([points, [[x, y]]]).astype(np.float32)
-            labels = np.concatenate([labels, [lab]]).astype(np.int64)
-            pred = segmenter.decode(emb, points, labels, mask_input=logits)
-            logits = pred.low_res_logits
-            prob = to_grid(torch.sigmoid(logits), emb.grid_size)
+            session.click(x, y, lab)
             if t in record:
-                out.append(prob.astype(np.float32))
+                out.append(session.mask_prob.astype(np.float32))
     return out
 
 
@@ -736,6 +731,12 @@ class SemanticRecalibrationModule(Labeler):
     def branch(self) -> str:
         """The branch actually running (``implicit`` after a CLIP fallback)."""
         return self.config.branch
+
+    def clear_cache(self) -> None:
+        """Forget the cached image projection and prediction: the next :meth:`predict`
+        recomputes both (as for a new image)."""
+        self._proj_cache = None
+        self._pred_cache = None
 
     def _touch(self) -> None:
         self._version += 1

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from segmenter.geometry import embedding_cell_at, embedding_cell_centre
+
 
 class SegmenterError(RuntimeError):
     """A segmenter could not be built or used; the message says how to fix it."""
@@ -60,16 +62,16 @@ class ImageEmbedding:
         return max(1, math.ceil(frame[0] * fy)), max(1, math.ceil(frame[1] * fx))
 
     def cell_centre(self, row: int, col: int) -> tuple[float, float]:
-        """Centre of embedding-grid cell ``(row, col)`` in original ``(x, y)`` pixels.
+        """Centre of embedding-grid cell ``(row, col)`` in original ``(x, y)`` pixels, clipped
+        into the image (:func:`segmenter.geometry.embedding_cell_centre`)."""
+        return embedding_cell_centre(
+            self.original_size, self.input_size, self.grid_size, row, col
+        )
 
-        The grid covers the padded square input; the result is clipped into the image.
-        """
-        he, we = self.grid_size
-        side = max(self.input_size)
-        h, w = self.original_size
-        x = (col + 0.5) / we * side * w / self.input_size[1]
-        y = (row + 0.5) / he * side * h / self.input_size[0]
-        return min(x, w - 0.5), min(y, h - 0.5)
+    def cell_at(self, x: float, y: float) -> tuple[int, int]:
+        """Embedding-grid ``(row, col)`` holding original pixel ``(x, y)``
+        (:func:`segmenter.geometry.embedding_cell_at`)."""
+        return embedding_cell_at(self.original_size, self.input_size, self.grid_size, x, y)
 
     def to_frame(self, mask: np.ndarray, frame: tuple[int, int]) -> np.ndarray:
         """Map an original-size map into the padded square frame of size ``frame``.

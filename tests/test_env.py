@@ -316,5 +316,5 @@ def test_final_step_skips_only_the_unread_labeler_map(tiny_segmenter):
     obs, *_ = env.step(3)  # the episode goes on: the map is brought up to date first
     assert Counting.calls == c0 + 1
     fg, _ = env.foreground_map()
-    assert np.array_equal(fg, env.labeler.foreground_map(env._ep))
+    assert np.array_equal(fg, env.labeler.foreground_map(env.episode_state))
     assert obs["fg"].shape == (1, 5, 5)

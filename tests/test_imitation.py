@@ -39,15 +39,15 @@ def test_candidate_ious_are_the_ious_of_real_steps(first_run):
     env = _env(agent)
     env.reset(options={"index": 1})
     env.step(55)
-    before = (env._iou, env._ep.points.copy())
+    before = (env.iou, env.session.points.copy())
     cells = [0, 12, 44, 87, 99]
     got = candidate_ious(env, cells)
-    assert env._iou == before[0] and np.array_equal(env._ep.points, before[1])
+    assert env.iou == before[0] and np.array_equal(env.session.points, before[1])
     for cell, iou in zip(cells, got, strict=True):
         env.reset(options={"index": 1})
         env.step(55)
         env.step(cell)
-        assert iou == pytest.approx(env._iou, abs=1e-6)
+        assert iou == pytest.approx(env.iou, abs=1e-6)
     assert len(set(np.round(got, 6))) > 1  # the cells differ, so the check has teeth
 
 

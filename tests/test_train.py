@@ -321,7 +321,7 @@ def test_greedy_ceiling_picks_the_best_next_click(first_run):
     for cell in range(env.config.grid**2):
         env.reset(options={"index": 0})
         env.step(cell)
-        ious[cell] = env._iou
+        ious[cell] = env.iou
     assert ious[choice] == max(ious.values())
     report = placement_ceiling(agent, samples, progress=False)
     assert report["n"] == 2 and set(report["mean_iou"]) == {"greedy", "agent", "random"}
