@@ -464,7 +464,7 @@ def test_fast_head_follows_weight_changes(items, isolated_home, caplog) -> None:
 
 
 def test_fast_head_falls_back_on_mismatch(items, isolated_home, monkeypatch, caplog) -> None:
-    from recalibration.fast_head import OnnxHead
+    from recalibration.srm.fast_head import OnnxHead
 
     real = OnnxHead.run
     monkeypatch.setattr(OnnxHead, "run", lambda self, p, m: real(self, p, m) + 1.0)
