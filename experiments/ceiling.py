@@ -4,8 +4,9 @@ For each image, three click policies run in the run's evaluation environment fro
 start points, with labels always from the SRM:
 
 - ``greedy``: at every step, the cell whose click (with the SRM's label) earns the env's reward
-  most (with the default ``iou_gain``: the best IoU with the ground truth). It reads the ground truth to choose, so it is a ceiling for any
-  placement policy with these labels (greedy, so not the exact optimum), and a teacher for one.
+  most (with the default ``iou_gain``: the best IoU with the ground truth). It reads the ground
+  truth to choose, so it is a ceiling for any placement policy with these labels (greedy, so
+  not the exact optimum), and a teacher for one.
 - ``agent``: the run's trained policy.
 - ``random``: uniformly random unvisited cells (the paper's "w/o RL").
 

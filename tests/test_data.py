@@ -15,7 +15,6 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from PIL import Image, ImageOps
 
-from envs import data
 from envs.data import (
     CAMVID_CLASSES,
     DataError,
@@ -34,6 +33,7 @@ from envs.data import (
     shared_data_root,
     validate_mask,
 )
+from envs.data import images as data_images
 
 # ----------------------------------------------------------------------------------------------
 # helpers
@@ -214,10 +214,10 @@ def test_pixel_limit(tmp_path, monkeypatch):
     small = _save(np.zeros((100, 100), np.uint8), tmp_path / "small.png")
     with pytest.raises(DataError, match="limit is 5000"):
         load_image(small, max_pixels=5000)
-    monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 5000)
+    monkeypatch.setattr(data_images, "MAX_IMAGE_PIXELS", 5000)
     with pytest.raises(DataError, match="too large"):
         read_image_size(small)
-    monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 100_000_000)
+    monkeypatch.setattr(data_images, "MAX_IMAGE_PIXELS", 100_000_000)
     # PIL's global limit below ours does not get in the way, and is restored afterwards
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     assert load_image(small).shape == (100, 100, 3)
