@@ -171,8 +171,7 @@ def embed(
 # ---------------------------------------------------------------------------------------------
 
 
-def _benchmark_shard(task, run_dirs, samples, indices, cache_root, options, threads):
-    from experiments.benchmark import run_methods
+def _benchmark_shard(run_methods, task, run_dirs, samples, indices, cache_root, options, threads):
     from segmenter import EmbeddingCache, build_segmenter
 
     _threads(threads)
@@ -184,6 +183,7 @@ def _benchmark_shard(task, run_dirs, samples, indices, cache_root, options, thre
 
 
 def benchmark_shards(
+    run_methods: Any,
     task: Any,
     run_dirs: Sequence[str | Path],
     samples: Sequence[Any],
@@ -194,8 +194,9 @@ def benchmark_shards(
     workers: int | None = None,
     threads_per_worker: int = 1,
 ) -> list[Any]:
-    """Run :func:`experiments.benchmark.run_methods` on contiguous shards of the images, one
-    Ray task each; returns the shards in image order."""
+    """Run ``run_methods`` (:func:`experiments.benchmark.runner.run_methods`, passed in so that
+    this module does not import the benchmark) on contiguous shards of the images, one Ray task
+    each; returns the shards in image order."""
     import dataclasses
 
     ray = connect(address)
@@ -209,7 +210,9 @@ def benchmark_shards(
     runs = [str(Path(r).resolve()) for r in run_dirs]
     root = str(Path(cache_root).resolve())
     futures = [
-        remote.remote(task, runs, samples_ref, list(idx), root, opts, threads_per_worker)
+        remote.remote(
+            run_methods, task, runs, samples_ref, list(idx), root, opts, threads_per_worker
+        )
         for idx in shards
     ]
     logger.info("benchmark: %d images in %d Ray shards", n, len(futures))
