@@ -146,7 +146,7 @@ def test_prior_policy_starts_as_the_srm_confident_heuristic(tiny_segmenter):
     for i in range(16):
         one = {k: v[i] for k, v in obs.items()}
         action, _ = policy.predict(one, deterministic=True, action_masks=allowed[i])
-        assert int(action) == clicker._choose(one, allowed[i], rng)
+        assert int(action) == clicker.choose(one, allowed[i], rng)
     # One gradient step on a cross-entropy moves both the learned part and the scale.
     before = policy.action_net.prior_scale.item()
     loss = -policy.get_distribution(batch).distribution.logits[:, 0].mean()
