@@ -8,21 +8,11 @@ decoder call per step); the reward compares the new mask with the ground truth. 
 call, the mask stays (reward 0 under ``iou_gain``), so an agent whose labeler is unreliable
 can stop adding clicks that would hurt.
 
-Observation (all float32, finite bounds; ``K = feature_channels``):
-
-- ``state``   ``(K, G, G)``: the paper's state ``E_I(x) * M_{t-1}``, reduced for a CPU policy:
-  the embedding is projected from C to K channels by a fixed orthonormal matrix (seeded, so
-  identical in every process), standardised per image, multiplied by the previous mask
-  probability and area-pooled to the action grid. Projection and pooling are linear and the
-  mask is a per-pixel scalar, so the projection is done once per image and each step costs one
-  ``K x He x We`` product and a pool (~0.1 ms).
-- ``image``   ``(K, G, G)``: the same features without the mask (what lies outside the mask).
-- ``mask``    ``(1, G, G)``: previous mask coverage of each cell.
-- ``fg``      ``(1, G, G)``: the labeler's foreground probability per cell (0.5 when it has none).
-- ``clicks``  ``(2, G, G)``: positive / negative clicks so far.
-- ``step``    ``(1,)``: ``t / T``.
-
-With K = 32 and G = 10 an observation is 6,901 floats (27.6 kB); 2,048 buffered steps ~57 MB.
+The observation (:mod:`envs.observation`): the paper's state ``E_I(x) * M_{t-1}`` reduced to
+``K`` channels and pooled to the action grid, the same features without the mask, the mask,
+the labeler's foreground map, the clicks so far and the step fraction; with K = 32 and G = 10
+an observation is 6,801 floats (27.2 kB), so 2,048 buffered steps take ~56 MB. Rewards come
+from :mod:`envs.rewards` by name; each episode is a :class:`~segmenter.session.PromptSession`.
 """
 
 from __future__ import annotations
@@ -30,102 +20,38 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
 import torch
 from gymnasium import spaces
 
+from envs.config import EnvConfig, StartMode
+from envs.observation import (
+    FEATURE_CLIP,
+    observation,
+    observation_space,
+    project_features,
+    projection_matrix,
+)
 from envs.rewards import REWARDS, Step
 from recalibration.labelers import EpisodeState, Labeler, OracleLabeler
 from segmenter.base import ImageEmbedding, Segmenter, mask_iou, small_torch_ops, torch_threads
 from segmenter.cache import EmbeddingCache
-from segmenter.geometry import action_centre, to_grid
+from segmenter.geometry import action_centre
 from segmenter.session import Outcome, PromptSession, Target
 
 logger = logging.getLogger(__name__)
 
-StartMode = Literal["gt", "labeler", "none"]
-FEATURE_CLIP = 10.0
-
-
-@dataclass
-class EnvConfig:
-    """Settings of the prompting environment.
-
-    Attributes:
-        grid: G, the action grid side (the paper's 10 x 10 patches of an 800 x 800 image).
-        max_steps: T, prompting steps per episode (also ``max_episode_steps``).
-        reward: A reward of :data:`envs.rewards.REWARDS`: ``iou_gain`` (IoU_t - IoU_{t-1}),
-            ``iou`` (IoU_t) or ``hit`` (+1/-1 for a click inside / outside the ground truth,
-            the paper's reward).
-        start: ``gt`` one random positive and one random negative ground-truth point
-            (training); ``labeler`` the labeler's most / least confident cells (evaluation);
-            ``none`` an empty prompt set.
-        mask_repeats: Forbid clicking a cell twice (``action_masks()``; a repeated click is
-            still legal in ``step`` and decoded, but flagged in ``info``).
-        feature_channels: K, channels of the projected embedding in the observation.
-        use_mask_input: Feed the previous low-res logits back to the decoder as SAM does in
-            interactive use.
-        success_iou: ``is_success`` threshold on the final IoU.
-        full_res_eval: Also report full-resolution IoU at the end of an episode.
-        multimask_single_click: Decode a lone click with SAM's three-candidate head and keep
-            the highest-scoring mask (SAM's advice for ambiguous clicks). Off by default:
-            on Kvasir-SEG train, one click at the deepest point gives mean IoU 0.53 with the
-            single-mask head and 0.28 with the best-scoring candidate (``alignsam oneclick``).
-        sample_order: ``random`` (seeded) or ``sequential`` image order across resets.
-        labeler_learns: Call the labeler's online update after each step (training). Off for
-            evaluation and automatic segmentation, so no ground truth ever trains the SRM there.
-        allow_pass: Add the *pass* action ``G*G`` (no click, no decode; always allowed). Not in
-            the paper; off by default.
-        abstain_margin: The labeler abstains on a click whose foreground probability lies
-            within this margin of 0.5 (its map's value at the click): the step then adds no
-            click and makes no decoder call, like a pass, and the cell counts as visited. Meant
-            to let an agent spend its T steps where labels are reliable (on Kvasir-SEG the
-            calibrated SRM was rarely unsure, so it did not help; see README). 0 (default, the
-            paper) never abstains; labelers without a map never do.
-    """
-
-    grid: int = 10
-    max_steps: int = 15
-    reward: str = "iou_gain"
-    start: StartMode = "gt"
-    mask_repeats: bool = True
-    feature_channels: int = 32
-    use_mask_input: bool = True
-    success_iou: float = 0.8
-    full_res_eval: bool = False
-    multimask_single_click: bool = False
-    labeler_learns: bool = True
-    sample_order: Literal["random", "sequential"] = "random"
-    allow_pass: bool = False
-    abstain_margin: float = 0.0
-
-    @property
-    def n_actions(self) -> int:
-        """``G*G`` cells, plus the pass action when ``allow_pass``."""
-        return self.grid * self.grid + int(self.allow_pass)
-
-    def __post_init__(self) -> None:
-        if self.grid < 2:
-            raise ValueError(f"grid must be >= 2, got {self.grid}")
-        if self.max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
-        if self.reward not in REWARDS:
-            raise ValueError(f"reward must be one of {', '.join(REWARDS)}, got {self.reward!r}")
-        if self.start not in ("gt", "labeler", "none"):
-            raise ValueError(f"start must be gt, labeler or none, got {self.start!r}")
-        if not 0.0 <= self.abstain_margin < 0.5:
-            raise ValueError(f"abstain_margin must lie in [0, 0.5), got {self.abstain_margin}")
-
-
-def projection_matrix(in_channels: int, out_channels: int, seed: int = 0) -> torch.Tensor:
-    """Fixed ``(K, C)`` matrix with orthonormal rows (seeded; identical in every process)."""
-    gen = torch.Generator().manual_seed(seed)
-    g = torch.randn(in_channels, max(out_channels, 1), generator=gen)
-    q, _ = torch.linalg.qr(g)
-    return q[:, :out_channels].T.contiguous()
+__all__ = [
+    "FEATURE_CLIP",
+    "ClickPreview",
+    "EnvConfig",
+    "PointPromptEnv",
+    "StartMode",
+    "projection_matrix",
+]
 
 
 @dataclass
@@ -208,21 +134,10 @@ class PointPromptEnv(gym.Env):
         self.render_mode = render_mode
         self._reward = REWARDS[self.config.reward]
         self._prepared: dict[str, _Prepared] = {}
-        g, k = self.config.grid, self.config.feature_channels
         channels = int(segmenter.embedding_shape[0])
-        self._proj = projection_matrix(channels, k)
+        self._proj = projection_matrix(channels, self.config.feature_channels)
         self.action_space = spaces.Discrete(self.config.n_actions)
-        box = lambda shape, lo, hi: spaces.Box(lo, hi, shape=shape, dtype=np.float32)  # noqa: E731
-        self.observation_space = spaces.Dict(
-            {
-                "state": box((k, g, g), -FEATURE_CLIP, FEATURE_CLIP),
-                "image": box((k, g, g), -FEATURE_CLIP, FEATURE_CLIP),
-                "mask": box((1, g, g), 0.0, 1.0),
-                "fg": box((1, g, g), 0.0, 1.0),
-                "clicks": box((2, g, g), 0.0, 1.0),
-                "step": box((1,), 0.0, 1.0),
-            }
-        )
+        self.observation_space = observation_space(self.config.feature_channels, self.config.grid)
         self._next_index = 0
         self._ep: EpisodeState | None = None
         self._session: PromptSession | None = None
@@ -238,9 +153,7 @@ class PointPromptEnv(gym.Env):
             emb = self.cache.get_or_encode(self.segmenter, image)
         else:
             emb = self.segmenter.encode(image)
-        feats = torch.einsum("kc,chw->khw", self._proj, emb.features[0].float().cpu())
-        feats = (feats - feats.mean()) / (feats.std() + 1e-6)
-        feats = feats.clamp(-FEATURE_CLIP, FEATURE_CLIP)
+        feats = project_features(self._proj, emb.features)
         gt = getattr(sample, "mask", None)
         target = fg = bg = None
         if gt is not None:
@@ -500,29 +413,16 @@ class PointPromptEnv(gym.Env):
 
     # -- observation / info -------------------------------------------------------------------
     def _obs(self) -> dict[str, np.ndarray]:
-        g = (self.config.grid, self.config.grid)
-        ep = self._ep
-        emb = ep.embedding
-        vh, vw = emb.valid_shape(emb.grid_size)
-        feats = self._prep.features[:, :vh, :vw]
-        mask = torch.from_numpy(ep.mask_prob[:vh, :vw])
-        pool = torch.nn.functional.adaptive_avg_pool2d
-        state = pool((feats * mask)[None], g)[0]
-        image = pool(feats[None], g)[0]
-        mask_g = pool(mask[None, None], g)[0]
-        fg_map = self._labeler_map()
-        if fg_map is None:
-            fg = np.full((1, *g), 0.5, np.float32)
-        else:
-            fg = to_grid(fg_map[:vh, :vw], g)[None]
-        return {
-            "state": state.numpy().astype(np.float32),
-            "image": image.numpy().astype(np.float32),
-            "mask": mask_g.numpy().astype(np.float32).clip(0, 1),
-            "fg": np.asarray(fg, np.float32).clip(0, 1),
-            "clicks": self._clicks.copy(),
-            "step": np.array([self._t / self.config.max_steps], np.float32),
-        }
+        emb = self._ep.embedding
+        return observation(
+            self._prep.features,
+            self._ep.mask_prob,
+            self._labeler_map(),
+            self._clicks,
+            self._t / self.config.max_steps,
+            emb.valid_shape(emb.grid_size),
+            self.config.grid,
+        )
 
     def _info(self, final: bool) -> dict[str, Any]:
         ep = self._ep

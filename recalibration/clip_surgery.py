@@ -17,9 +17,11 @@ with two changes that need no training:
   summing over the channels gives a much cleaner similarity. With a single target text the
   "other classes" are generic prompts (:data:`REDUNDANT_TEXTS`).
 
-This module hooks into open_clip without modifying it: :class:`ClipSurgery` runs the
-``VisionTransformer`` pieces itself (patch embedding, blocks, ``ln_post``/``proj``) and re-uses
-the attention weights of each block (``attn.in_proj_weight`` etc.).
+Building the model (architecture and pretrained tag, or a weights file) is
+:mod:`recalibration.clip_models`. This module hooks into open_clip without modifying it:
+:class:`ClipSurgery` runs the ``VisionTransformer`` pieces itself (patch embedding, blocks,
+``ln_post``/``proj``) and re-uses the attention weights of each block (``attn.in_proj_weight``
+etc.).
 
 Geometry. SAM encodes an image resized so that its longest side is the encoder size and padded
 at the bottom/right to a square; its 64 x 64 embedding grid covers that padded square. With
@@ -30,18 +32,22 @@ a map of size ``out_size=(64, 64)`` aligns cell for cell with the SAM embedding 
 
 from __future__ import annotations
 
-import difflib
-import hashlib
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from recalibration.clip_models import (
+    ClipLoadError,
+    ClipSpec,
+    build_clip_model,
+    file_sha256,
+    open_clip_module,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -83,34 +89,7 @@ REDUNDANT_TEXTS: tuple[str, ...] = (
 )
 
 _DEFAULT_SURGERY_DEPTH = 6
-_SUGGESTED_ARCHS = ("ViT-B-16", "ViT-B-32", "ViT-L-14", "ViT-B-16-quickgelu", "ViT-L-14-336")
 _EPS = 1e-8
-
-
-class ClipLoadError(RuntimeError):
-    """The CLIP model could not be built or loaded; the message says what to do about it."""
-
-
-@dataclass
-class ClipSpec:
-    """Which open_clip model to build and where its weights come from.
-
-    Attributes:
-        arch: open_clip architecture name (see ``open_clip.list_models()``); ViT towers only.
-        pretrained: open_clip pretrained tag (e.g. ``"openai"``). ``None`` means random init,
-            which is only allowed with ``allow_random=True`` (tests). When ``weights`` is set the
-            tag is not downloaded but, if it is a known tag of ``arch``, still describes the
-            file: its activation (QuickGELU for ``"openai"``) and normalisation constants are
-            used. Set it to ``None`` to build the plain ``arch`` config around the file.
-        weights: Local open_clip state-dict file (e.g. ``open_clip_pytorch_model.bin``);
-            overrides downloading ``pretrained``.
-        allow_random: Permit a randomly initialised model (meaningless maps; tests only).
-    """
-
-    arch: str = "ViT-B-16"
-    pretrained: str | None = "openai"
-    weights: str | Path | None = None
-    allow_random: bool = False
 
 
 def feature_surgery(
@@ -144,135 +123,6 @@ def feature_surgery(
         w = class_weights.to(prods.dtype).reshape(1, -1, 1)
         redundant = (prods * w).sum(dim=1, keepdim=True) / w.sum().clamp_min(_EPS)
     return (prods - redundant).sum(dim=-1)  # (P, C)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _check_vit_config(arch: str, cfg: dict[str, Any]) -> None:
-    """Reject configs whose image tower is not open_clip's native ``VisionTransformer``."""
-    vision = cfg.get("vision_cfg", {})
-    if "timm_model_name" in vision and vision["timm_model_name"]:
-        kind = f"timm model {vision['timm_model_name']!r}"
-    elif isinstance(vision.get("layers"), (list, tuple)):
-        kind = "ModifiedResNet"
-    elif vision.get("attentional_pool"):
-        kind = "ViT with attentional pooling (CoCa)"
-    elif vision.get("pool_type", "tok") not in ("tok", "avg"):
-        kind = f"ViT with pool_type={vision.get('pool_type')!r}"
-    else:
-        return
-    raise ClipLoadError(
-        f"CLIP Surgery supports only open_clip ViT image towers (e.g. ViT-B-16, ViT-B-32, "
-        f"ViT-L-14); architecture {arch!r} has a {kind} image tower"
-    )
-
-
-def _unknown_arch_error(arch: str) -> ClipLoadError:
-    names = open_clip_module().list_models()
-    close = difflib.get_close_matches(arch, names, n=5, cutoff=0.5)
-    hint = ", ".join(close) if close else ", ".join(n for n in _SUGGESTED_ARCHS if n in names)
-    return ClipLoadError(
-        f"unknown open_clip architecture {arch!r}; try one of: {hint} "
-        f"(open_clip.list_models() lists all {len(names)})"
-    )
-
-
-def open_clip_module() -> Any:
-    """Import open_clip lazily (importing it is slow) and return the module."""
-    import open_clip
-
-    return open_clip
-
-
-def _build_model(spec: ClipSpec, device: torch.device) -> tuple[nn.Module, str | None]:
-    """Create the frozen open_clip model for ``spec``.
-
-    Returns:
-        The model and its id (``None`` when it is derived lazily from a weights-file hash).
-    """
-    oc = open_clip_module()
-    arch = spec.arch
-    if arch not in oc.list_models():
-        raise _unknown_arch_error(arch)
-    cfg = oc.get_model_config(arch)
-    _check_vit_config(arch, cfg)
-
-    if spec.weights is not None:
-        path = Path(spec.weights).expanduser()
-        if not path.is_file():
-            raise ClipLoadError(f"CLIP weights file {path} for architecture {arch!r} not found")
-        tag_cfg = oc.get_pretrained_cfg(arch, spec.pretrained) if spec.pretrained else {}
-        if spec.pretrained and not tag_cfg:
-            logger.warning(
-                "pretrained tag %r is not known for %s; building the plain config around %s",
-                spec.pretrained,
-                arch,
-                path,
-            )
-        pp_override = {k: tag_cfg[k] for k in ("mean", "std", "interpolation") if k in tag_cfg}
-        try:
-            model = oc.create_model(
-                arch,
-                pretrained=str(path),
-                device=device,
-                force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)),
-                force_preprocess_cfg=pp_override or None,
-                weights_only=True,
-            )
-        except Exception as exc:  # noqa: BLE001 - any load failure is reported the same way
-            raise ClipLoadError(
-                f"could not load CLIP weights file {path} into open_clip architecture {arch!r}: "
-                f"{type(exc).__name__}: {str(exc)[:600]}. The file must be an open_clip state "
-                f"dict saved from a {arch} model (same keys and shapes)"
-            ) from exc
-        model_id = None
-    elif spec.pretrained is not None:
-        tags = oc.list_pretrained_tags_by_model(arch)
-        if spec.pretrained not in tags:
-            raise ClipLoadError(
-                f"unknown pretrained tag {spec.pretrained!r} for {arch!r} (known tags: "
-                f"{', '.join(tags) if tags else 'none'}); pass weights=/path/to/"
-                f"open_clip_pytorch_model.bin for a local file"
-            )
-        tag_cfg = oc.get_pretrained_cfg(arch, spec.pretrained)
-        try:
-            model = oc.create_model(
-                arch,
-                pretrained=spec.pretrained,
-                device=device,
-                force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)),
-                weights_only=True,
-            )
-        except Exception as exc:  # noqa: BLE001 - hub/HTTP/cache errors all end up here
-            raise ClipLoadError(
-                f"could not fetch the pretrained CLIP weights {arch}/{spec.pretrained} "
-                f"({type(exc).__name__}: {str(exc)[:400]}). Pass "
-                f"weights=/path/to/open_clip_pytorch_model.bin (ClipSpec.weights) or run where "
-                f"huggingface.co is reachable (or with a populated Hugging Face cache)"
-            ) from exc
-        model_id = f"{arch}/{spec.pretrained}"
-    else:
-        if not spec.allow_random:
-            raise ClipLoadError(
-                f"ClipSpec(arch={arch!r}, pretrained=None) would build a randomly initialised CLIP "
-                f"whose similarity maps are meaningless; set pretrained=<tag> (e.g. 'openai') or "
-                f"weights=/path/to/open_clip_pytorch_model.bin. Random init is only allowed with "
-                f"allow_random=True (tests)"
-            )
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)  # deterministic random init, so "<arch>/random" is a fair key
-            model = oc.create_model(arch, pretrained=None, device=device)
-        model_id = f"{arch}/random"
-
-    model.eval()
-    model.requires_grad_(False)
-    return model, model_id
 
 
 def _value_self_attention(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -340,7 +190,7 @@ class ClipSurgery:
 
         self.spec = spec
         self.device = torch.device(device)
-        self.model, self._model_id = _build_model(spec, self.device)
+        self.model, self._model_id = build_clip_model(spec, self.device)
         visual = self.model.visual
         if not isinstance(visual, VisionTransformer) or visual.attn_pool is not None:
             raise ClipLoadError(
@@ -392,7 +242,7 @@ class ClipSurgery:
         ``"<arch>/random"``."""
         if self._model_id is None:
             assert self.spec.weights is not None
-            digest = _sha256(Path(self.spec.weights).expanduser())
+            digest = file_sha256(Path(self.spec.weights).expanduser())
             self._model_id = f"{self.spec.arch}/file:{digest[:12]}"
         return self._model_id
 
