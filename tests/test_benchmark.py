@@ -37,3 +37,20 @@ def test_position_on_manual_curve():
     assert position_on_curve(0.9, curve) is None  # beyond the budget
     # A dip in the curve does not make the position ambiguous.
     assert position_on_curve(0.55, [0.4, 0.6, 0.5, 0.8]) == pytest.approx(1.75)
+
+
+def test_a_registered_method_is_a_benchmark_choice(monkeypatch):
+    """Adding a benchmark method is one entry in the methods table: --methods accepts it and
+    --help lists it."""
+    from experiments.benchmark import methods
+    from experiments.cli import build_parser
+
+    group = methods.MethodGroup("centre_once", "one centre click, SRM label", lambda ctx: None)
+    monkeypatch.setitem(methods.METHODS, "centre_once", group)
+    parser = build_parser()
+    args = parser.parse_args(["benchmark", "task", "--runs", "r", "--methods", "centre_once"])
+    assert args.methods == ["centre_once"]
+    sub = parser._subparsers._group_actions[0].choices["benchmark"]  # noqa: SLF001 - argparse
+    assert "one centre click, SRM label" in sub.format_help().replace("\n", " ").replace("  ", " ")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["benchmark", "task", "--runs", "r", "--methods", "nope"])

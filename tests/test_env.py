@@ -318,3 +318,41 @@ def test_final_step_skips_only_the_unread_labeler_map(tiny_segmenter):
     fg, _ = env.foreground_map()
     assert np.array_equal(fg, env.labeler.foreground_map(env.episode_state))
     assert obs["fg"].shape == (1, 5, 5)
+
+
+def test_a_registered_reward_reaches_the_env_and_its_preview(tiny_segmenter, monkeypatch):
+    """Adding a reward is one entry in envs.rewards: the env's steps and previews use it."""
+    from envs import rewards
+
+    monkeypatch.setitem(rewards.REWARDS, "iou_squared", lambda step: step.iou**2)
+    e = PointPromptEnv(
+        make_samples(), tiny_segmenter, OracleLabeler(), EnvConfig(reward="iou_squared")
+    )
+    e.reset(seed=0, options={"index": 1})
+    (preview,) = e.preview([37])
+    _, r, _, _, info = e.step(37)
+    assert r == pytest.approx(info["iou"] ** 2) and preview.reward == pytest.approx(r)
+    with pytest.raises(ValueError, match="iou_gain, iou, hit"):
+        EnvConfig(reward="nope")
+
+
+def test_preview_equals_the_step_and_leaves_the_episode(env, tiny_segmenter):
+    """env.preview gives each action's click, IoU and reward as step would, for one decoder
+    call per clicking action, and changes nothing."""
+    env.reset(seed=3, options={"index": 0})
+    env.step(12)
+    before = (env.iou, env.session.points.copy(), env.steps_taken)
+    calls = tiny_segmenter.decoder_calls
+    previews = env.preview([0, 44, 99])
+    assert tiny_segmenter.decoder_calls - calls == 3
+    assert (env.iou, env.steps_taken) == (before[0], before[2])
+    assert np.array_equal(env.session.points, before[1])
+    for p in previews:
+        env.reset(seed=3, options={"index": 0})
+        env.step(12)
+        _, r, _, _, info = env.step(p.action)
+        assert info["click"] == p.click and r == pytest.approx(p.reward)
+        assert info["iou"] == pytest.approx(p.iou)
+        assert np.array_equal(
+            env.current_mask(), env.segmenter.upscale(env.session.embedding, p.outcome.logits)
+        )
