@@ -214,6 +214,8 @@ class PromptAgent:
             branch=task.srm.branch,
             embed_channels=int(segmenter.embedding_shape[0]),
             online=False,
+            segmenter=segmenter,
+            cache=cache,
         )
         fast = getattr(segmenter, "backend", None) == "onnx"
         srm.use_fast_head(fast)  # frozen: inference

@@ -39,6 +39,7 @@ from envs import PointPromptEnv
 from envs.data import Dataset
 from experiments.datasets import load_readable
 from recalibration.evaluate import attach_semantic_maps, collect_items
+from recalibration.features import FeatureSet
 from recalibration.srm import SemanticRecalibrationModule
 from segmenter import EmbeddingCache, build_segmenter
 
@@ -204,18 +205,31 @@ def train(
     (run_dir / "config.json").write_text(json.dumps(task.to_dict(), indent=2, default=str))
 
     channels = int(segmenter.embedding_shape[0])
+    features = None  # the SRM's feature sources besides the embedding (task.srm.features)
+    if tuple(task.srm.features) != ("sam",):
+        features = FeatureSet(task.srm.features, segmenter, cache)
     if ckpt is not None:
         srm = SemanticRecalibrationModule.load(
-            ckpt / "srm.pt", device=task.device, branch=task.srm.branch, embed_channels=channels
+            ckpt / "srm.pt",
+            device=task.device,
+            branch=task.srm.branch,
+            embed_channels=channels,
+            segmenter=segmenter,
+            cache=cache,
         )
     else:
-        srm = SemanticRecalibrationModule(task.srm, channels, device=task.device)
-        if task.srm_pretrain_epochs > 0:
-            items = collect_items(train_set, segmenter, cache, progress=progress, desc="train")
-            items = attach_semantic_maps(srm, items, train_set, progress=progress)
-            val_items = None
+        items = val_items = None
+        if task.srm_pretrain_epochs > 0 or features is not None:
+            kw = {"progress": progress, "features": features}
+            items = collect_items(train_set, segmenter, cache, desc="train", **kw)
             if val_set:
-                val_items = collect_items(val_set, segmenter, cache, progress=progress, desc="val")
+                val_items = collect_items(val_set, segmenter, cache, desc="val", **kw)
+        if features is not None:
+            channels = int(items[0][0].extras["srm_features"].shape[1])
+        srm = SemanticRecalibrationModule(task.srm, channels, device=task.device, features=features)
+        if task.srm_pretrain_epochs > 0:
+            items = attach_semantic_maps(srm, items, train_set, progress=progress)
+            if val_items is not None:
                 val_items = attach_semantic_maps(srm, val_items, val_set, progress=progress)
             srm.pretrain(
                 items,

@@ -22,6 +22,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from recalibration.features import FeatureSet
 from recalibration.labelers import EpisodeState
 from recalibration.srm import (
     SemanticRecalibrationModule,
@@ -229,6 +230,7 @@ def collect_items(
     *,
     progress: bool = True,
     desc: str = "embeddings",
+    features: FeatureSet | None = None,
 ) -> list[SRMTrainItem]:
     """``(embedding, ground truth, None)`` for every sample (embeddings through ``cache``).
 
@@ -238,6 +240,8 @@ def collect_items(
         cache: Embedding cache (recommended: encoding is the expensive step).
         progress: tqdm progress bar.
         desc: Progress-bar label.
+        features: The SRM's feature sources: their stacked features are computed while the
+            images are at hand and kept (float16) in ``emb.extras["srm_features"]``.
     """
     from tqdm.auto import tqdm
 
@@ -248,6 +252,8 @@ def collect_items(
             cache.get_or_encode(segmenter, image) if cache is not None else segmenter.encode(image)
         )
         emb.features = emb.features.detach().to("cpu", torch.float32)
+        if features is not None and not features.sam_only:
+            emb.extras["srm_features"] = features(emb, lambda image=image: image).half()
         items.append((emb, np.asarray(s.mask, bool), None))
     return items
 
@@ -380,8 +386,12 @@ def pretrain_and_evaluate(
         )
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
-    train = collect_items(train_samples, segmenter, cache, progress=progress, desc="train")
-    val = collect_items(val_samples, segmenter, cache, progress=progress, desc="val")
+    fs = None
+    if tuple(config.features) != ("sam",):
+        fs = FeatureSet(config.features, segmenter, cache)
+    kw = {"progress": progress, "features": fs}
+    train = collect_items(train_samples, segmenter, cache, desc="train", **kw)
+    val = collect_items(val_samples, segmenter, cache, desc="val", **kw)
     train_states = val_states = None
     if simulate_states:
         from tqdm.auto import tqdm
@@ -394,8 +404,9 @@ def pretrain_and_evaluate(
             simulate_mask_states(segmenter, emb, gt, rng, episodes=1)
             for emb, gt, _ in tqdm(val, desc="val mask states", disable=not progress)
         ]
-    channels = int(train[0][0].features.shape[1])
-    srm = SemanticRecalibrationModule(config, channels)
+    first = train[0][0]
+    channels = int(first.extras.get("srm_features", first.features).shape[1])
+    srm = SemanticRecalibrationModule(config, channels, features=fs)
     history = srm.pretrain(
         train,
         epochs=epochs,
@@ -417,7 +428,7 @@ def pretrain_and_evaluate(
         "eval": None,
     }
     if eval_samples is not None:
-        ev = collect_items(eval_samples, segmenter, cache, progress=progress, desc="eval")
+        ev = collect_items(eval_samples, segmenter, cache, desc="eval", **kw)
         result["eval"] = {
             m: label_accuracy(srm, ev, grid, m, segmenter=segmenter, rng=seed)
             for m in eval_mask_states
@@ -446,12 +457,16 @@ def evaluate_saved(
     :func:`pretrain_and_evaluate`, with ``val`` empty."""
     t0 = time.perf_counter()
     channels = int(segmenter.embedding_shape[0])
-    srm = SemanticRecalibrationModule.load(srm_path, embed_channels=channels, online=False)
+    srm = SemanticRecalibrationModule.load(
+        srm_path, embed_channels=channels, online=False, segmenter=segmenter, cache=cache
+    )
     if srm.branch != "implicit":
         raise ValueError(
             f"{srm_path} is an {srm.branch} SRM; evaluate_saved measures the implicit branch"
         )
-    ev = collect_items(eval_samples, segmenter, cache, progress=progress, desc="eval")
+    ev = collect_items(
+        eval_samples, segmenter, cache, progress=progress, desc="eval", features=srm.feature_set
+    )
     return {
         "config": srm.config.to_dict(),
         "loaded": str(srm_path),

@@ -124,10 +124,12 @@ class Segmenter(Protocol):
 
     model_id: str
     embedding_id: str  # what the encoder computes (the cache key); model_id also names the decoder
+    stages_id: str  # the cache key of the encoder's intermediate stages
     device: torch.device
 
-    def encode(self, image: np.ndarray) -> ImageEmbedding:
-        """Encode an ``(H, W, 3)`` uint8 RGB image once."""
+    def encode(self, image: np.ndarray, stages: bool = False) -> ImageEmbedding:
+        """Encode an ``(H, W, 3)`` uint8 RGB image once (``stages``: also the encoder's
+        intermediate stages, in ``extras["stages"]``)."""
         ...
 
     def decode(

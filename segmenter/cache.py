@@ -101,26 +101,39 @@ class EmbeddingCache:
             path, lambda fh: np.savez(fh, features=feats, meta=json.dumps(meta), crc=crc)
         )
 
-    def get_or_encode(self, segmenter: Segmenter, image: np.ndarray) -> ImageEmbedding:
+    def get_or_encode(
+        self, segmenter: Segmenter, image: np.ndarray, stages: bool = False
+    ) -> ImageEmbedding:
         """The embedding of ``image`` for ``segmenter``, encoding and storing it on a miss.
 
         The returned features are float32 on the segmenter's device. A hit returns the
         float16-rounded features, so cold and warm results are the same numbers.
+
+        With ``stages`` the encoder's intermediate stages come too, in ``extras["stages"]``
+        (:mod:`segmenter.stages`): a second entry beside the embedding (key
+        ``segmenter.stages_id``), made by the same encoder pass; an image whose embedding is
+        cached without its stages is encoded again once.
         """
         key = image_hash(image)
         emb = self.load(segmenter.embedding_id, key, segmenter.device)
+        if emb is not None and stages:
+            inner = self.load(segmenter.stages_id, key, segmenter.device)
+            if inner is None:
+                emb = None
+            else:
+                emb.extras["stages"] = inner.features
         if emb is not None:
             self.hits += 1
             return emb
         while (other := self._claim(segmenter.embedding_id, key)) is not None:
             other.result()  # another thread is encoding this image: wait, do not encode twice
             emb = self.load(segmenter.embedding_id, key, segmenter.device)
-            if emb is not None:
+            if emb is not None and not stages:
                 self.hits += 1
                 return emb
         try:
             self.misses += 1
-            return self._encode_store(segmenter, image)
+            return self._encode_store(segmenter, image, stages)
         finally:
             self._release(segmenter.embedding_id, key)
 
@@ -137,10 +150,22 @@ class EmbeddingCache:
         with self._lock:
             self._pending.pop((model_id, key)).set_result(None)
 
-    def _encode_store(self, segmenter: Segmenter, image: np.ndarray) -> ImageEmbedding:
-        emb = segmenter.encode(image)
+    def _encode_store(
+        self, segmenter: Segmenter, image: np.ndarray, stages: bool = False
+    ) -> ImageEmbedding:
+        emb = segmenter.encode(image, stages=True) if stages else segmenter.encode(image)
         self.store(emb)
         emb.features = emb.features.to(self._torch_dtype).float()
+        if stages:
+            inner = ImageEmbedding(
+                features=emb.extras["stages"],
+                original_size=emb.original_size,
+                input_size=emb.input_size,
+                model_id=segmenter.stages_id,
+                image_hash=emb.image_hash,
+            )
+            self.store(inner)
+            emb.extras["stages"] = inner.features.to(self._torch_dtype).float()
         return emb
 
     def prefetch(self, segmenter: Segmenter, loaders: Iterable[Callable[[], np.ndarray]]) -> Future:

@@ -341,6 +341,7 @@ class OnnxParts:
         self.dense_pe = dense_pe
         self._decoders: dict[bool, Any] = {}
         self._encoder: Any = None
+        self._stage_encoder: Any = None
         self._prep_session: Any = None
         self._preps: OrderedDict[int, tuple[weakref.ref, np.ndarray]] = OrderedDict()
         #: Prep graph runs (one per embedding decoded, while it stays among the kept ones).
@@ -354,6 +355,7 @@ class OnnxParts:
         builds its own on first use, from the same exported files."""
         state = self.__dict__.copy()
         state["_decoders"], state["_encoder"], state["_prep_session"] = {}, None, None
+        state["_stage_encoder"] = None
         state["_preps"] = OrderedDict()
         return state
 
@@ -438,6 +440,26 @@ class OnnxParts:
             feed["mask_input"] = mask_input.to("cpu", torch.float32).reshape(1, 1, hl, wl).numpy()
         masks, iou = self._decoder(mask_input is not None).run(None, feed)
         return torch.from_numpy(masks[0]), torch.from_numpy(iou[0])
+
+    def encode_stages(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image encoder and its stages (:class:`~segmenter.stages.EncoderWithStages`) on a
+        preprocessed ``(1, 3, S, S)`` batch: ``(embedding, stages)``."""
+        if self._stage_encoder is None:
+            from segmenter.stages import EncoderWithStages
+
+            size = int(self.sam.image_encoder.img_size)
+            grid = tuple(int(v) for v in self.dense_pe.shape[2:])
+            path = export_graph(
+                EncoderWithStages(self.sam.image_encoder, grid).eval(),
+                (torch.zeros(1, 3, size, size),),
+                graph_path(self.model_id, "encoder_stages", (self.sam.image_encoder,)),
+                input_names=["image"],
+                output_names=["embedding", "stages"],
+            )
+            self._stage_encoder = cpu_session(path, self.threads)
+        feed = {"image": x.detach().to("cpu", torch.float32).numpy()}
+        emb, stages = self._stage_encoder.run(None, feed)
+        return torch.from_numpy(emb), torch.from_numpy(stages)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Image encoder on a preprocessed ``(1, 3, S, S)`` batch."""

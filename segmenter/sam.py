@@ -6,6 +6,7 @@ import hashlib
 import logging
 import time
 from contextlib import nullcontext
+from typing import Any
 
 import numpy as np
 import torch
@@ -83,6 +84,7 @@ class SamSegmenter:
         self.decoder_seconds = 0.0
         self.encoder_calls = 0
         self._fast = None
+        self._stages_module: nn.Module | None = None
         self._verified: set[str] = set()
         self.backend = self._resolve_backend(backend)
 
@@ -164,11 +166,14 @@ class SamSegmenter:
 
     # -- encode -----------------------------------------------------------------------------
     @torch.inference_mode()
-    def encode(self, image: np.ndarray) -> ImageEmbedding:
+    def encode(self, image: np.ndarray, stages: bool = False) -> ImageEmbedding:
         """Encode an image once.
 
         Args:
             image: ``(H, W, 3)`` uint8 RGB.
+            stages: Also keep the encoder's intermediate stages on the embedding grid
+                (:mod:`segmenter.stages`), in ``extras["stages"]`` as ``(1, Cs, He, We)``; the
+                same encoder pass, no extra cost but memory.
 
         Returns:
             The embedding with ``features`` of shape ``(1, C, He, We)`` (float32, on device).
@@ -176,18 +181,42 @@ class SamSegmenter:
         x = self.encoder_input(image)  # checks the image first
         original_size = (int(image.shape[0]), int(image.shape[1]))
         input_size = self.input_size_for(original_size)
-        feats = self._encode_fast(x) if self._fast is not None else None
-        if feats is None:
+        inner = None
+        out = self._encode_fast(x, stages) if self._fast is not None else None
+        if out is None:
             with self._autocast():
-                feats = self.model.image_encoder(x)
+                if stages:
+                    out = self._with_stages()(x)
+                else:
+                    out = self.model.image_encoder(x)
+        feats = out[0] if stages else out
+        if stages:
+            inner = out[1].float()
         self.encoder_calls += 1
-        return ImageEmbedding(
+        emb = ImageEmbedding(
             features=feats.float(),
             original_size=original_size,
             input_size=input_size,
             model_id=self.embedding_id,
             image_hash=image_hash(image),
         )
+        if inner is not None:
+            emb.extras["stages"] = inner
+        return emb
+
+    @property
+    def stages_id(self) -> str:
+        """Identifier of the encoder's stages (:meth:`encode` with ``stages=True``): the cache
+        key of their entries."""
+        return f"{self.embedding_id}.stages"
+
+    def _with_stages(self) -> nn.Module:
+        from segmenter.stages import EncoderWithStages
+
+        if self._stages_module is None:
+            he, we = self.embedding_shape[1:]
+            self._stages_module = EncoderWithStages(self.model.image_encoder, (he, we))
+        return self._stages_module
 
     def encoder_input(self, image: np.ndarray) -> torch.Tensor:
         """``(1, 3, S, S)`` encoder input of an ``(H, W, 3)`` uint8 RGB image: SAM's own resize
@@ -198,17 +227,29 @@ class SamSegmenter:
         x = torch.as_tensor(resized, device=self.device).permute(2, 0, 1)[None].float()
         return self.model.preprocess(x)
 
-    def _encode_fast(self, x: torch.Tensor) -> torch.Tensor | None:
+    def _encode_fast(self, x: torch.Tensor, stages: bool = False) -> Any:
+        """The fast encoder's output (with ``stages``: ``(embedding, stages)``), or ``None`` to
+        use stock."""
+        what = "encode_stages" if stages else "encode"
         try:
-            feats = self._fast.encode(x)
+            out = self._fast.encode_stages(x) if stages else self._fast.encode(x)
         except Exception as exc:  # noqa: BLE001 - any export / runtime failure: use stock
             self._fall_back("encode", f"{type(exc).__name__}: {exc}")
             return None
-        if "encode" not in self._verified:
-            stock = self.model.image_encoder(x)
-            if not self._agrees("encode", feats, stock):
+        if what not in self._verified:
+            if stages:
+                stock = self._with_stages()(x)
+                ok = self._agrees(what, out[0], stock[0]) and self._agrees(
+                    what, out[1], stock[1]
+                )
+            else:
+                stock = self.model.image_encoder(x)
+                ok = self._agrees(what, out, stock)
+            if not ok:
                 return stock
-        return feats.to(self.device)
+        if stages:
+            return out[0].to(self.device), out[1].to(self.device)
+        return out.to(self.device)
 
     # -- decode -----------------------------------------------------------------------------
     def _coords(self, embedding: ImageEmbedding, points: np.ndarray) -> torch.Tensor:

@@ -28,6 +28,12 @@ THIRD_PARTY_PRIVATE = {
     "of an in-place change to a Parameter (optimizer steps), which must re-export the graph",
     ("agents/features.py", "_build_mlp_extractor"): "SB3's hook for custom actor-critic "
     "networks (called from the policy's _build, as SB3's own policies do)",
+    **{
+        ("recalibration/features.py", name): "efficientnet-lite-pytorch keeps its stem and "
+        "blocks private and its extract_features returns only the last map; the stride-8/16 "
+        "maps need the blocks one by one"
+        for name in ("_swish", "_bn0", "_conv_stem", "_blocks")
+    },
 }
 #: Modules allowed over ~500 lines; the reason must be stated at the top of the module.
 LONG_MODULES: dict[str, str] = {}

@@ -17,6 +17,7 @@ __all__ = ["EPS", "WEIGHT_KEYS", "SRMConfig", "SRMTrainItem"]
 
 #: Config fields that define the weights (cannot differ between a file and a module).
 WEIGHT_KEYS = (
+    "features",
     "hidden",
     "input_mode",
     "normalize",
@@ -62,6 +63,10 @@ class SRMConfig:
         dice_weight: Weight of the Dice term (BCE has weight 1).
         attn_grid: Explicit branch: side of the pooled token grid of the self-attention layer.
         attn_heads: Explicit branch: attention heads.
+        features: The frozen feature sources the head reads, stacked
+            (:data:`recalibration.features.FEATURE_SOURCES`): ``("sam",)`` is the segmenter's
+            embedding alone (the paper's SRM); e.g. ``("sam", "sam_stages",
+            "efficientnet_lite0")`` adds the encoder's stages and ImageNet features.
     """
 
     branch: Literal["implicit", "explicit"] = "implicit"
@@ -83,8 +88,12 @@ class SRMConfig:
     dice_weight: float = 0.5
     attn_grid: int = 16
     attn_heads: int = 4
+    features: tuple[str, ...] = ("sam",)
 
     def __post_init__(self) -> None:
+        self.features = tuple(self.features)
+        if not self.features:
+            raise ValueError("features must name at least one source, e.g. ['sam']")
         if self.branch not in ("implicit", "explicit"):
             raise ValueError(f"branch must be 'implicit' or 'explicit', got {self.branch!r}")
         if self.input_mode not in ("paper", "full"):

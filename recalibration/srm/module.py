@@ -8,6 +8,7 @@ Training (:mod:`recalibration.srm.training`) and the file format
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from recalibration.clip_surgery import ClipLoadError, ClipSurgery
+from recalibration.features import FeatureSet
 from recalibration.labelers import EpisodeState, Labeler
 from recalibration.srm.config import EPS, SRMConfig
 from recalibration.srm.fast_head import OnnxHead
@@ -40,6 +42,9 @@ class SemanticRecalibrationModule(TrainingMixin, PersistenceMixin, Labeler):
         device: Torch device of the head.
         clip: A ready :class:`ClipSurgery` for the explicit branch (otherwise built from
             ``config.clip``).
+        features: The stacked feature sources the head reads (``config.features``,
+            :class:`~recalibration.features.FeatureSet`); ``None`` for the segmenter's
+            embedding alone (``embed_channels`` is then its channel count).
 
     Raises:
         ValueError: Explicit branch with an empty ``text``.
@@ -56,11 +61,23 @@ class SemanticRecalibrationModule(TrainingMixin, PersistenceMixin, Labeler):
         embed_channels: int,
         device: str | torch.device = "cpu",
         clip: ClipSurgery | None = None,
+        features: FeatureSet | None = None,
     ) -> None:
         if embed_channels < 1:
             raise ValueError(f"embed_channels must be >= 1, got {embed_channels}")
         self.device = torch.device(device)
         self.embed_channels = int(embed_channels)
+        self.feature_set = features
+        if features is not None and tuple(features.names) != tuple(config.features):
+            raise ValueError(
+                f"the feature set {list(features.names)} is not the config's "
+                f"features {list(config.features)}"
+            )
+        if features is None and tuple(config.features) != ("sam",):
+            raise ValueError(
+                f"SRMConfig.features={list(config.features)} needs a FeatureSet: build the SRM "
+                "with features=FeatureSet(config.features, segmenter, cache)"
+            )
         self.clip: ClipSurgery | None = None
         if config.branch == "explicit":
             config, self.clip = self._resolve_clip(config, clip)
@@ -264,6 +281,23 @@ class SemanticRecalibrationModule(TrainingMixin, PersistenceMixin, Labeler):
         return logits * self.calibration[0] + self.calibration[1]
 
     # -- prediction -------------------------------------------------------------------------------
+    def input_features(
+        self, emb: ImageEmbedding, load_image: Callable[[], np.ndarray] | None = None
+    ) -> torch.Tensor:
+        """``(1, C, He, We)`` features the head reads for ``emb``'s image: precomputed ones in
+        ``emb.extras["srm_features"]`` (:func:`~recalibration.evaluate.collect_items`), else the
+        feature set's (computed with ``load_image`` when not cached), else the embedding."""
+        feats = emb.extras.get("srm_features")
+        if feats is None:
+            feats = emb.features if self.feature_set is None else self.feature_set(emb, load_image)
+        if feats.shape[1] != self.embed_channels:
+            raise ValueError(
+                f"the SRM's head reads {self.embed_channels} channels but the features of image "
+                f"{emb.image_hash[:12]} have {feats.shape[1]}: they come from another segmenter "
+                "or feature sources than the SRM was trained on"
+            )
+        return feats
+
     @torch.inference_mode()
     def predict_logits(
         self, state: EpisodeState, semantic: np.ndarray | None = None
@@ -275,7 +309,7 @@ class SemanticRecalibrationModule(TrainingMixin, PersistenceMixin, Labeler):
         if self._proj_cache is not None and self._proj_cache[0] == key:
             proj = self._proj_cache[1]
         else:
-            feats = emb.features.to(self.device, torch.float32)
+            feats = self.input_features(emb, state.load_image).to(self.device, torch.float32)
             valid = torch.from_numpy(valid_mask(emb)).to(self.device)[None, None]
             proj = self.head.project(self._normalize(feats, valid))
             self._proj_cache = (key, proj)
@@ -356,7 +390,7 @@ class SemanticRecalibrationModule(TrainingMixin, PersistenceMixin, Labeler):
         self._weights_will_change("learning online")
         emb = state.embedding
         valid_np = valid_mask(emb)
-        feats = emb.features.to(self.device, torch.float32)
+        feats = self.input_features(emb, state.load_image).to(self.device, torch.float32)
         valid = torch.from_numpy(valid_np).to(self.device)[None, None]
         target = torch.as_tensor(np.asarray(state.gt_grid, np.float32), device=self.device)
         mask = torch.as_tensor(np.asarray(state.mask_prob, np.float32), device=self.device)
@@ -387,7 +421,8 @@ class SemanticRecalibrationModule(TrainingMixin, PersistenceMixin, Labeler):
         self.head.eval()
         emb = state.embedding
         valid = torch.from_numpy(valid_mask(emb)).to(self.device)[None, None]
-        e = self._normalize(emb.features.to(self.device, torch.float32), valid)
+        feats = self.input_features(emb, state.load_image).to(self.device, torch.float32)
+        e = self._normalize(feats, valid)
         mask = torch.as_tensor(np.asarray(state.mask_prob, np.float32), device=self.device)
         sem = None
         if self.branch == "explicit":

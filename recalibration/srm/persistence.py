@@ -17,6 +17,7 @@ from typing import Any, Self
 import torch
 
 from recalibration.clip_surgery import ClipSurgery
+from recalibration.features import FeatureSet
 from recalibration.srm.config import WEIGHT_KEYS, SRMConfig
 from segmenter.io import atomic_write
 
@@ -69,10 +70,13 @@ class PersistenceMixin:
                 f"module expects {self.embed_channels}: it belongs to another segmenter; train "
                 "an SRM for this segmenter"
             )
+        defaults = SRMConfig()
         for key in WEIGHT_KEYS:
-            if cfg.get(key) != getattr(self.config, key):
+            saved = cfg.get(key, getattr(defaults, key))  # older files: the default then
+            saved = tuple(saved) if isinstance(saved, list) else saved
+            if saved != getattr(self.config, key):
                 raise SRMLoadError(
-                    f"{where} has {key}={cfg.get(key)!r} but this module has "
+                    f"{where} has {key}={saved!r} but this module has "
                     f"{getattr(self.config, key)!r}; use SemanticRecalibrationModule.load"
                 )
         try:
@@ -102,6 +106,8 @@ class PersistenceMixin:
         *,
         branch: str | None = None,
         embed_channels: int | None = None,
+        segmenter: Any = None,
+        cache: Any = None,
         **overrides: Any,
     ) -> Self:
         """Load a module written by :meth:`save`.
@@ -111,7 +117,13 @@ class PersistenceMixin:
             device: Torch device.
             clip: CLIP for an explicit SRM (otherwise built from the saved ``ClipSpec``).
             branch: Expected branch; a file of the other branch raises.
-            embed_channels: Expected embedding channels (the segmenter's); a mismatch raises.
+            embed_channels: Expected embedding channels (the segmenter's); a mismatch raises
+                (for an SRM on the embedding alone: with more feature sources the head's input
+                is checked on its first image).
+            segmenter: The segmenter whose features the SRM reads, needed (with ``cache``)
+                when the SRM reads more sources than the embedding
+                (``config.features``, :class:`~recalibration.features.FeatureSet`).
+            cache: Embedding cache of the feature sources.
             **overrides: Config fields to change that do not affect the weights (``online``,
                 ``threshold``, ``q_steps``, ``lr``, ``allow_implicit_fallback``...).
 
@@ -143,7 +155,13 @@ class PersistenceMixin:
                 f"SRM file {path} holds an {cfg_dict.get('branch')} SRM, not an {branch} one; "
                 f"pass the file of an {branch} SRM (or branch={cfg_dict.get('branch')!r})"
             )
-        if embed_channels is not None and int(state["embed_channels"]) != int(embed_channels):
+        features = tuple(cfg_dict.get("features", ("sam",)))
+        sam_only = features == ("sam",)
+        if (
+            sam_only
+            and embed_channels is not None
+            and int(state["embed_channels"]) != int(embed_channels)
+        ):
             raise SRMLoadError(
                 f"SRM file {path} was trained on {state['embed_channels']}-channel embeddings, "
                 f"but the segmenter gives {embed_channels}: it belongs to another segmenter"
@@ -156,7 +174,17 @@ class PersistenceMixin:
             config = SRMConfig.from_dict(cfg_dict)
         except (TypeError, ValueError) as exc:
             raise SRMLoadError(f"SRM file {path} has an invalid config: {exc}") from exc
-        module = cls(config, int(state["embed_channels"]), device=device, clip=clip)
+        feature_set = None
+        if not sam_only:
+            if segmenter is None:
+                raise SRMLoadError(
+                    f"SRM file {path} reads the feature sources {list(features)}: pass "
+                    "segmenter= (and cache=) to load it"
+                )
+            feature_set = FeatureSet(features, segmenter, cache)
+        module = cls(
+            config, int(state["embed_channels"]), device=device, clip=clip, features=feature_set
+        )
         if module.branch != cfg_dict.get("branch"):
             raise SRMLoadError(
                 f"SRM file {path} is an explicit SRM but no CLIP could be used (implicit "

@@ -35,7 +35,7 @@ __all__ = ["PreparedItem", "TrainingMixin"]
 class PreparedItem:
     """Per-image tensors of the training / evaluation sets."""
 
-    features: torch.Tensor  # (C, He, We) raw embedding
+    features: torch.Tensor  # (C, He, We) raw input features (float32, or float16 to save memory)
     gt_grid: torch.Tensor  # (He, We) coverage
     valid: torch.Tensor  # (He, We)
     semantic: torch.Tensor | None  # (He, We)
@@ -56,15 +56,16 @@ class TrainingMixin:
                 raise ValueError(
                     f"item {i}: the explicit SRM needs a semantic map per item (third element)"
                 )
-            if emb.features.shape[1] != self.embed_channels:
+            feats = self.input_features(emb)
+            if feats.shape[1] != self.embed_channels:
                 raise ValueError(
-                    f"item {i}: embedding has {emb.features.shape[1]} channels, the SRM expects "
+                    f"item {i}: features have {feats.shape[1]} channels, the SRM expects "
                     f"{self.embed_channels}"
                 )
             gt_grid = emb.to_frame(np.asarray(gt_full, np.float32), emb.grid_size)
             out.append(
                 PreparedItem(
-                    features=emb.features[0].detach().to("cpu", torch.float32),
+                    features=feats[0].detach().to("cpu"),
                     gt_grid=torch.from_numpy(gt_grid),
                     valid=torch.from_numpy(valid_mask(emb)),
                     semantic=None if sem is None else torch.from_numpy(np.asarray(sem, np.float32)),
@@ -81,7 +82,8 @@ class TrainingMixin:
         for emb, _, _ in items:
             he, we = emb.grid_size
             vh, vw = emb.valid_shape((he, we))
-            f = emb.features[0, :, :vh, :vw].detach().to("cpu", torch.float64).flatten(1)
+            f = self.input_features(emb)[0, :, :vh, :vw].detach().to("cpu", torch.float64)
+            f = f.flatten(1)
             total += f.sum(1)
             total_sq += (f * f).sum(1)
             count += f.shape[1]
@@ -121,7 +123,7 @@ class TrainingMixin:
             maps.append(mp)
             tgts.append(tg)
             valids.append(vd)
-        e = torch.stack(es).to(self.device)
+        e = torch.stack(es).to(self.device, torch.float32)
         valid = torch.stack(valids).to(self.device)
         e = self._normalize(e, valid)
         maps_t = torch.stack(maps).to(self.device)
@@ -145,7 +147,8 @@ class TrainingMixin:
         with torch.inference_mode():
             for p in prepared:
                 valid = p.valid[None, None].to(self.device)
-                e = self._normalize(p.features[None].to(self.device), valid)
+                feats = p.features[None].to(self.device, torch.float32)
+                e = self._normalize(feats, valid)
                 proj = self.head.project(e)
                 states = [np.zeros(tuple(p.gt_grid.shape), np.float32)]
                 if mask_state == "states" and p.mask_states:

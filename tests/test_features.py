@@ -1,0 +1,84 @@
+"""Feature sources for the SRM: the registry, the segmenter's stages, EfficientNet-Lite0 (real
+offline weights, hash-pinned), open_clip and DINOv2 towers (random init here), the stacked
+feature set and an SRM that reads it, saved and loaded."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from recalibration import features as fmod
+from recalibration.features import FeatureError, FeatureSet, build_feature_source
+from recalibration.labelers import EpisodeState
+from recalibration.srm import SemanticRecalibrationModule, SRMConfig
+from segmenter import EmbeddingCache
+
+
+def test_registry_names_every_source_and_rejects_unknown(tiny_segmenter):
+    assert {"sam", "sam_stages", "efficientnet_lite0", "open_clip", "dinov2"} <= set(
+        fmod.FEATURE_SOURCES
+    )
+    with pytest.raises(FeatureError, match="unknown feature source 'vgg'.*efficientnet_lite0"):
+        build_feature_source("vgg", tiny_segmenter)
+
+
+def test_sam_stages_come_from_the_same_encoder_pass_and_the_cache(
+    tiny_segmenter, rgb_image, tmp_path
+):
+    cache = EmbeddingCache(tmp_path / "emb")
+    fs = FeatureSet(["sam", "sam_stages"], tiny_segmenter, cache)
+    emb = cache.get_or_encode(tiny_segmenter, rgb_image)
+    calls = tiny_segmenter.encoder_calls
+    x = fs(emb, lambda: rgb_image)
+    assert x.shape == (1, 32 + 48, 16, 16)
+    assert tiny_segmenter.encoder_calls == calls + 1  # the stages: one more pass, once
+    assert torch.equal(x[0, :32], emb.features[0])
+    again = FeatureSet(["sam", "sam_stages"], tiny_segmenter, cache)(emb)  # from the cache
+    assert torch.allclose(again, x) and tiny_segmenter.encoder_calls == calls + 1
+    with pytest.raises(FeatureError, match="not cached"):
+        other = tiny_segmenter.encode(rgb_image[::-1].copy())
+        FeatureSet(["sam", "sam_stages"], tiny_segmenter, cache)(other)
+
+
+def test_efficientnet_lite0_offline_weights_are_pinned(tiny_segmenter, rgb_image, tmp_path):
+    src = build_feature_source("efficientnet_lite0", tiny_segmenter)
+    assert src.channels == 472 and src.embedding_id.startswith("efficientnet_lite0:579344248a93")
+    feats = src.compute(rgb_image)
+    assert feats.shape == (472, 16, 16) and torch.isfinite(feats).all()
+    # Padding is zero input after normalisation: the grid's last rows see mostly padding.
+    bad = tmp_path / "bad.pth"
+    torch.save({"x": torch.zeros(1)}, bad)
+    with pytest.raises(FeatureError, match="not an EfficientNet-Lite0 state dict"):
+        fmod.EfficientNetLite0(tiny_segmenter, weights=bad)
+
+
+def test_open_clip_and_dinov2_towers_build_and_align(tiny_segmenter, rgb_image, tiny_clip_arch):
+    clip = fmod.OpenClipDense(tiny_segmenter, tiny_clip_arch, allow_random=True)
+    assert clip.compute(rgb_image).shape == (clip.channels, 16, 16)
+    dino = fmod.DinoV2(tiny_segmenter, "vit_small_patch14_dinov2", side=56, pretrained=False)
+    assert dino.compute(rgb_image).shape == (384, 16, 16)
+    with pytest.raises(FeatureError, match="file="):
+        fmod.DinoV2(tiny_segmenter, "vit_small_patch14_dinov2.lvd142m", side=56)  # offline
+
+
+def test_srm_on_a_feature_set_trains_saves_and_loads(tiny_segmenter, rgb_image, tmp_path):
+    cache = EmbeddingCache(tmp_path / "emb")
+    fs = FeatureSet(["sam", "sam_stages"], tiny_segmenter, cache)
+    gt = np.zeros(rgb_image.shape[:2], bool)
+    gt[30:80, 50:110] = True
+    emb = cache.get_or_encode(tiny_segmenter, rgb_image)
+    config = SRMConfig(features=("sam", "sam_stages"), hidden=16)
+    srm = SemanticRecalibrationModule(config, int(fs(emb, lambda: rgb_image).shape[1]), features=fs)
+    srm.pretrain([(emb, gt, None)], epochs=2, progress=False)
+    state = EpisodeState(
+        "a", emb, np.zeros(emb.grid_size, np.float32), load_image=lambda: rgb_image
+    )
+    before = srm.predict(state)
+    path = srm.save(tmp_path / "srm.pt")
+    with pytest.raises(Exception, match="segmenter="):
+        SemanticRecalibrationModule.load(path)
+    loaded = SemanticRecalibrationModule.load(path, segmenter=tiny_segmenter, cache=cache)
+    assert np.allclose(loaded.predict(state), before, atol=1e-6)
+    with pytest.raises(ValueError, match="needs a FeatureSet"):
+        SemanticRecalibrationModule(config, 80)
