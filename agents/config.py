@@ -12,6 +12,7 @@ import yaml
 
 from agents.features import SPATIAL_KEYS, policy_inputs, policy_prior
 from agents.imitation import ImitationConfig
+from agents.lookahead import LookaheadConfig
 from envs import EnvConfig
 from recalibration.srm import SRMConfig
 
@@ -105,6 +106,10 @@ class TaskConfig:
         ppo: PPO settings.
         imitation: The imitation stage before PPO (:mod:`agents.imitation`; off unless
             ``rounds > 0``).
+        agent: ``ppo`` (the paper's agent: a policy trained by PPO picks cells, the SRM labels
+            them) or ``lookahead`` (:mod:`agents.lookahead`: candidates decoded with both
+            labels, a mask judge picks; no PPO).
+        lookahead: Settings of the lookahead agent.
         total_timesteps: Environment steps of training.
         eval_every: Evaluate on ``val`` every this many steps.
         checkpoint_every: Write a resumable checkpoint every this many steps.
@@ -123,6 +128,8 @@ class TaskConfig:
     srm_pretrain_epochs: int = 30
     ppo: PPOConfig = field(default_factory=PPOConfig)
     imitation: ImitationConfig = field(default_factory=ImitationConfig)
+    agent: Literal["ppo", "lookahead"] = "ppo"
+    lookahead: LookaheadConfig = field(default_factory=LookaheadConfig)
     total_timesteps: int = 30_000
     eval_every: int = 3_000
     checkpoint_every: int = 1_500
@@ -152,6 +159,9 @@ class TaskConfig:
                 "ppo": _build(PPOConfig, data.pop("ppo", {}) or {}, f"{where}: ppo"),
                 "imitation": _build(
                     ImitationConfig, data.pop("imitation", {}) or {}, f"{where}: imitation"
+                ),
+                "lookahead": _build(
+                    LookaheadConfig, data.pop("lookahead", {}) or {}, f"{where}: lookahead"
                 ),
             }
             return _build(cls, {**data, **nested}, where)

@@ -21,7 +21,9 @@ import numpy as np
 import torch
 
 from agents.config import TaskConfig
+from agents.lookahead import LookaheadAgent, LookaheadConfig
 from envs import EnvConfig, PointPromptEnv
+from recalibration.judge import JudgeError, MaskJudge
 from recalibration.srm import SemanticRecalibrationModule
 from segmenter import EmbeddingCache, Segmenter, build_segmenter, onnx_backend
 from segmenter.base import small_torch_ops
@@ -179,8 +181,11 @@ class PromptAgent:
         device: str | None = None,
         cache: EmbeddingCache | None = None,
         which: str = "best",
-    ) -> PromptAgent:
-        """Load from a run folder (its ``best`` or ``latest`` checkpoint) or a checkpoint folder."""
+    ) -> PromptAgent | LookaheadAgent:
+        """Load from a run folder (its ``best`` or ``latest`` checkpoint) or a checkpoint folder.
+
+        A run of ``agent: lookahead`` loads as a :class:`~agents.lookahead.LookaheadAgent`
+        (the same ``segment`` / ``segment_detailed`` / ``srm`` / ``task`` interface)."""
         path = Path(path)
         if (path / "meta.json").is_file():
             ckpt = path
@@ -219,6 +224,8 @@ class PromptAgent:
         )
         fast = getattr(segmenter, "backend", None) == "onnx"
         srm.use_fast_head(fast)  # frozen: inference
+        if meta.get("agent") == "lookahead":
+            return _lookahead_agent(ckpt, srm, task, segmenter, cache)
         model = ppo_class(task.ppo.maskable).load(ckpt / "agent.zip", device=device)
         agent = cls(model, srm, task, segmenter, cache)
         agent.use_fast_policy(fast and model.device.type == "cpu")
@@ -314,6 +321,23 @@ class PromptAgent:
             "encode_seconds": encode_seconds,
             "decoder_calls": int(getattr(self.segmenter, "decoder_calls", 0) - calls),
         }
+
+
+def _lookahead_agent(
+    ckpt: Path, srm: SemanticRecalibrationModule, task: TaskConfig, segmenter: Any, cache: Any
+) -> LookaheadAgent:
+    """The lookahead agent of checkpoint folder ``ckpt`` (its SRM already loaded)."""
+    try:
+        config = LookaheadConfig(**json.loads((ckpt / "lookahead.json").read_text()))
+    except (OSError, ValueError, TypeError) as exc:
+        raise AgentLoadError(
+            f"{ckpt}/lookahead.json is missing or corrupt ({exc}); train the agent again"
+        ) from exc
+    try:
+        judge = MaskJudge.load(ckpt / "judge.json")
+    except JudgeError as exc:
+        raise AgentLoadError(str(exc)) from exc
+    return LookaheadAgent(segmenter, srm, judge, config, task, cache)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch.utils.tensorboard import SummaryWriter
 
-from agents.config import ConfigError, TaskConfig
+from agents.config import TaskConfig
 from agents.features import GridFeaturesExtractor, cell_policy_class
 from agents.imitation import (
     TeacherData,
@@ -37,7 +35,15 @@ from agents.prompt_agent import (
 from agents.training import AlignSAMCallback, evaluate_agent, make_vec_env, train_env_config
 from envs import PointPromptEnv
 from envs.data import Dataset
-from experiments.datasets import load_readable
+from experiments.lookahead import evaluate_lookahead, train_lookahead
+from experiments.runs import (
+    TASKS_DIR,
+    load_split,
+    load_train_split,
+    new_run_dir,
+    resolve_task,
+    seed_everything,
+)
 from recalibration.evaluate import attach_semantic_maps, collect_items
 from recalibration.features import FeatureSet
 from recalibration.srm import SemanticRecalibrationModule
@@ -45,64 +51,21 @@ from segmenter import EmbeddingCache, build_segmenter
 
 logger = logging.getLogger(__name__)
 
-TASKS_DIR = Path(__file__).resolve().parent / "tasks"
-
-
-def resolve_task(name_or_path: str) -> TaskConfig:
-    """A task by YAML path or by the name of a shipped task (``experiments/tasks/NAME.yaml``)."""
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        return TaskConfig.load(path)
-    shipped = TASKS_DIR / f"{name_or_path}.yaml"
-    if shipped.is_file():
-        return TaskConfig.load(shipped)
-    names = sorted(p.stem for p in TASKS_DIR.glob("*.yaml"))
-    raise ConfigError(f"no task file {name_or_path!r}; shipped tasks: {', '.join(names)}")
-
+__all__ = [
+    "TASKS_DIR",
+    "evaluate_run",
+    "imitate",
+    "load_split",
+    "load_train_split",
+    "new_ppo",
+    "new_run_dir",
+    "resolve_task",
+    "seed_everything",
+    "train",
+]
 
 def _finite_or_none(x: float) -> float | None:
     return float(x) if np.isfinite(x) else None
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def new_run_dir(runs: Path, task: TaskConfig) -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    run = runs / f"{task.name}__ppo__{task.seed}__{stamp}"
-    run.mkdir(parents=True, exist_ok=False)
-    return run
-
-
-def load_split(task: TaskConfig, split: str) -> Dataset:
-    """The usable samples of one of the task's splits, every image decoded once up front; files
-    that cannot be used stop here or, with ``data.on_error: skip``, are listed in
-    ``.skipped``."""
-    spec = getattr(task.data, split, None)
-    if not spec:
-        raise ConfigError(f"task {task.name} has no {split!r} split")
-    return load_readable(spec, task.data.on_error)
-
-
-def load_train_split(task: TaskConfig) -> Dataset:
-    """The task's training images: its ``train`` spec, cut to the seeded ``train_subset``
-    (the 50 images of the AlignSAM protocol) when one is set. Training and every baseline that
-    learns from training images use exactly this list. A subset is drawn from the usable
-    images, after any skips."""
-    train_set = load_split(task, "train")
-    if task.data.train_subset and len(train_set) > task.data.train_subset:
-        pick = np.random.default_rng(task.seed).choice(
-            len(train_set), task.data.train_subset, replace=False
-        )
-        train_set = Dataset(
-            [train_set[int(i)] for i in sorted(pick)],
-            name=train_set.name,
-            skipped=train_set.skipped,
-        )
-    return train_set
 
 
 def new_ppo(task: TaskConfig, venv: Any, tensorboard_log: str | None = None) -> Any:
@@ -161,6 +124,12 @@ def train(
 
     ``run_dir`` names the new run's folder (default ``runs/{task}__ppo__{seed}__{time}``); it may
     exist already when it holds no checkpoint (a sweep trial killed before its first one)."""
+    if (task is not None and task.agent == "lookahead") or (
+        resume is not None and _run_agent(resume) == "lookahead"
+    ):
+        return train_lookahead(
+            task, runs=runs, resume=resume, cache_dir=cache_dir, progress=progress, run_dir=run_dir
+        )
     t_start = time.perf_counter()
     start_step = 0
     best = -float("inf")
@@ -306,6 +275,14 @@ def train(
     return summary
 
 
+def _run_agent(run_dir: Path) -> str:
+    """The agent kind of a run folder (from its ``config.json``; ``ppo`` when absent)."""
+    try:
+        return json.loads((Path(run_dir) / "config.json").read_text()).get("agent", "ppo")
+    except (OSError, ValueError, AttributeError):
+        return "ppo"
+
+
 def imitate(
     task: TaskConfig,
     model: Any,
@@ -398,6 +375,8 @@ def evaluate_run(run_dir: Path, split: str = "test", limit: int | None = None) -
     """Load a run's best agent and evaluate it on the task's ``split``."""
     agent = PromptAgent.load(run_dir, cache=EmbeddingCache())
     samples = load_split(agent.task, split)
+    if getattr(agent, "kind", "ppo") == "lookahead":
+        return evaluate_lookahead(agent, samples[:limit] if limit else samples)
     res = evaluate_agent(agent, samples, agent.cache, limit=limit)
     res.pop("overlay", None)
     return res

@@ -123,6 +123,32 @@ class MethodContext:
         self.results.append(res)
         return res
 
+    def lookahead_method(
+        self, name: str, agent: Any, chooser: str = "judge", kind: str = "automatic"
+    ) -> MethodResult:
+        """Run a lookahead agent (:class:`~agents.lookahead.LookaheadAgent`) with ``chooser``
+        on every image of the share and append its row."""
+        from experiments.benchmark.results import MethodResult
+
+        res = MethodResult(name, kind)
+        for i in tqdm(self.indices, desc=name, unit="img", disable=not self.options.progress):
+            s = self.samples[i]
+            tr = agent.trace(self.embeddings[i], self.gts[i], str(s.id), s.load_image, chooser)
+            res.add_trace(tr, self.gts[i])
+            res.curve.append(list(tr.ious))
+            res.start_clicks = tr.start_clicks
+        self.results.append(res)
+        return res
+
+    def lookahead_agent(self) -> Any:
+        """The reference agent if it looks ahead, else a lookahead agent on its SRM (no judge:
+        for the oracle and agreement choosers)."""
+        if getattr(self.ref, "kind", "ppo") == "lookahead":
+            return self.ref
+        from agents.lookahead import LookaheadAgent
+
+        return LookaheadAgent(self.segmenter, self.ref.srm, None, task=self.ref.task)
+
 
 @dataclass(frozen=True)
 class MethodGroup:
@@ -177,9 +203,12 @@ def agent_cost(agent: PromptAgent, run: str | Path) -> tuple[float | None, int]:
     seconds = (
         json.loads(summary.read_text()).get("train_seconds_total") if summary.is_file() else None
     )
-    policy = sum(p.numel() for p in agent.model.policy.parameters())
+    model = getattr(agent, "model", None)  # PPO; a lookahead agent has an SRM and a judge
+    policy = sum(p.numel() for p in model.policy.parameters()) if model is not None else 0
     srm = sum(p.numel() for p in agent.srm.head.parameters())
-    return seconds, int(policy + srm)
+    judge = getattr(agent, "judge", None)
+    leaves = judge.leaves() if judge is not None else 0
+    return seconds, int(policy + srm + leaves)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,6 +306,20 @@ def _finetuned_delta(ctx: MethodContext, delta: str | Path) -> None:
     for m in ctx.results[first:]:
         m.train_seconds = info.get("train_seconds")
         m.trainable_params = info.get("trainable_params")
+
+
+@register_method(
+    "lookahead_oracle",
+    "lookahead candidates chosen by their true IoU (a ceiling: reads the ground truth)",
+)
+def lookahead_oracle(ctx: MethodContext) -> None:
+    agent = ctx.lookahead_agent()
+    ctx.lookahead_method("lookahead, true-IoU judge (ceiling: reads GT)", agent, "oracle", "oracle")
+
+
+@register_method("lookahead_agreement", "lookahead candidates chosen by soft Dice with the SRM map")
+def lookahead_agreement(ctx: MethodContext) -> None:
+    ctx.lookahead_method("lookahead, SRM-agreement judge", ctx.lookahead_agent(), "agreement")
 
 
 @register_method("amg", "SAM's automatic mask generator, SRM pick and oracle pick")

@@ -180,8 +180,9 @@ def assemble(
 
 def by_click(methods: list[MethodResult], seed: int) -> dict[str, Any] | None:
     """mIoU after the start prompts and after each of the next clicks, for the agent (the first
-    method) and every automatic method whose click traces have the agent's length (the same
-    start and budget: random, heuristics, the agent's ablations with its T), with the paired
+    method) and every automatic method with the agent's start whose click traces are at least
+    as long (random, heuristics, the agent's ablations; longer traces are cut to the agent's
+    budget: the IoU after k clicks does not depend on later ones), with the paired
     bootstrap interval of each method's difference to the agent at every budget. ``None`` when
     the agent has no click traces."""
     ref = methods[0]
@@ -195,9 +196,9 @@ def by_click(methods: list[MethodResult], seed: int) -> dict[str, Any] | None:
     out: dict[str, Any] = {"clicks_after_start": budgets, "methods": {}}
     for m in methods:
         same = m.start_clicks == ref.start_clicks and len(m.curve) == len(ref.curve)
-        if m.kind != "automatic" or not same or any(len(c) != length for c in m.curve):
+        if m.kind != "automatic" or not same or any(len(c) < length for c in m.curve):
             continue
-        ious = np.asarray(m.curve, np.float64)[:, first:]
+        ious = np.asarray([c[:length] for c in m.curve], np.float64)[:, first:]
         row: dict[str, Any] = {"miou": ious.mean(0).tolist()}
         if m is not ref:
             row["diff_vs_agent"] = [

@@ -205,6 +205,10 @@ def run_methods(
     config = ref.eval_config(full_res_eval=False, **overrides)
     ctx = MethodContext(task, samples, indices, embeddings, gts, cache, seg, ref, config, options)
     for name, agent, run in zip(names, agents, run_dirs, strict=True):  # own env settings
+        if getattr(agent, "kind", "ppo") == "lookahead":
+            res = ctx.lookahead_method(name, agent)
+            res.train_seconds, res.trainable_params = agent_cost(agent, run)
+            continue
         res = ctx.env_method(
             name,
             agent_policy(agent),

@@ -1,0 +1,366 @@
+"""An agent that sees what a click does: lookahead through the frozen decoder.
+
+The decoder is a known, cheap model of the environment (~25 ms a call), so instead of choosing a
+cell blind and reading its label off the SRM map, each step
+
+1. proposes ``k`` cells: the unvisited cells where the SRM is sure and the mask disagrees with
+   it (the SRM-confident score ``|p - 0.5| * |p - m|`` on the action grid);
+2. decodes each with *both* labels against the current prompts and mask input
+   (:meth:`segmenter.session.PromptSession.preview`: ``2k`` candidate masks);
+3. lets a judge score the candidates (:class:`recalibration.judge.MaskJudge`, the predicted
+   IoU; the SRM's label becomes one of the judge's inputs, not the decision) and commits the
+   best one, with no further decoder call.
+
+The episode stops when no candidate is judged better than the best mask so far (the learned
+stop), and the final mask is the best-judged mask of the episode. The same loop runs with other
+choosers for the benchmark's reference rows: ``oracle`` (the true IoU: the ceiling of this
+candidate set, reads the ground truth) and ``agreement`` (soft Dice with the SRM map).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from agents.clickers import ClickTrace, srm_confident_score
+from recalibration.judge import JUDGE_FEATURES, MaskJudge, candidate_features
+from recalibration.labelers import EpisodeState
+from recalibration.srm import SemanticRecalibrationModule
+from segmenter.base import ImageEmbedding, Segmenter, mask_iou, small_torch_ops
+from segmenter.geometry import action_centres, to_grid
+from segmenter.session import Outcome, PromptSession, Target
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CHOOSERS", "LookaheadAgent", "LookaheadConfig", "LookaheadEpisode"]
+
+Chooser = Literal["judge", "oracle", "agreement"]
+#: What picks among a step's candidates: the judge (the agent), the true IoU (a ceiling that
+#: reads the ground truth) or the soft Dice with the SRM map (a judge without learning).
+CHOOSERS: tuple[str, ...] = ("judge", "oracle", "agreement")
+_DICE = JUDGE_FEATURES.index("soft_dice")
+
+
+@dataclass
+class LookaheadConfig:
+    """Settings of the lookahead agent (``lookahead:`` in a task file).
+
+    Attributes:
+        steps: T, the most clicks after the two start points.
+        proposals: k, cells proposed per step (each decoded with both labels: ``2k`` calls).
+        grid: G of the action grid the cells are proposed on.
+        stop: End the episode when no candidate is judged better than the best mask so far.
+        stop_margin: How much better (in judged IoU) a candidate must be to go on.
+        folds: Cross-fitting folds of the SRM maps the judge is trained on.
+        episodes: Judge-training episodes per training image and round.
+        rounds: Judge-training rounds: round 0 follows the true IoU (with ``explore``), later
+            rounds the judge fitted so far (DAgger), all data refitted each round.
+        explore: Probability of a random candidate in the judge-training episodes.
+        objective: The judge's LightGBM objective, ``regression`` or ``lambdarank``.
+    """
+
+    steps: int = 8
+    proposals: int = 5
+    grid: int = 10
+    stop: bool = True
+    stop_margin: float = 0.0
+    folds: int = 5
+    episodes: int = 2
+    rounds: int = 2
+    explore: float = 0.3
+    objective: Literal["regression", "lambdarank"] = "regression"
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.proposals < 1 or self.grid < 2:
+            raise ValueError("lookahead: steps >= 0, proposals >= 1 and grid >= 2 needed")
+        if self.folds < 2 or self.episodes < 1 or self.rounds < 1:
+            raise ValueError("lookahead: folds >= 2, episodes >= 1 and rounds >= 1 needed")
+        if not 0.0 <= self.explore <= 1.0:
+            raise ValueError(f"lookahead.explore must lie in [0, 1], got {self.explore}")
+
+
+@dataclass
+class LookaheadEpisode:
+    """One lookahead episode on one image.
+
+    Attributes:
+        final: The best-judged outcome of the episode (its mask is the answer).
+        last: The outcome committed last.
+        clicks: ``(N, 3)`` ``(x, y, label)`` of the start points and every committed click.
+        ious: Low-res IoU of the committed mask after the start and after each click (empty
+            without ground truth).
+        final_iou: Low-res IoU of ``final`` (``None`` without ground truth).
+        scores: The chooser's score of the committed mask after the start and each click.
+        decoder_calls: Decoder calls of the episode (previews included).
+        stopped: Steps taken before the stop rule ended the episode (``None``: ran all T).
+        path: The start's outcome and each committed one, in order.
+        states: Per step, ``(features (2k, F), true IoUs or None, IoU before)`` when recorded.
+    """
+
+    final: Outcome
+    last: Outcome
+    clicks: np.ndarray
+    ious: list[float]
+    final_iou: float | None
+    scores: list[float]
+    decoder_calls: int
+    stopped: int | None
+    path: list[Outcome] = field(default_factory=list)
+    states: list[tuple[np.ndarray, np.ndarray | None, float]] = field(default_factory=list)
+
+
+class LookaheadAgent:
+    """The lookahead agent: an SRM, a mask judge and the frozen segmenter.
+
+    Args:
+        segmenter: The frozen segmenter.
+        srm: The trained SRM (its foreground map proposes cells and feeds the judge).
+        judge: The fitted mask judge (``None`` for the ``oracle`` / ``agreement`` choosers).
+        config: :class:`LookaheadConfig`.
+        task: The task it was trained for (for run folders and ``segment``).
+        cache: Embedding cache.
+    """
+
+    kind = "lookahead"
+
+    def eval_config(self, **changes: Any) -> Any:
+        """The task's env settings for evaluation (the fixed click policies of a benchmark
+        run in them with this agent's SRM)."""
+        return self.task.eval_env(**changes)
+
+    def __init__(
+        self,
+        segmenter: Segmenter,
+        srm: SemanticRecalibrationModule,
+        judge: MaskJudge | None,
+        config: LookaheadConfig | None = None,
+        task: Any = None,
+        cache: Any = None,
+    ) -> None:
+        self.segmenter, self.srm, self.judge = segmenter, srm, judge
+        self.config = config or LookaheadConfig()
+        self.task, self.cache = task, cache
+
+    # -- one episode ---------------------------------------------------------------------------
+    def srm_map(
+        self, emb: ImageEmbedding, load_image: Callable[[], np.ndarray] | None = None
+    ) -> np.ndarray:
+        """``(He, We)`` SRM foreground map of the image before any click (0 on padding)."""
+        state = EpisodeState("image", emb, np.zeros(emb.grid_size, np.float32))
+        state.load_image = load_image
+        with small_torch_ops(self.segmenter):
+            return self.srm.predict(state)
+
+    def episode(
+        self,
+        emb: ImageEmbedding,
+        load_image: Callable[[], np.ndarray] | None = None,
+        gt: np.ndarray | None = None,
+        *,
+        chooser: Chooser = "judge",
+        srm_map: np.ndarray | None = None,
+        steps: int | None = None,
+        stop: bool | None = None,
+        explore: float = 0.0,
+        rng: np.random.Generator | None = None,
+        record: bool = False,
+        score: Callable[[np.ndarray], np.ndarray] | None = None,
+    ) -> LookaheadEpisode:
+        """Run one episode on ``emb``'s image.
+
+        Args:
+            emb: The image's embedding.
+            load_image: Returns the image's pixels (feature sources not cached yet).
+            gt: ``(H, W)`` bool ground truth: IoUs are reported, and the ``oracle`` chooser
+                needs it.
+            chooser: One of :data:`CHOOSERS`.
+            srm_map: A given SRM map instead of the agent's (cross-fitted maps in training).
+            steps: T (default ``config.steps``).
+            stop: Apply the stop rule (default ``config.stop``; never with ``explore``).
+            explore: Probability of committing a random candidate instead (training).
+            rng: Generator of ``explore``.
+            record: Keep each step's candidate features and true IoUs (``states``).
+            score: Scores candidates' features instead of the judge (training rounds).
+        """
+        cfg = self.config
+        steps = cfg.steps if steps is None else int(steps)
+        stop = cfg.stop if stop is None else stop
+        if chooser not in CHOOSERS:
+            raise ValueError(f"chooser must be one of {CHOOSERS}, got {chooser!r}")
+        if chooser == "judge" and score is None:
+            if self.judge is None:
+                raise RuntimeError("the judge chooser needs a fitted judge")
+            score = self.judge.predict
+        target = None if gt is None else Target.of(emb, gt, self.segmenter.low_res_size)
+        if chooser == "oracle" and target is None:
+            raise ValueError("the oracle chooser reads the ground truth: pass gt")
+        s_map = self.srm_map(emb, load_image) if srm_map is None else srm_map
+        he, we = emb.grid_size
+        vh, vw = emb.valid_shape((he, we))
+        session = PromptSession(self.segmenter, emb, target)
+        sv = s_map[:vh, :vw]
+        hi = np.unravel_index(np.argmax(sv), sv.shape)
+        lo = np.unravel_index(np.argmin(sv), sv.shape)
+        start = np.array([emb.cell_centre(*hi), emb.cell_centre(*lo)], np.float32)
+        first = session.prompt(start, np.array([1, 0], np.int64))
+
+        def choose(feats: np.ndarray, outs: list[Outcome]) -> np.ndarray:
+            if chooser == "oracle":
+                return np.array([o.iou for o in outs], np.float64)
+            if chooser == "agreement":
+                return feats[:, _DICE]
+            return np.asarray(score(feats), np.float64)
+
+        x0, y0 = (float(v) for v in start[0])
+        start_feats = candidate_features(
+            first, s_map, (vh, vw), np.zeros((he, we)), (x0, y0, 1), float(s_map[hi])
+        )[None]
+        best, best_score = first, float(choose(start_feats, [first])[0])
+        scores, path = [best_score], [first]
+        ious = [session.iou] if target is not None else []
+        centres = action_centres(emb.original_size, cfg.grid)
+        p_grid = to_grid(sv, (cfg.grid, cfg.grid)).reshape(-1).astype(np.float64)
+        visited = np.zeros(cfg.grid**2, bool)
+        states: list[tuple[np.ndarray, np.ndarray | None, float]] = []
+        stopped = None
+        for t in range(steps):
+            current = session.mask_prob
+            m_grid = to_grid(current[:vh, :vw], (cfg.grid, cfg.grid)).reshape(-1)
+            proposal = srm_confident_score(p_grid, m_grid.astype(np.float64))
+            proposal[visited] = -np.inf
+            cells = np.argsort(-proposal, kind="stable")[: cfg.proposals]
+            clicks = [
+                (float(centres[c][0]), float(centres[c][1]), label, int(c))
+                for c in cells
+                for label in (1, 0)
+            ]
+            outs = session.preview([(x, y, lab) for x, y, lab, _ in clicks])
+            feats = np.stack(
+                [
+                    candidate_features(
+                        o, s_map, (vh, vw), current, (x, y, lab), float(s_map[emb.cell_at(x, y)])
+                    )
+                    for (x, y, lab, _), o in zip(clicks, outs, strict=True)
+                ]
+            )
+            values = choose(feats, outs)
+            if record:
+                true = np.array([o.iou for o in outs]) if target is not None else None
+                states.append((feats, true, session.iou if target is not None else 0.0))
+            j = int(np.argmax(values))
+            if rng is not None and explore > 0 and rng.random() < explore:
+                j = int(rng.integers(len(outs)))
+            elif stop and explore == 0 and values[j] <= best_score + cfg.stop_margin:
+                stopped = t
+                break
+            visited[clicks[j][3]] = True
+            session.commit(outs[j])
+            path.append(outs[j])
+            scores.append(float(values[j]))
+            if target is not None:
+                ious.append(session.iou)
+            if values[j] > best_score:
+                best, best_score = outs[j], float(values[j])
+        clicks_arr = np.concatenate(
+            [session.points, session.labels[:, None].astype(np.float32)], axis=1
+        )
+        final_iou = None
+        if target is not None:
+            vh_l, vw_l = session.valid_low
+            final_iou = mask_iou(best.logits[:vh_l, :vw_l].numpy() > 0, target.low)
+        return LookaheadEpisode(
+            final=best,
+            last=session.outcome,
+            clicks=clicks_arr,
+            ious=ious,
+            final_iou=final_iou,
+            scores=scores,
+            decoder_calls=session.decoder_calls,
+            stopped=stopped,
+            path=path,
+            states=states,
+        )
+
+    # -- what users call -----------------------------------------------------------------------
+    def _embedding(self, image: np.ndarray) -> tuple[ImageEmbedding, float]:
+        t0 = time.perf_counter()
+        hits = self.cache.hits if self.cache is not None else 0
+        if self.cache is not None:
+            emb = self.cache.get_or_encode(self.segmenter, image)
+        else:
+            emb = self.segmenter.encode(image)
+        cached = self.cache is not None and self.cache.hits > hits
+        return emb, 0.0 if cached else time.perf_counter() - t0
+
+    def segment(self, image: np.ndarray, steps: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Segment one ``(H, W, 3)`` uint8 RGB image with no human input: ``(H, W)`` bool mask
+        and ``(N, 3)`` clicks ``(x, y, label)`` (the two start points first)."""
+        out = self.segment_detailed(image, steps)
+        return out["mask"], out["clicks"]
+
+    def segment_detailed(self, image: np.ndarray, steps: int | None = None) -> dict[str, Any]:
+        """:meth:`segment` plus ``score`` (the judge's predicted IoU of the mask),
+        ``encode_seconds`` and ``decoder_calls``."""
+        emb, encode_seconds = self._embedding(image)
+        ep = self.episode(emb, lambda: image, steps=steps)
+        return {
+            "mask": self.segmenter.upscale(emb, ep.final.logits),
+            "clicks": ep.clicks,
+            "score": float(max(ep.scores)),
+            "encode_seconds": encode_seconds,
+            "decoder_calls": ep.decoder_calls,
+            "stopped": ep.stopped,
+        }
+
+    def trace(
+        self,
+        emb: ImageEmbedding,
+        gt: np.ndarray,
+        sample_id: str,
+        load_image: Callable[[], np.ndarray] | None = None,
+        chooser: Chooser = "judge",
+        steps: int | None = None,
+    ) -> ClickTrace:
+        """One episode as a benchmark :class:`~agents.clickers.ClickTrace`: ``ious`` are the
+        full-resolution IoUs of the committed mask after the start (for both start points) and
+        after each click, padded with the final mask's IoU up to ``T`` clicks when the episode
+        stopped early; ``final_mask`` is the best-judged mask."""
+        t0 = time.perf_counter()
+        ep = self.episode(emb, load_image, gt, chooser=chooser, steps=steps)
+        steps = self.config.steps if steps is None else int(steps)
+        final_mask = self.segmenter.upscale(emb, ep.final.logits)
+        final_iou = mask_iou(final_mask, gt)
+        path = [mask_iou(self.segmenter.upscale(emb, o.logits), gt) for o in ep.path]
+        ious = [path[0]] * 2 + path[1:]
+        ious += [final_iou] * (steps + 2 - len(ious))
+        ious[-1] = final_iou
+        points, labels = ep.clicks[:, :2], ep.clicks[:, 2].astype(np.int64)
+        return ClickTrace(
+            sample_id=sample_id,
+            points=points.astype(np.float32),
+            labels=labels,
+            ious=ious,
+            final_mask=final_mask,
+            decoder_calls=ep.decoder_calls,
+            seconds=time.perf_counter() - t0,
+            start_clicks=2,
+            info={"chooser": chooser, "stopped": -1 if ep.stopped is None else ep.stopped},
+        )
+
+    # -- persistence ---------------------------------------------------------------------------
+    def save(self, folder: str | Path) -> Path:
+        """Write ``srm.pt``, ``judge.json`` and ``lookahead.json`` into ``folder``."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.srm.save(folder / "srm.pt")
+        if self.judge is not None:
+            self.judge.save(folder / "judge.json")
+        (folder / "lookahead.json").write_text(json.dumps(asdict(self.config), indent=2))
+        return folder

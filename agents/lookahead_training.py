@@ -1,0 +1,202 @@
+"""Training the lookahead agent's judge on a task's training images.
+
+The judge must learn what a candidate mask's IoU will be from the SRM map it will see at test
+time. On a training image the final SRM has seen the ground truth, so its map there is better
+than it will ever be on a new image, and a judge fitted on those maps would trust the map too
+much. The maps the judge learns from are therefore **cross-fitted**: the training images are
+split into folds, an SRM is trained on the other folds (same settings, the same validation
+images for early stopping), and its map of each held-out image is what the judge sees there.
+
+Rounds (DAgger): round 0 runs lookahead episodes that commit the truly best candidate, or a
+random one with probability ``explore`` (good and poor states); later rounds commit what the
+judge fitted so far prefers (with the same exploration), so the judge learns the states its
+own choices lead to. Every round's candidates are kept and the judge is refitted on all of
+them. Ground truth is read only here, to score candidates on training images.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from agents.lookahead import LookaheadAgent, LookaheadConfig
+from recalibration.judge import MaskJudge, rank_quality
+from recalibration.labelers import EpisodeState
+from recalibration.srm import SemanticRecalibrationModule, SRMConfig, SRMTrainItem
+from segmenter.base import ImageEmbedding
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["JudgeData", "cross_fitted_maps", "fit_judge", "srm_maps"]
+
+
+def srm_maps(srm: SemanticRecalibrationModule, items: Sequence[SRMTrainItem]) -> list[np.ndarray]:
+    """The SRM's ``(He, We)`` map of each item's image before any click."""
+    out = []
+    for emb, _, _ in items:
+        state = EpisodeState(emb.image_hash, emb, np.zeros(emb.grid_size, np.float32))
+        out.append(srm.predict(state))
+    return out
+
+
+def cross_fitted_maps(
+    config: SRMConfig,
+    channels: int,
+    items: Sequence[SRMTrainItem],
+    val_items: Sequence[SRMTrainItem] | None,
+    mask_states: Sequence[Sequence[np.ndarray]] | None,
+    *,
+    folds: int,
+    epochs: int,
+    seed: int,
+    features: Any = None,
+    device: str = "cpu",
+    progress: bool = True,
+) -> list[np.ndarray]:
+    """Each training image's SRM map from an SRM trained without it (``folds`` folds).
+
+    Args:
+        config: The task's SRM settings.
+        channels: Input channels of the SRM head.
+        items: The training items (their ``srm_features`` precomputed when the SRM reads more
+            than the embedding).
+        val_items: Validation items for each fold's early stopping and calibration.
+        mask_states: Per item, its simulated decoder mask states (reused by every fold).
+        folds: Number of folds.
+        epochs: Pretraining epochs of each fold's SRM.
+        seed: Seed of the fold split and of each fold's training.
+        features: The SRM's feature set.
+        device: Torch device.
+        progress: Progress bars.
+    """
+    n = len(items)
+    folds = min(folds, n)
+    order = np.random.default_rng(seed).permutation(n)
+    maps: list[np.ndarray | None] = [None] * n
+    for f, held in enumerate(np.array_split(order, folds)):
+        keep = np.setdiff1d(np.arange(n), held)
+        srm = SemanticRecalibrationModule(config, channels, device=device, features=features)
+        srm.pretrain(
+            [items[i] for i in keep],
+            epochs=epochs,
+            rng=seed * 100 + f,
+            val_items=val_items,
+            mask_states=None if mask_states is None else [mask_states[i] for i in keep],
+            progress=progress,
+        )
+        for i, m in zip(held, srm_maps(srm, [items[i] for i in held]), strict=True):
+            maps[int(i)] = m
+        logger.info("cross-fitted SRM fold %d/%d: %d held-out maps", f + 1, folds, len(held))
+    return [m for m in maps if m is not None]
+
+
+@dataclass
+class JudgeData:
+    """Candidates decoded along training episodes: features, true IoUs, states."""
+
+    features: list[np.ndarray]
+    ious: list[np.ndarray]
+    before: list[float]
+    image: list[int]
+
+    @classmethod
+    def empty(cls) -> JudgeData:
+        return cls([], [], [], [])
+
+    def add(self, image: int, states: Sequence[tuple[np.ndarray, np.ndarray | None, float]]):
+        for feats, true, before in states:
+            if true is None:
+                raise ValueError("judge training needs the candidates' true IoUs")
+            self.features.append(feats)
+            self.ious.append(true)
+            self.before.append(float(before))
+            self.image.append(int(image))
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        return (
+            np.concatenate(self.features),
+            np.concatenate(self.ious),
+            [len(y) for y in self.ious],
+        )
+
+    def __len__(self) -> int:
+        return len(self.ious)
+
+
+def fit_judge(
+    agent: LookaheadAgent,
+    items: Sequence[tuple[ImageEmbedding, np.ndarray, Callable[[], np.ndarray] | None]],
+    maps: Sequence[np.ndarray],
+    config: LookaheadConfig,
+    *,
+    seed: int = 0,
+    progress: bool = True,
+    log: Callable[[str, float, int], None] | None = None,
+) -> tuple[MaskJudge, list[dict[str, float]]]:
+    """Fit the judge in ``config.rounds`` DAgger rounds on the training images.
+
+    Args:
+        agent: The agent whose segmenter decodes (its judge is replaced by the fitted one).
+        items: ``(embedding, ground truth, load_image)`` of each training image.
+        maps: The cross-fitted SRM map of each.
+        config: Rounds, episodes per image and round, exploration, objective.
+        seed: Seed of the exploration.
+        progress: Progress bars.
+        log: ``log(tag, value, round)`` for TensorBoard.
+
+    Returns:
+        The judge and, per round, its figures on the round's new states before refitting
+        (``spearman``, ``top1_regret``, ``mae``) and the round's mean final IoU.
+    """
+    data = JudgeData.empty()
+    judge: MaskJudge | None = None
+    history: list[dict[str, float]] = []
+    rng = np.random.default_rng(seed)
+    for r in range(config.rounds):
+        t0 = time.perf_counter()
+        new = JudgeData.empty()
+        finals = []
+        chooser = "oracle" if judge is None else "judge"
+        bar = tqdm(range(len(items)), desc=f"judge round {r}", unit="img", disable=not progress)
+        for i in bar:
+            emb, gt, load = items[i]
+            for _ in range(config.episodes):
+                ep = agent.episode(
+                    emb,
+                    load,
+                    gt,
+                    chooser=chooser,
+                    srm_map=maps[i],
+                    explore=config.explore,
+                    rng=rng,
+                    record=True,
+                    score=None if judge is None else judge.predict,
+                )
+                new.add(i, ep.states)
+                finals.append(ep.ious[-1])
+        figures: dict[str, float] = {"round": float(r), "states": float(len(new))}
+        figures["final_iou"] = float(np.mean(finals))
+        if judge is not None:  # the fitted judge on states it has not been fitted on
+            q = rank_quality([judge.predict(f) for f in new.features], new.ious, new.before)
+            figures.update({f"new_{k}": v for k, v in q.items()})
+        data.features += new.features
+        data.ious += new.ious
+        data.before += new.before
+        data.image += new.image
+        x, y, groups = data.arrays()
+        judge = MaskJudge(config.objective, seed=seed).fit(x, y, groups)
+        figures["seconds"] = time.perf_counter() - t0
+        history.append(figures)
+        if log is not None:
+            for key, value in figures.items():
+                log(f"judge/{key}", value, r)
+        logger.info("judge round %d: %s", r, figures)
+    assert judge is not None
+    agent.judge = judge
+    return judge, history

@@ -1,0 +1,257 @@
+"""``alignsam train TASK`` for a task with ``agent: lookahead``: the SRM, its cross-fitted maps,
+the mask judge, a val score and the run folder.
+
+Stages, each saved under ``RUN/stages/`` as it ends so that ``--resume RUN`` goes on from the
+first unfinished one:
+
+1. the SRM, pretrained on the training images (validation images for early stopping and
+   calibration), under decoder mask states simulated once (``srm.pt``, ``mask_states.npz``);
+2. the cross-fitted SRM maps of the training images (``maps.npz``,
+   :func:`agents.lookahead_training.cross_fitted_maps`);
+3. the judge, fitted in DAgger rounds on candidates decoded along training episodes
+   (:func:`agents.lookahead_training.fit_judge`);
+4. the val mIoU of the finished agent; ``checkpoints/best`` (srm.pt, judge.json,
+   lookahead.json, meta.json) is written atomically and ``summary.json`` beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
+
+from agents.config import TaskConfig
+from agents.lookahead import LookaheadAgent
+from agents.lookahead_training import cross_fitted_maps, fit_judge
+from agents.prompt_agent import FORMAT_VERSION, AgentLoadError, library_versions
+from experiments.runs import load_split, load_train_split, new_run_dir, seed_everything
+from recalibration.evaluate import collect_items
+from recalibration.features import FeatureSet
+from recalibration.srm import SemanticRecalibrationModule, simulate_mask_states
+from segmenter import EmbeddingCache, build_segmenter, mask_iou
+from segmenter.io import atomic_write
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["evaluate_lookahead", "train_lookahead"]
+
+
+def evaluate_lookahead(
+    agent: LookaheadAgent, samples: Any, progress: bool = True, chooser: str = "judge"
+) -> dict[str, Any]:
+    """Full-resolution mIoU of the agent's final masks on ``samples`` (with ground truth)."""
+    ious, steps = [], []
+    for s in tqdm(samples, desc=f"lookahead eval ({chooser})", disable=not progress):
+        image = s.load_image()
+        emb = (
+            agent.cache.get_or_encode(agent.segmenter, image)
+            if agent.cache is not None
+            else agent.segmenter.encode(image)
+        )
+        gt = np.asarray(s.mask, bool)
+        ep = agent.episode(emb, lambda image=image: image, gt, chooser=chooser)
+        ious.append(mask_iou(agent.segmenter.upscale(emb, ep.final.logits), gt))
+        steps.append(agent.config.steps if ep.stopped is None else ep.stopped)
+    return {"miou": float(np.mean(ious)), "per_image": ious, "mean_steps": float(np.mean(steps))}
+
+
+def _save_best(run_dir: Path, agent: LookaheadAgent, task: TaskConfig, extra: dict) -> Path:
+    """``RUN/checkpoints/best``, written into a temporary folder and renamed into place."""
+    root = run_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".best.", dir=root))
+    try:
+        agent.save(tmp)
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "agent": "lookahead",
+            "step": 0,
+            "task": task.to_dict(),
+            "segmenter_model_id": agent.segmenter.model_id,
+            "versions": library_versions(),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            **extra,
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
+        final = root / "best"
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic_write(root / "latest", lambda fh: fh.write(b"best"))
+    return final
+
+
+def train_lookahead(
+    task: TaskConfig | None,
+    runs: Path = Path("runs"),
+    resume: Path | None = None,
+    cache_dir: str | None = None,
+    progress: bool = True,
+    run_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Train (or resume) a lookahead agent; returns the run's summary (also ``summary.json``)."""
+    t_start = time.perf_counter()
+    if resume is not None:
+        config_file = Path(resume) / "config.json"
+        if not config_file.is_file():
+            raise AgentLoadError(f"--resume {resume}: no config.json there; start a new run")
+        saved = TaskConfig.from_dict(json.loads(config_file.read_text()), where=str(config_file))
+        if task is not None and task.name != saved.name:
+            raise AgentLoadError(
+                f"--resume {resume} is a run of task {saved.name!r}, not {task.name!r}"
+            )
+        task, run_dir = saved, Path(resume)
+    assert task is not None
+    cfg = task.lookahead
+    seed_everything(task.seed)
+    segmenter = build_segmenter(
+        task.segmenter, checkpoint=task.checkpoint, device=task.device, autocast_bf16=task.bf16
+    )
+    cache = EmbeddingCache(cache_dir)
+    train_set = load_train_split(task)
+    val_set = load_split(task, "val") if task.data.val else None
+    if run_dir is None:
+        run_dir = new_run_dir(runs, task)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(task.to_dict(), indent=2, default=str))
+    stages = run_dir / "stages"
+    stages.mkdir(exist_ok=True)
+    writer = SummaryWriter(str(run_dir / "tb"))
+    timings: dict[str, float] = {}
+
+    features = None
+    if tuple(task.srm.features) != ("sam",):
+        features = FeatureSet(task.srm.features, segmenter, cache)
+    t0 = time.perf_counter()
+    kw = {"progress": progress, "features": features}
+    items = collect_items(train_set, segmenter, cache, desc="train", **kw)
+    val_items = collect_items(val_set, segmenter, cache, desc="val", **kw) if val_set else None
+    first = items[0][0]
+    channels = int(first.extras.get("srm_features", first.features).shape[1])
+    timings["features"] = time.perf_counter() - t0
+
+    # 1. The SRM (and the decoder mask states every SRM of this run trains under).
+    t0 = time.perf_counter()
+    states_file = stages / "mask_states.npz"
+    if states_file.is_file():
+        with np.load(states_file) as z:
+            mask_states = [list(z[f"item{i}"]) for i in range(len(items))]
+    else:
+        rng = np.random.default_rng(task.seed)
+        mask_states = [
+            simulate_mask_states(segmenter, emb, gt, rng)
+            for emb, gt, _ in tqdm(items, desc="SRM mask states", disable=not progress)
+        ]
+        atomic_write(
+            states_file,
+            lambda fh: np.savez(fh, **{f"item{i}": np.stack(m) for i, m in enumerate(mask_states)}),
+        )
+    srm_file = stages / "srm.pt"
+    if srm_file.is_file():
+        srm = SemanticRecalibrationModule.load(
+            srm_file, device=task.device, segmenter=segmenter, cache=cache
+        )
+    else:
+        srm = SemanticRecalibrationModule(task.srm, channels, device=task.device, features=features)
+        srm.pretrain(
+            items,
+            epochs=task.srm_pretrain_epochs,
+            rng=task.seed,
+            val_items=val_items,
+            mask_states=mask_states,
+            progress=progress,
+        )
+        srm.save(srm_file)
+    srm.config.online = False
+    timings["srm"] = time.perf_counter() - t0
+
+    # 2. Cross-fitted maps of the training images.
+    t0 = time.perf_counter()
+    maps_file = stages / "maps.npz"
+    if maps_file.is_file():
+        with np.load(maps_file) as z:
+            maps = list(z["maps"])
+    else:
+        maps = cross_fitted_maps(
+            task.srm,
+            channels,
+            items,
+            val_items,
+            mask_states,
+            folds=cfg.folds,
+            epochs=task.srm_pretrain_epochs,
+            seed=task.seed,
+            features=features,
+            device=task.device,
+            progress=progress,
+        )
+        atomic_write(maps_file, lambda fh: np.savez(fh, maps=np.stack(maps)))
+    timings["cross_fit"] = time.perf_counter() - t0
+
+    # 3. The judge.
+    t0 = time.perf_counter()
+    agent = LookaheadAgent(segmenter, srm, None, cfg, task, cache)
+    calls = segmenter.decoder_calls
+    train_items = [
+        (emb, gt, s.load_image) for (emb, gt, _), s in zip(items, train_set, strict=True)
+    ]
+    _, history = fit_judge(
+        agent,
+        train_items,
+        maps,
+        cfg,
+        seed=task.seed,
+        progress=progress,
+        log=lambda tag, value, step: writer.add_scalar(tag, value, step),
+    )
+    timings["judge"] = time.perf_counter() - t0
+    judge_calls = segmenter.decoder_calls - calls
+
+    # 4. Val, the checkpoint, the summary.
+    t0 = time.perf_counter()
+    val = evaluate_lookahead(agent, val_set, progress) if val_set else None
+    timings["val"] = time.perf_counter() - t0
+    if val is not None:
+        writer.add_scalar("eval/miou", val["miou"], 0)
+        logger.info("lookahead agent: val mIoU %.4f (%.1f steps)", val["miou"], val["mean_steps"])
+    elapsed = time.perf_counter() - t_start
+    extra = {"val_miou": None if val is None else val["miou"], "elapsed_seconds": elapsed}
+    best = _save_best(run_dir, agent, task, extra)
+    writer.close()
+    summary = {
+        "run_dir": str(run_dir),
+        "agent": "lookahead",
+        "checkpoint": str(best),
+        "steps": 0,
+        "start_step": 0,
+        "best_val_miou": None if val is None else val["miou"],
+        "val_mean_steps": None if val is None else val["mean_steps"],
+        "judge_rounds": history,
+        "judge_decoder_calls": judge_calls,
+        "seconds": timings,
+        "wall_seconds": elapsed,
+        "learn_seconds": timings["judge"],
+        "train_seconds_total": elapsed,
+        "decoder_calls": segmenter.decoder_calls,
+        "history": [],
+        "imitation": {},
+        "skipped": {
+            split: [list(item) for item in ds.skipped]
+            for split, ds in (("train", train_set), ("val", val_set))
+            if ds is not None and ds.skipped
+        },
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
