@@ -82,3 +82,25 @@ def test_srm_on_a_feature_set_trains_saves_and_loads(tiny_segmenter, rgb_image, 
     assert np.allclose(loaded.predict(state), before, atol=1e-6)
     with pytest.raises(ValueError, match="needs a FeatureSet"):
         SemanticRecalibrationModule(config, 80)
+
+
+def test_srm_projects_many_channels_to_few_and_keeps_the_projection(
+    tiny_segmenter, rgb_image, tmp_path
+):
+    cache = EmbeddingCache(tmp_path / "emb")
+    fs = FeatureSet(["sam", "sam_stages"], tiny_segmenter, cache)
+    gt = np.zeros(rgb_image.shape[:2], bool)
+    gt[30:80, 50:110] = True
+    emb = cache.get_or_encode(tiny_segmenter, rgb_image)
+    config = SRMConfig(features=("sam", "sam_stages"), hidden=16, reduce=12)
+    srm = SemanticRecalibrationModule(config, 80, features=fs)
+    state = EpisodeState(
+        "a", emb, np.zeros(emb.grid_size, np.float32), load_image=lambda: rgb_image
+    )
+    with pytest.raises(RuntimeError, match="projection is not fitted"):
+        srm.predict(state)
+    srm.pretrain([(emb, gt, None)], epochs=2, progress=False)
+    assert srm.head_channels == 12 and srm.input_features(emb).shape == (1, 12, 16, 16)
+    path = srm.save(tmp_path / "srm.pt")
+    loaded = SemanticRecalibrationModule.load(path, segmenter=tiny_segmenter, cache=cache)
+    assert np.allclose(loaded.predict(state), srm.predict(state), atol=1e-6)

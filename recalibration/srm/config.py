@@ -18,6 +18,7 @@ __all__ = ["EPS", "WEIGHT_KEYS", "SRMConfig", "SRMTrainItem"]
 #: Config fields that define the weights (cannot differ between a file and a module).
 WEIGHT_KEYS = (
     "features",
+    "reduce",
     "hidden",
     "input_mode",
     "normalize",
@@ -67,6 +68,10 @@ class SRMConfig:
             (:data:`recalibration.features.FEATURE_SOURCES`): ``("sam",)`` is the segmenter's
             embedding alone (the paper's SRM); e.g. ``("sam", "sam_stages",
             "efficientnet_lite0")`` adds the encoder's stages and ImageNet features.
+        reduce: Project the stacked features to this many channels first (a whitened PCA
+            fitted on the pretraining images' valid cells, saved with the weights); 0 keeps
+            them all. With a few thousand channels it makes training several times faster
+            and less prone to fit 50 images by heart.
     """
 
     branch: Literal["implicit", "explicit"] = "implicit"
@@ -89,9 +94,12 @@ class SRMConfig:
     attn_grid: int = 16
     attn_heads: int = 4
     features: tuple[str, ...] = ("sam",)
+    reduce: int = 0
 
     def __post_init__(self) -> None:
         self.features = tuple(self.features)
+        if self.reduce < 0:
+            raise ValueError(f"reduce must be >= 0, got {self.reduce}")
         if not self.features:
             raise ValueError("features must name at least one source, e.g. ['sam']")
         if self.branch not in ("implicit", "explicit"):

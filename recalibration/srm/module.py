@@ -82,9 +82,12 @@ class SemanticRecalibrationModule(TrainingMixin, PersistenceMixin, Labeler):
         if config.branch == "explicit":
             config, self.clip = self._resolve_clip(config, clip)
         self.config = config
+        #: Channels the head reads: ``config.reduce`` when the features are projected first.
+        self.head_channels = int(config.reduce or embed_channels)
+        head_channels = self.head_channels
         if config.branch == "explicit":
             self.head: nn.Module = ExplicitHead(
-                embed_channels,
+                head_channels,
                 config.hidden,
                 config.input_mode,
                 config.dropout,
@@ -93,7 +96,7 @@ class SemanticRecalibrationModule(TrainingMixin, PersistenceMixin, Labeler):
             )
         else:
             self.head = ImplicitHead(
-                embed_channels,
+                head_channels,
                 config.hidden,
                 config.input_mode,
                 config.dropout,
@@ -103,8 +106,12 @@ class SemanticRecalibrationModule(TrainingMixin, PersistenceMixin, Labeler):
         self.head.to(self.device)
         # Input standardisation (``normalize="dataset"``) and logit calibration, saved with the
         # weights and never touched by the optimizer.
-        self.channel_mean = torch.zeros(embed_channels, device=self.device)
-        self.channel_std = torch.ones(embed_channels, device=self.device)
+        self.channel_mean = torch.zeros(head_channels, device=self.device)
+        self.channel_std = torch.ones(head_channels, device=self.device)
+        # The input projection (``config.reduce``): fitted by ``fit_reduction`` at pretraining.
+        self.reduce_mean: torch.Tensor | None = None  # (C,)
+        self.reduce_std: torch.Tensor | None = None  # (C,)
+        self.reduce_matrix: torch.Tensor | None = None  # (D, C)
         self.calibration = torch.tensor([1.0, 0.0], device=self.device)  # (scale, bias)
         self.optimizer = self._make_optimizer(config.lr)
         self._version = 0  # bumped whenever the weights change
@@ -281,22 +288,40 @@ class SemanticRecalibrationModule(TrainingMixin, PersistenceMixin, Labeler):
         return logits * self.calibration[0] + self.calibration[1]
 
     # -- prediction -------------------------------------------------------------------------------
-    def input_features(
+    def raw_features(
         self, emb: ImageEmbedding, load_image: Callable[[], np.ndarray] | None = None
     ) -> torch.Tensor:
-        """``(1, C, He, We)`` features the head reads for ``emb``'s image: precomputed ones in
-        ``emb.extras["srm_features"]`` (:func:`~recalibration.evaluate.collect_items`), else the
-        feature set's (computed with ``load_image`` when not cached), else the embedding."""
+        """``(1, C, He, We)`` stacked features of ``emb``'s image before any projection:
+        precomputed ones in ``emb.extras["srm_features"]``
+        (:func:`~recalibration.evaluate.collect_items`), else the feature set's (computed with
+        ``load_image`` when not cached), else the embedding."""
         feats = emb.extras.get("srm_features")
         if feats is None:
             feats = emb.features if self.feature_set is None else self.feature_set(emb, load_image)
         if feats.shape[1] != self.embed_channels:
             raise ValueError(
-                f"the SRM's head reads {self.embed_channels} channels but the features of image "
+                f"the SRM reads {self.embed_channels} feature channels but the features of image "
                 f"{emb.image_hash[:12]} have {feats.shape[1]}: they come from another segmenter "
                 "or feature sources than the SRM was trained on"
             )
         return feats
+
+    def input_features(
+        self, emb: ImageEmbedding, load_image: Callable[[], np.ndarray] | None = None
+    ) -> torch.Tensor:
+        """``(1, D, He, We)`` what the head reads: :meth:`raw_features`, projected to
+        ``config.reduce`` channels when set."""
+        feats = self.raw_features(emb, load_image)
+        if not self.config.reduce:
+            return feats
+        if self.reduce_matrix is None:
+            raise RuntimeError(
+                "the SRM projects its features (reduce) but the projection is not fitted: "
+                "pretrain it (or load a trained one)"
+            )
+        x = feats.to(self.device, torch.float32)
+        x = (x - self.reduce_mean.view(1, -1, 1, 1)) / self.reduce_std.view(1, -1, 1, 1)
+        return torch.einsum("dc,bchw->bdhw", self.reduce_matrix, x)
 
     @torch.inference_mode()
     def predict_logits(

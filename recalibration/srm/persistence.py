@@ -46,6 +46,11 @@ class PersistenceMixin:
             "channel_mean": self.channel_mean.detach().cpu().clone(),
             "channel_std": self.channel_std.detach().cpu().clone(),
             "calibration": self.calibration.detach().cpu().clone(),
+            **{
+                key: getattr(self, key).detach().cpu().clone()
+                for key in ("reduce_mean", "reduce_std", "reduce_matrix")
+                if getattr(self, key) is not None
+            },
             "online_updates": self.online_updates,
         }
 
@@ -88,6 +93,11 @@ class PersistenceMixin:
         self.channel_mean = state["channel_mean"].float().to(self.device)
         self.channel_std = state["channel_std"].float().to(self.device)
         self.calibration = state["calibration"].float().to(self.device)
+        if self.config.reduce:
+            if "reduce_matrix" not in state:
+                raise SRMLoadError(f"{where} projects its features but holds no projection")
+            for key in ("reduce_mean", "reduce_std", "reduce_matrix"):
+                setattr(self, key, state[key].float().to(self.device))
         self.online_updates = int(state.get("online_updates", 0))
         self.optimizer = self._make_optimizer(self.config.lr)
         self._touch()

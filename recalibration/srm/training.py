@@ -57,11 +57,6 @@ class TrainingMixin:
                     f"item {i}: the explicit SRM needs a semantic map per item (third element)"
                 )
             feats = self.input_features(emb)
-            if feats.shape[1] != self.embed_channels:
-                raise ValueError(
-                    f"item {i}: features have {feats.shape[1]} channels, the SRM expects "
-                    f"{self.embed_channels}"
-                )
             gt_grid = emb.to_frame(np.asarray(gt_full, np.float32), emb.grid_size)
             out.append(
                 PreparedItem(
@@ -74,10 +69,39 @@ class TrainingMixin:
             )
         return out
 
+    def fit_reduction(
+        self, items: Sequence[SRMTrainItem], max_cells: int = 200_000, seed: int = 0
+    ) -> None:
+        """Fit the input projection (``config.reduce`` channels): a whitened PCA of the items'
+        standardised features over their valid cells (at most ``max_cells`` of them, drawn
+        evenly from every image)."""
+        d = int(self.config.reduce)
+        rng = np.random.default_rng(seed)
+        per_image = max(1, max_cells // max(len(items), 1))
+        rows = []
+        for emb, _, _ in items:
+            vh, vw = emb.valid_shape(emb.grid_size)
+            f = self.raw_features(emb)[0, :, :vh, :vw].detach().to("cpu", torch.float64)
+            f = f.flatten(1).T
+            rows.append(f[rng.choice(len(f), min(len(f), per_image), replace=False)])
+        x = torch.cat(rows)
+        if d > x.shape[1]:
+            raise ValueError(f"reduce={d} exceeds the {x.shape[1]} feature channels")
+        mean = x.mean(0)
+        std = x.std(0).clamp_min(1e-3)
+        z = (x - mean) / std
+        values, vectors = torch.linalg.eigh(z.T @ z / max(len(z) - 1, 1))
+        top = torch.argsort(values, descending=True)[:d]
+        matrix = vectors[:, top].T / values[top].clamp_min(1e-6).sqrt()[:, None]
+        self.reduce_mean = mean.float().to(self.device)
+        self.reduce_std = std.float().to(self.device)
+        self.reduce_matrix = matrix.float().to(self.device)
+        self._touch()
+
     def fit_normalization(self, items: Sequence[SRMTrainItem]) -> None:
         """Set the per-channel mean/std (``normalize="dataset"``) from the items' valid cells."""
-        total = torch.zeros(self.embed_channels, dtype=torch.float64)
-        total_sq = torch.zeros(self.embed_channels, dtype=torch.float64)
+        total = torch.zeros(self.head_channels, dtype=torch.float64)
+        total_sq = torch.zeros(self.head_channels, dtype=torch.float64)
         count = 0
         for emb, _, _ in items:
             he, we = emb.grid_size
@@ -252,6 +276,8 @@ class TrainingMixin:
                 simulate_mask_states(segmenter, emb, gt, rng)
                 for emb, gt, _ in tqdm(items, desc="SRM mask states", disable=not progress)
             ]
+        if self.config.reduce:
+            self.fit_reduction(items, seed=int(rng.integers(2**31)))
         if self.config.normalize == "dataset":
             self.fit_normalization(items)
         train = self._prepare_items(items, mask_states)
