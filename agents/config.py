@@ -125,7 +125,7 @@ class TaskConfig:
         ppo: PPO settings.
         imitation: The imitation stage before PPO (:mod:`agents.imitation`; off unless
             ``rounds > 0``).
-        total_timesteps: Environment steps of training.
+        total_timesteps: PPO environment steps of training (0: none, e.g. imitation only).
         eval_every: Evaluate on ``val`` every this many steps.
         checkpoint_every: Write a resumable checkpoint every this many steps.
         seed: Seeds numpy, torch, the env and PPO.
@@ -143,7 +143,7 @@ class TaskConfig:
     srm_pretrain_epochs: NonNegativeInt = 30
     ppo: PPOConfig = field(default_factory=PPOConfig)
     imitation: ImitationConfig = field(default_factory=ImitationConfig)
-    total_timesteps: PositiveInt = 30_000
+    total_timesteps: NonNegativeInt = 30_000
     eval_every: PositiveInt = 3_000
     checkpoint_every: PositiveInt = 1_500
     seed: NonNegativeInt = 0

@@ -66,8 +66,8 @@ def _task(tmp_path: Path, **changes: str) -> Path:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--timesteps", "-5"], "argument --timesteps: expected a whole number > 0, got '-5'"),
-        (["--steps", "-5"], "argument --steps: expected a whole number > 0, got '-5'"),
+        (["--timesteps", "-5"], "argument --timesteps: expected a whole number >= 0, got '-5'"),
+        (["--steps", "-5"], "argument --steps: expected a whole number >= 0, got '-5'"),
         (["--seed", "x"], "argument --seed: expected a whole number >= 0, got 'x'"),
     ],
 )
@@ -96,6 +96,7 @@ def test_train_bad_option_value_is_a_usage_error_before_any_work(tmp_path, args,
             "ppo.learning_rat: unknown key; did you mean 'learning_rate'?",
         ),  # fmt: skip
         ("eval_every: -3", "task.yaml: eval_every: input should be greater than 0, got -3"),
+        ("total_timesteps: -5", "total_timesteps: input should be greater than or equal to 0"),
     ],
 )
 def test_train_bad_task_file_is_named_before_any_work(tmp_path, line, message):

@@ -44,12 +44,13 @@ def add(sub: Subcommands) -> None:
     add_deprecated_alias(t, "--runs", "--runs-dir", dest="runs_dir")
     t.add_argument(
         "--timesteps",
-        type=positive_int,
+        type=non_negative_int,
         default=None,
         metavar="N",
-        help="total PPO environment steps (default: the task's total_timesteps)",
+        help="total PPO environment steps (0: none, e.g. imitation only; default: the task's "
+        "total_timesteps)",
     )
-    add_deprecated_alias(t, "--steps", "--timesteps", dest="timesteps", type=positive_int)
+    add_deprecated_alias(t, "--steps", "--timesteps", dest="timesteps", type=non_negative_int)
     t.add_argument(
         "--imitation-rounds",
         type=non_negative_int,
@@ -133,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
         resume=Path(args.resume) if args.resume else None,
         cache_dir=args.cache,
         progress=not args.no_progress,
-        total_timesteps=args.timesteps if args.resume else None,
+        total_timesteps=args.timesteps if args.resume else None,  # None: the run's own
     )
     print(
         f"run {summary['run_dir']}: {summary['steps']} steps in {summary['wall_seconds']:.0f} s "
