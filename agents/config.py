@@ -6,21 +6,39 @@ import dataclasses
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import (
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+)
 
 from agents.features import SPATIAL_KEYS, policy_inputs, policy_prior
 from agents.imitation import ImitationConfig
 from agents.lookahead import LookaheadConfig
+from agents.schema import SchemaError, build, load_yaml, set_dotted
 from envs import EnvConfig
 from recalibration.srm import SRMConfig
 
 logger = logging.getLogger(__name__)
 
+#: A share or probability, in [0, 1].
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+
 
 class ConfigError(ValueError):
-    """A task file is malformed; the message names the file and the key."""
+    """A task file or setting is malformed; the message names the file and each key."""
+
+    @classmethod
+    def of(cls, where: str, problems: list[str]) -> ConfigError:
+        """One error for every problem found in ``where`` (a file, ``command line``...)."""
+        if len(problems) == 1:
+            return cls(f"{where}: {problems[0]}")
+        return cls(f"{where}: {len(problems)} problems:\n" + "\n".join(f"  {p}" for p in problems))
 
 
 @dataclass
@@ -36,7 +54,7 @@ class DataConfig:
     train: str
     val: str | None = None
     test: str | None = None
-    train_subset: int | None = None
+    train_subset: PositiveInt | None = None
     on_error: Literal["raise", "skip"] = "raise"
 
     def __post_init__(self) -> None:
@@ -59,21 +77,21 @@ class PPOConfig:
     srm_confident`` adds the SRM-confident heuristic's score to the cell policy's logits (with a
     learned scale; the learned part starts at zero), so training starts from that heuristic."""
 
-    learning_rate: float = 1e-4
-    gamma: float = 0.99
-    clip_range: float = 0.2
-    n_epochs: int = 20
-    gae_lambda: float = 1.0
-    n_steps: int = 750
-    batch_size: int = 150
-    ent_coef: float = 0.01
-    vf_coef: float = 0.5
-    max_grad_norm: float = 0.5
-    n_envs: int = 1
+    learning_rate: PositiveFloat = 1e-4
+    gamma: Fraction = 0.99
+    clip_range: PositiveFloat = 0.2
+    n_epochs: PositiveInt = 20
+    gae_lambda: Fraction = 1.0
+    n_steps: PositiveInt = 750
+    batch_size: Annotated[int, Field(ge=2)] = 150
+    ent_coef: NonNegativeFloat = 0.01
+    vf_coef: NonNegativeFloat = 0.5
+    max_grad_norm: PositiveFloat = 0.5
+    n_envs: PositiveInt = 1
     maskable: bool = True
     policy: Literal["cell", "dense"] = "cell"
-    features_dim: int = 256
-    cnn_channels: int = 64
+    features_dim: PositiveInt = 256
+    cnn_channels: PositiveInt = 64
     inputs: tuple[str, ...] = SPATIAL_KEYS
     prior: str | None = None
 
@@ -84,6 +102,8 @@ class PPOConfig:
         self.prior = policy_prior(self.prior, "ppo.prior")
         if self.policy == "dense" and (self.inputs != SPATIAL_KEYS or self.prior is not None):
             raise ValueError("ppo.inputs and ppo.prior apply to the cell policy only")
+        if self.n_steps * self.n_envs < 2:
+            raise ValueError("ppo: n_steps * n_envs must be at least 2 (one rollout step)")
 
 
 @dataclass
@@ -110,7 +130,7 @@ class TaskConfig:
             them) or ``lookahead`` (:mod:`agents.lookahead`: candidates decoded with both
             labels, a mask judge picks; no PPO).
         lookahead: Settings of the lookahead agent.
-        total_timesteps: Environment steps of training.
+        total_timesteps: PPO environment steps of training (0: none, e.g. imitation only).
         eval_every: Evaluate on ``val`` every this many steps.
         checkpoint_every: Write a resumable checkpoint every this many steps.
         seed: Seeds numpy, torch, the env and PPO.
@@ -125,15 +145,15 @@ class TaskConfig:
     env: EnvConfig = field(default_factory=EnvConfig)
     train_start: Literal["gt", "labeler"] = "labeler"
     srm: SRMConfig = field(default_factory=SRMConfig)
-    srm_pretrain_epochs: int = 30
+    srm_pretrain_epochs: NonNegativeInt = 30
     ppo: PPOConfig = field(default_factory=PPOConfig)
     imitation: ImitationConfig = field(default_factory=ImitationConfig)
     agent: Literal["ppo", "lookahead"] = "ppo"
     lookahead: LookaheadConfig = field(default_factory=LookaheadConfig)
-    total_timesteps: int = 30_000
-    eval_every: int = 3_000
-    checkpoint_every: int = 1_500
-    seed: int = 0
+    total_timesteps: NonNegativeInt = 30_000
+    eval_every: PositiveInt = 3_000
+    checkpoint_every: PositiveInt = 1_500
+    seed: NonNegativeInt = 0
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -149,50 +169,34 @@ class TaskConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "task") -> TaskConfig:
-        """Build from a plain dict, rejecting unknown keys with the file and key named."""
-        data = dict(data)
+        """Build from plain data, checking every value (type, range, unknown keys with the
+        nearest known one: :mod:`agents.schema`); every problem is named in one
+        :class:`ConfigError`, with ``where`` (the file) and each key's path."""
         try:
-            nested = {
-                "data": _build(DataConfig, data.pop("data", None), f"{where}: data"),
-                "env": _build(EnvConfig, data.pop("env", {}) or {}, f"{where}: env"),
-                "srm": _build(SRMConfig, data.pop("srm", {}) or {}, f"{where}: srm"),
-                "ppo": _build(PPOConfig, data.pop("ppo", {}) or {}, f"{where}: ppo"),
-                "imitation": _build(
-                    ImitationConfig, data.pop("imitation", {}) or {}, f"{where}: imitation"
-                ),
-                "lookahead": _build(
-                    LookaheadConfig, data.pop("lookahead", {}) or {}, f"{where}: lookahead"
-                ),
-            }
-            return _build(cls, {**data, **nested}, where)
-        except (TypeError, ValueError) as exc:
-            if isinstance(exc, ConfigError):
-                raise
-            raise ConfigError(f"{where}: {exc}") from exc
+            return build(cls, data)
+        except SchemaError as exc:
+            raise ConfigError.of(where, exc.problems) from None
 
     @classmethod
     def load(cls, path: str | Path) -> TaskConfig:
-        """Read a task YAML file."""
+        """Read a task YAML file (``1e-4`` is read as a number), checked as :meth:`from_dict`."""
         path = Path(path)
         try:
-            raw = yaml.safe_load(path.read_text())
-        except (OSError, yaml.YAMLError) as exc:
+            raw = load_yaml(path.read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
             raise ConfigError(f"cannot read task file {path}: {exc}") from exc
         if not isinstance(raw, dict):
             raise ConfigError(f"task file {path} must hold a mapping of settings")
         raw.setdefault("name", path.stem)
         return cls.from_dict(raw, where=str(path))
 
-
-def _build(cls: type, values: Any, where: str) -> Any:
-    if values is None:
-        raise ConfigError(f"{where}: missing (required)")
-    if dataclasses.is_dataclass(values):
-        return values
-    if not isinstance(values, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(values).__name__}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
-    return cls(**values)
+    def with_settings(self, settings: dict[str, Any], where: str = "settings") -> TaskConfig:
+        """A checked copy with dotted settings changed, e.g. ``{"ppo.n_steps": 400}`` (command
+        line overrides, sweep grid points); problems raise :class:`ConfigError` naming them."""
+        data = self.to_dict()
+        try:
+            for key, value in settings.items():
+                set_dotted(data, key, value)
+        except SchemaError as exc:
+            raise ConfigError.of(where, exc.problems) from None
+        return TaskConfig.from_dict(data, where=where)

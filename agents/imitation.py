@@ -28,10 +28,11 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
+from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
 from tqdm.auto import tqdm
 
 from envs import PointPromptEnv
@@ -75,18 +76,18 @@ class ImitationConfig:
         save_every: Write the round's collected states every this many episodes (resume).
     """
 
-    rounds: int = 0
-    episodes: int = 50
+    rounds: NonNegativeInt = 0
+    episodes: PositiveInt = 50
     candidates: int = 24
-    teacher_prob: float = 0.5
-    policy_epsilon: float = 0.1
-    epochs: int = 30
-    patience: int = 8
-    holdout: float = 0.0
-    learning_rate: float = 3e-4
-    batch_size: int = 64
-    temperature: float = 0.02
-    save_every: int = 5
+    teacher_prob: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
+    policy_epsilon: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1
+    epochs: PositiveInt = 30
+    patience: PositiveInt = 8
+    holdout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    learning_rate: PositiveFloat = 3e-4
+    batch_size: PositiveInt = 64
+    temperature: PositiveFloat = 0.02
+    save_every: PositiveInt = 5
 
     def __post_init__(self) -> None:
         if self.rounds < 0 or self.episodes < 1 or self.epochs < 1 or self.batch_size < 1:

@@ -14,17 +14,20 @@ import os
 import shutil
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from agents.config import TaskConfig
 from agents.lookahead import LookaheadAgent, LookaheadConfig
 from envs import EnvConfig, PointPromptEnv
+from envs.data import rgb_array
 from recalibration.judge import JudgeError, MaskJudge
-from recalibration.srm import SemanticRecalibrationModule
+from recalibration.srm import SemanticRecalibrationModule, SRMLoadError
 from segmenter import EmbeddingCache, Segmenter, build_segmenter, onnx_backend
 from segmenter.base import small_torch_ops
 from segmenter.io import atomic_write
@@ -107,27 +110,121 @@ def write_checkpoint(
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The folder the ``latest`` pointer names, or ``None`` when the run has none yet."""
-    pointer = run_dir / "checkpoints" / "latest"
+    """The folder the ``latest`` pointer names, or ``None`` when the run has none yet. A pointer
+    that is unreadable or names no checkpoint falls back, with a warning, to the newest
+    ``step_N`` folder that holds a ``meta.json``."""
+    ckpts = run_dir / "checkpoints"
+    pointer = ckpts / "latest"
     if not pointer.is_file():
         return None
-    path = run_dir / "checkpoints" / pointer.read_text().strip()
-    return path if (path / "meta.json").is_file() else None
+    name = pointer.read_bytes().decode("utf-8", errors="replace").strip()
+    path = ckpts / name
+    if name and "/" not in name and (path / "meta.json").is_file():
+        return path
+    steps = sorted(p for p in ckpts.glob("step_*") if (p / "meta.json").is_file())
+    if steps:
+        logger.warning("%s names no checkpoint (%r); using %s", pointer, name[:40], steps[-1])
+        return steps[-1]
+    return None
+
+
+def checkpoint_fix(ckpt: Path) -> str:
+    """What to do when the checkpoint folder ``ckpt`` cannot be loaded: use another checkpoint
+    of the same run when there is one (``latest`` for a broken ``best``, the previous ``step_N``
+    for a broken latest one), else train again."""
+    ckpts, run = ckpt.parent, ckpt.parent.parent
+    latest = latest_checkpoint(run) if ckpts.name == "checkpoints" else None
+    if ckpt.name == "best" and latest is not None and latest != ckpt:
+        return (
+            f"try the latest checkpoint instead: --which latest (alignsam segment, evaluate), or "
+            f"give {latest} as RUN"
+        )
+    others = sorted(
+        (p for p in ckpts.glob("step_*") if p != ckpt and (p / "meta.json").is_file()),
+        reverse=True,
+    )
+    if ckpts.name == "checkpoints" and others:
+        return (
+            f"an earlier checkpoint is kept: give {others[0]} as RUN, or make it the one "
+            f"--resume continues from: echo {others[0].name} > {ckpts / 'latest'}"
+        )
+    return "this run holds no other checkpoint: train again (alignsam train)"
+
+
+#: Keys every checkpoint's ``meta.json`` holds.
+META_KEYS = ("format_version", "step", "task")
 
 
 def read_meta(ckpt: Path) -> dict[str, Any]:
-    """``meta.json`` of a checkpoint, checked for format version."""
+    """``meta.json`` of a checkpoint, checked: readable JSON, an object with the keys every
+    checkpoint has, this format version. Errors name the file, what is wrong and the fix."""
+    path = ckpt / "meta.json"
     try:
-        meta = json.loads((ckpt / "meta.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise AgentLoadError(f"{ckpt} is not a readable alignsam checkpoint ({exc})") from exc
-    version = meta.get("format_version")
+        meta = json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise AgentLoadError(
+            f"{ckpt} is not an alignsam checkpoint (no meta.json): {checkpoint_fix(ckpt)}"
+        ) from None
+    except OSError as exc:
+        raise AgentLoadError(f"cannot read {path}: {exc}") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AgentLoadError(
+            f"{path} is damaged: not JSON text ({type(exc).__name__}: {exc}); "
+            f"{checkpoint_fix(ckpt)}"
+        ) from exc
+    if not isinstance(meta, dict):
+        raise AgentLoadError(
+            f"{path} is damaged: it holds a JSON {type(meta).__name__}, not an object; "
+            f"{checkpoint_fix(ckpt)}"
+        )
+    missing = [k for k in META_KEYS if k not in meta]
+    if missing:
+        raise AgentLoadError(
+            f"{path} is damaged or not an alignsam checkpoint file: it lacks "
+            f"{', '.join(missing)}; {checkpoint_fix(ckpt)}"
+        )
+    version = meta["format_version"]
     if version != FORMAT_VERSION:
         raise AgentLoadError(
-            f"{ckpt} has checkpoint format {version}, this alignsam reads {FORMAT_VERSION}: "
-            "use the alignsam version that wrote it"
+            f"{path} has checkpoint format {version!r}, this alignsam ({_version()}) reads "
+            f"{FORMAT_VERSION}: load it with the alignsam version that wrote it"
         )
     return meta
+
+
+def load_policy(ckpt: Path, maskable: bool, **kwargs: Any) -> Any:
+    """The SB3 model of a checkpoint (``agent.zip``); a missing or damaged file raises
+    :class:`AgentLoadError` naming it and the fix."""
+    path = ckpt / "agent.zip"
+    if not path.is_file():
+        raise AgentLoadError(f"{path} is missing; {checkpoint_fix(ckpt)}")
+    try:
+        return ppo_class(maskable).load(path, **kwargs)
+    except (ValueError, KeyError, OSError, EOFError, RuntimeError, zipfile.BadZipFile) as exc:
+        raise AgentLoadError(
+            f"{path} is damaged: not a readable SB3 policy file ({type(exc).__name__}: "
+            f"{str(exc)[:200]}); {checkpoint_fix(ckpt)}"
+        ) from exc
+
+
+def load_srm(ckpt: Path, **kwargs: Any) -> SemanticRecalibrationModule:
+    """The SRM of a checkpoint (``srm.pt``); a missing or damaged file raises
+    :class:`AgentLoadError` naming it and the fix."""
+    try:
+        return SemanticRecalibrationModule.load(ckpt / "srm.pt", **kwargs)
+    except SRMLoadError as exc:
+        if not exc.damaged:
+            raise
+        raise AgentLoadError(f"{exc.problem}; {checkpoint_fix(ckpt)}") from exc
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("alignsam")
+    except PackageNotFoundError:
+        return "unknown version"
 
 
 class PromptAgent:
@@ -187,6 +284,12 @@ class PromptAgent:
         A run of ``agent: lookahead`` loads as a :class:`~agents.lookahead.LookaheadAgent`
         (the same ``segment`` / ``segment_detailed`` / ``srm`` / ``task`` interface)."""
         path = Path(path)
+        if which not in ("best", "latest"):
+            raise ValueError(f"which must be 'best' or 'latest', got {which!r}")
+        if not path.is_dir():
+            raise AgentLoadError(
+                f"{path}: no such run folder (give a run folder made by alignsam train)"
+            )
         if (path / "meta.json").is_file():
             ckpt = path
         elif which == "best" and (path / "checkpoints" / "best" / "meta.json").is_file():
@@ -213,8 +316,8 @@ class PromptAgent:
                 f"{ckpt} was trained with segmenter {want}, but {segmenter.model_id} is loaded: "
                 "agents are tied to their segmenter's embeddings; use the same checkpoint"
             )
-        srm = SemanticRecalibrationModule.load(
-            ckpt / "srm.pt",
+        srm = load_srm(
+            ckpt,
             device=device,
             branch=task.srm.branch,
             embed_channels=int(segmenter.embedding_shape[0]),
@@ -226,7 +329,7 @@ class PromptAgent:
         srm.use_fast_head(fast)  # frozen: inference
         if meta.get("agent") == "lookahead":
             return _lookahead_agent(ckpt, srm, task, segmenter, cache)
-        model = ppo_class(task.ppo.maskable).load(ckpt / "agent.zip", device=device)
+        model = load_policy(ckpt, task.ppo.maskable, device=device)
         agent = cls(model, srm, task, segmenter, cache)
         agent.use_fast_policy(fast and model.device.type == "cpu")
         return agent
@@ -282,12 +385,15 @@ class PromptAgent:
                 obs, _, _, _, info = env.step(action)
         return info
 
-    def segment(self, image: np.ndarray, steps: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def segment(
+        self, image: np.ndarray | Image.Image | str | os.PathLike[str], steps: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Segment one image with no human input.
 
         Args:
-            image: ``(H, W, 3)`` uint8 RGB.
-            steps: Agent clicks (default T of the task).
+            image: ``(H, W, 3)`` uint8 RGB array, a PIL image or an image file's path (read
+                as :func:`envs.data.rgb_array` does: EXIF orientation, alpha dropped, ...).
+            steps: Agent clicks (default T of the task; 0: the SRM's start points only).
 
         Returns:
             ``mask`` ``(H, W)`` bool and ``clicks`` ``(N, 3)`` float array of ``(x, y, label)``
@@ -296,10 +402,15 @@ class PromptAgent:
         out = self.segment_detailed(image, steps)
         return out["mask"], out["clicks"]
 
-    def segment_detailed(self, image: np.ndarray, steps: int | None = None) -> dict[str, Any]:
+    def segment_detailed(
+        self, image: np.ndarray | Image.Image | str | os.PathLike[str], steps: int | None = None
+    ) -> dict[str, Any]:
         """:meth:`segment` plus ``score`` (mean decoder foreground probability inside the
         mask), ``encode_seconds`` (0 when the embedding came from the cache) and
         ``decoder_calls``."""
+        image = rgb_array(image)
+        if steps is not None and steps < 0:
+            raise ValueError(f"steps must be >= 0 (agent clicks), got {steps}")
         t0 = time.perf_counter()
         hits = self.cache.hits if self.cache is not None else 0
         emb = (

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
+
+from pydantic import Field, PositiveInt
 
 from envs.rewards import REWARDS
 
@@ -49,20 +51,20 @@ class EnvConfig:
             paper) never abstains; labelers without a map never do.
     """
 
-    grid: int = 10
-    max_steps: int = 15
+    grid: Annotated[int, Field(ge=2)] = 10
+    max_steps: PositiveInt = 15
     reward: str = "iou_gain"
     start: StartMode = "gt"
     mask_repeats: bool = True
-    feature_channels: int = 32
+    feature_channels: PositiveInt = 32
     use_mask_input: bool = True
-    success_iou: float = 0.8
+    success_iou: Annotated[float, Field(ge=0.0, le=1.0)] = 0.8
     full_res_eval: bool = False
     multimask_single_click: bool = False
     labeler_learns: bool = True
     sample_order: Literal["random", "sequential"] = "random"
     allow_pass: bool = False
-    abstain_margin: float = 0.0
+    abstain_margin: Annotated[float, Field(ge=0.0, lt=0.5)] = 0.0
 
     @property
     def n_actions(self) -> int:

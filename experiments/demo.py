@@ -47,7 +47,8 @@ def run_demo(args: argparse.Namespace) -> int:
         task.env = dataclasses.replace(task.env, max_steps=3)
         task.ppo = dataclasses.replace(task.ppo, n_steps=16, batch_size=16, n_epochs=1)
 
-    summary = train(task, runs=out / "runs", cache_dir=args.cache, progress=not args.quick)
+    runs = Path(args.runs_dir) if args.runs_dir else out / "runs"
+    summary = train(task, runs=runs, cache_dir=args.cache, progress=not args.quick)
     t_train = time.perf_counter() - t_start
     result = run_benchmark(
         task,

@@ -224,13 +224,8 @@ def benchmark_shards(
 # ---------------------------------------------------------------------------------------------
 
 
-def _set_path(obj: Any, dotted: str, value: Any) -> None:
-    *parents, leaf = dotted.split(".")
-    for p in parents:
-        obj = getattr(obj, p)
-    if not hasattr(obj, leaf):
-        raise ValueError(f"unknown task setting {dotted!r}")
-    setattr(obj, leaf, type(getattr(obj, leaf))(value) if getattr(obj, leaf) is not None else value)
+def _grid_point(params: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v}" for k, v in params.items())
 
 
 def trial_name(task: str, seed: int, params: dict[str, Any], sweep: str) -> str:
@@ -254,10 +249,7 @@ def run_trial(
     from experiments.train import resolve_task, train
 
     _threads(threads)
-    task = resolve_task(task_ref)
-    task.seed = int(seed)
-    for key, value in params.items():
-        _set_path(task, key, value)
+    task = resolve_task(task_ref).with_settings({**params, "seed": int(seed)}, where="trial")
     run_dir = Path(runs) / trial_name(task.name, task.seed, params, sweep)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "worker.pid").write_text(str(os.getpid()))
@@ -319,19 +311,19 @@ def sweep(
     """
     import itertools
 
-    runs = Path(runs).resolve()
-    runs.mkdir(parents=True, exist_ok=True)
+    from experiments.train import resolve_task
+
     name = name or time.strftime("sweep-%Y%m%d-%H%M%S")
     grid = {k: list(v) for k, v in (grid or {}).items()}
     points = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
-    cache = str(Path(cache_dir).resolve()) if cache_dir else None
-    from experiments.train import resolve_task
-
-    for task_ref in tasks:  # a bad task file or grid key stops here, not inside every trial
+    # A bad task file, grid key or value stops here, before any folder or trial.
+    for task_ref in tasks:
+        task = resolve_task(task_ref)
         for params in points:
-            task = resolve_task(task_ref)
-            for key, value in params.items():
-                _set_path(task, key, value)
+            task.with_settings(params, where=f"--grid {_grid_point(params)} for {task_ref}")
+    runs = Path(runs).resolve()
+    runs.mkdir(parents=True, exist_ok=True)
+    cache = str(Path(cache_dir).resolve()) if cache_dir else None
     rows: list[dict[str, Any]] = []
     if address is None:
         for task, seed, params in itertools.product(tasks, seeds, points):

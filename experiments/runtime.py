@@ -1,4 +1,5 @@
-"""Process-level tuning applied by the command line (never by the library on import)."""
+"""Process-level tuning applied by the command line (never by the library on import): glibc's
+allocator, and the thread pools of torch (OpenMP) and ONNX Runtime."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import sys
 
 logger = logging.getLogger(__name__)
 
@@ -47,3 +49,69 @@ def tune_malloc() -> bool:
     )
     logger.debug("mallopt tuning %s", "applied" if ok else "refused")
     return ok
+
+
+#: Set (to anything) to keep the thread settings of alignsam 0.1.0: no OpenMP wait policy and
+#: no thread count given to OpenMP (``bench contention --legacy-threads`` compares the two).
+LEGACY_THREADS_ENV = "ALIGNSAM_LEGACY_THREADS"
+
+#: The OpenMP settings :func:`tune_threads` may set.
+OMP_ENV = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")
+_ORIGINAL_ENV = {key: os.environ.get(key) for key in OMP_ENV}
+
+
+def original_env(key: str) -> str | None:
+    """``key``'s value in the environment before :func:`tune_threads` ran."""
+    return _ORIGINAL_ENV.get(key, os.environ.get(key))
+
+
+def available_cores() -> int:
+    """CPUs this process may run on (its affinity mask: ``taskset``, cgroups cpusets)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def tune_threads(threads: int = 0) -> dict[str, str | int]:
+    """Size and calm the thread pools, before torch is imported (OpenMP reads its settings once).
+
+    - OpenMP's threads (torch's intra-op pool, and MKL's, which shares it) wait passively
+      (``OMP_WAIT_POLICY=PASSIVE``): a thread that finished its part of an op sleeps instead of
+      spinning for the next. Spinning threads win a few microseconds per op on an idle machine
+      but take the cores from everything else: beside one other CPU-bound process on 2 cores,
+      PPO training collapsed to a tenth of its speed (docs/performance.md).
+    - torch's pool has ``threads`` threads, default the cores in this process's affinity mask
+      (``OMP_NUM_THREADS``); ONNX Runtime's sessions take torch's count when they are made
+      (:mod:`segmenter.onnx_backend`) and never spin, and torch runs on one thread around ONNX
+      Runtime's decoder calls (:func:`segmenter.base.small_torch_ops`), so the two pools never
+      ask for more cores than there are.
+
+    Settings already in the environment are kept (``--threads`` wins over
+    ``OMP_NUM_THREADS``). With ``ALIGNSAM_LEGACY_THREADS`` set, only ``threads`` is applied, as
+    before. Returns what was applied.
+    """
+    n = threads or available_cores()
+    legacy = bool(os.environ.get(LEGACY_THREADS_ENV))
+    if not legacy:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        if threads:
+            os.environ["OMP_NUM_THREADS"] = str(threads)
+        else:
+            os.environ.setdefault("OMP_NUM_THREADS", str(n))
+        n = int(os.environ["OMP_NUM_THREADS"]) if os.environ["OMP_NUM_THREADS"].isdigit() else n
+    torch = sys.modules.get("torch")  # imported already (tests calling main()): set it directly
+    if torch is not None and (threads or not legacy):
+        torch.set_num_threads(n)
+    elif threads and legacy:
+        import torch
+
+        torch.set_num_threads(threads)
+    applied: dict[str, str | int] = {
+        "threads": n,
+        "cores": available_cores(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(OpenMP's default)"),
+        "legacy": int(legacy),
+    }
+    logger.debug("threads: %s", applied)
+    return applied

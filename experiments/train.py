@@ -6,10 +6,12 @@ the SRM offline, build the envs, then PPO with validation, checkpoints and Tenso
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,8 @@ from agents.prompt_agent import (
     AgentLoadError,
     PromptAgent,
     latest_checkpoint,
+    load_policy,
+    load_srm,
     ppo_class,
     read_meta,
 )
@@ -135,6 +139,8 @@ def train(
     best = -float("inf")
     ckpt = None
     meta: dict[str, Any] = {}  # the resumed checkpoint's meta.json
+    if task is not None:  # every setting checked before anything loads or a folder is made
+        task = TaskConfig.from_dict(task.to_dict(), where=f"task {task.name}")
     if resume is not None:
         ckpt = latest_checkpoint(resume)
         if ckpt is None:
@@ -165,112 +171,121 @@ def train(
     train_set = load_train_split(task)
     val_set = load_split(task, "val") if task.data.val else None
     logger.info("train %d images, val %d", len(train_set), len(val_set) if val_set else 0)
+    fresh = resume is None and (run_dir is None or not run_dir.exists())
     if resume is None and run_dir is None:
         run_dir = new_run_dir(runs, task)
     elif resume is None:
         if latest_checkpoint(run_dir) is not None:
             raise AgentLoadError(f"{run_dir} holds a run already: resume it or pick a new folder")
         run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(task.to_dict(), indent=2, default=str))
+    with _run_guard(run_dir, fresh):
+        (run_dir / "config.json").write_text(json.dumps(task.to_dict(), indent=2, default=str))
 
-    channels = int(segmenter.embedding_shape[0])
-    features = None  # the SRM's feature sources besides the embedding (task.srm.features)
-    if tuple(task.srm.features) != ("sam",):
-        features = FeatureSet(task.srm.features, segmenter, cache)
-    if ckpt is not None:
-        srm = SemanticRecalibrationModule.load(
-            ckpt / "srm.pt",
-            device=task.device,
-            branch=task.srm.branch,
-            embed_channels=channels,
-            segmenter=segmenter,
-            cache=cache,
-        )
-    else:
-        items = val_items = None
-        if task.srm_pretrain_epochs > 0 or features is not None:
-            kw = {"progress": progress, "features": features}
-            items = collect_items(train_set, segmenter, cache, desc="train", **kw)
-            if val_set:
-                val_items = collect_items(val_set, segmenter, cache, desc="val", **kw)
-        if features is not None:
-            channels = int(items[0][0].extras["srm_features"].shape[1])
-        srm = SemanticRecalibrationModule(task.srm, channels, device=task.device, features=features)
-        if task.srm_pretrain_epochs > 0:
-            items = attach_semantic_maps(srm, items, train_set, progress=progress)
-            if val_items is not None:
-                val_items = attach_semantic_maps(srm, val_items, val_set, progress=progress)
-            srm.pretrain(
-                items,
-                epochs=task.srm_pretrain_epochs,
-                rng=task.seed,
-                val_items=val_items,
+        channels = int(segmenter.embedding_shape[0])
+        features = None  # the SRM's feature sources besides the embedding (task.srm.features)
+        if tuple(task.srm.features) != ("sam",):
+            features = FeatureSet(task.srm.features, segmenter, cache)
+        if ckpt is not None:
+            srm = load_srm(
+                ckpt,
+                device=task.device,
+                branch=task.srm.branch,
+                embed_channels=channels,
                 segmenter=segmenter,
-                progress=progress,
+                cache=cache,
             )
+        else:
+            items = val_items = None
+            if task.srm_pretrain_epochs > 0 or features is not None:
+                kw = {"progress": progress, "features": features}
+                items = collect_items(train_set, segmenter, cache, desc="train", **kw)
+                if val_set:
+                    val_items = collect_items(val_set, segmenter, cache, desc="val", **kw)
+            if features is not None:
+                channels = int(items[0][0].extras["srm_features"].shape[1])
+            srm = SemanticRecalibrationModule(
+                task.srm, channels, device=task.device, features=features
+            )
+            if task.srm_pretrain_epochs > 0:
+                items = attach_semantic_maps(srm, items, train_set, progress=progress)
+                if val_items is not None:
+                    val_items = attach_semantic_maps(srm, val_items, val_set, progress=progress)
+                srm.pretrain(
+                    items,
+                    epochs=task.srm_pretrain_epochs,
+                    rng=task.seed,
+                    val_items=val_items,
+                    segmenter=segmenter,
+                    progress=progress,
+                )
 
-    if ckpt is not None or task.srm_pretrain_epochs <= 0:
-        # PPO starts at once: images not cached yet are encoded in the background while the
-        # env consumes the ones that are (an env reset waits only for its own image).
-        cache.prefetch(segmenter, [s.load_image for s in [*train_set, *(val_set or [])]])
-    venv = make_vec_env(
-        train_set, segmenter, srm, train_env_config(task), task.ppo.n_envs, cache, task.seed
-    )
-    if ckpt is not None:
-        model = ppo_class(task.ppo.maskable).load(ckpt / "agent.zip", env=venv, device=task.device)
-        model.set_random_seed(task.seed + start_step)
-    else:
-        model = new_ppo(task, venv, tensorboard_log=str(run_dir / "tb"))
-    callback = AlignSAMCallback(run_dir, task, srm, segmenter, val_set, cache, best_score=best)
-    callback.t0 = t_start  # the run's clock starts before SRM pretraining
-    if ckpt is not None:  # a run from before this record started has no total: None
-        callback.elapsed_before = meta.get("elapsed_seconds", float("nan"))
-        callback.history = list(meta.get("history", []))
-        callback.extra_meta["imitation_rounds"] = int(meta.get("imitation_rounds", 0))
-    imitation: dict[str, Any] = {}
-    if task.imitation.rounds > callback.extra_meta.get("imitation_rounds", 0) and not start_step:
-        imitation = imitate(
-            task, model, srm, segmenter, train_set, cache, run_dir, callback, progress
+        if ckpt is not None or task.srm_pretrain_epochs <= 0:
+            # PPO starts at once: images not cached yet are encoded in the background while the
+            # env consumes the ones that are (an env reset waits only for its own image).
+            cache.prefetch(segmenter, [s.load_image for s in [*train_set, *(val_set or [])]])
+        venv = make_vec_env(
+            train_set, segmenter, srm, train_env_config(task), task.ppo.n_envs, cache, task.seed
         )
-    if ckpt is None and task.ppo.prior is not None and not imitation and callback.val_samples:
-        # The starting policy is the prior's heuristic: score it, so that best-on-val keeps it
-        # when PPO does not improve on it.
-        callback.model, callback.num_timesteps = model, 0
-        callback.evaluate(0, stage=f"prior {task.ppo.prior}")
-    remaining = max(0, total - start_step)
-    t_learn = time.perf_counter()
-    if remaining:
-        model.learn(
-            total_timesteps=remaining,
-            callback=callback,
-            tb_log_name="ppo",
-            reset_num_timesteps=ckpt is None,
-            progress_bar=progress,
-        )
-    learn_seconds = time.perf_counter() - t_learn
-    callback.save("latest")
-    if (
-        val_set is not None
-        and (callback.history[-1:] or [{}])[0].get("step") != model.num_timesteps
-    ):
-        callback.evaluate(model.num_timesteps)
-    summary = {
-        "run_dir": str(run_dir),
-        "steps": int(model.num_timesteps),
-        "start_step": start_step,
-        "best_val_miou": callback.best_score,
-        "history": callback.history,
-        "learn_seconds": learn_seconds,
-        "wall_seconds": time.perf_counter() - t_start,
-        "train_seconds_total": _finite_or_none(callback.elapsed_seconds),
-        "decoder_calls": segmenter.decoder_calls,
-        "imitation": imitation,
-        "skipped": {
-            split: [list(item) for item in ds.skipped]
-            for split, ds in (("train", train_set), ("val", val_set))
-            if ds is not None and ds.skipped
-        },
-    }
+        if ckpt is not None:
+            model = load_policy(ckpt, task.ppo.maskable, env=venv, device=task.device)
+            model.set_random_seed(task.seed + start_step)
+        else:
+            model = new_ppo(task, venv, tensorboard_log=str(run_dir / "tb"))
+        callback = AlignSAMCallback(run_dir, task, srm, segmenter, val_set, cache, best_score=best)
+        callback.t0 = t_start  # the run's clock starts before SRM pretraining
+        if ckpt is not None:  # a run from before this record started has no total: None
+            callback.elapsed_before = meta.get("elapsed_seconds", float("nan"))
+            callback.history = list(meta.get("history", []))
+            callback.extra_meta["imitation_rounds"] = int(meta.get("imitation_rounds", 0))
+        imitation: dict[str, Any] = {}
+        if (
+            task.imitation.rounds > callback.extra_meta.get("imitation_rounds", 0)
+            and not start_step
+        ):
+            imitation = imitate(
+                task, model, srm, segmenter, train_set, cache, run_dir, callback, progress
+            )
+        if ckpt is None and task.ppo.prior is not None and not imitation and callback.val_samples:
+            # The starting policy is the prior's heuristic: score it, so that best-on-val keeps it
+            # when PPO does not improve on it.
+            callback.model, callback.num_timesteps = model, 0
+            callback.evaluate(0, stage=f"prior {task.ppo.prior}")
+        remaining = max(0, total - start_step)
+        t_learn = time.perf_counter()
+        if remaining:
+            model.learn(
+                total_timesteps=remaining,
+                callback=callback,
+                tb_log_name="ppo",
+                reset_num_timesteps=ckpt is None,
+                progress_bar=progress,
+            )
+        learn_seconds = time.perf_counter() - t_learn
+        if not remaining:  # resumed at or past the total: the callback never started
+            callback.init_callback(model)
+        callback.save("latest")
+        if (
+            val_set is not None
+            and (callback.history[-1:] or [{}])[0].get("step") != model.num_timesteps
+        ):
+            callback.evaluate(model.num_timesteps)
+        summary = {
+            "run_dir": str(run_dir),
+            "steps": int(model.num_timesteps),
+            "start_step": start_step,
+            "best_val_miou": callback.best_score,
+            "history": callback.history,
+            "learn_seconds": learn_seconds,
+            "wall_seconds": time.perf_counter() - t_start,
+            "train_seconds_total": _finite_or_none(callback.elapsed_seconds),
+            "decoder_calls": segmenter.decoder_calls,
+            "imitation": imitation,
+            "skipped": {
+                split: [list(item) for item in ds.skipped]
+                for split, ds in (("train", train_set), ("val", val_set))
+                if ds is not None and ds.skipped
+            },
+        }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -281,6 +296,21 @@ def _run_agent(run_dir: Path) -> str:
         return json.loads((Path(run_dir) / "config.json").read_text()).get("agent", "ppo")
     except (OSError, ValueError, AttributeError):
         return "ppo"
+
+
+@contextlib.contextmanager
+def _run_guard(run_dir: Path, fresh: bool) -> Iterator[None]:
+    """A run that fails or is interrupted says how to resume it; a new run folder without any
+    checkpoint yet (nothing to resume) is removed instead of left half-made."""
+    try:
+        yield
+    except BaseException as exc:
+        if latest_checkpoint(run_dir) is not None:
+            exc.add_note(f"resume with: alignsam train --resume {run_dir}")
+        elif fresh:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            exc.add_note(f"removed {run_dir}: it held no checkpoint yet (nothing to resume)")
+        raise
 
 
 def imitate(
@@ -371,9 +401,15 @@ def imitate(
     return {"rounds": rounds}
 
 
-def evaluate_run(run_dir: Path, split: str = "test", limit: int | None = None) -> dict[str, Any]:
-    """Load a run's best agent and evaluate it on the task's ``split``."""
-    agent = PromptAgent.load(run_dir, cache=EmbeddingCache())
+def evaluate_run(
+    run_dir: Path,
+    split: str = "test",
+    limit: int | None = None,
+    which: str = "best",
+    cache_dir: str | None = None,
+) -> dict[str, Any]:
+    """Load a run's ``best`` (or ``latest``) agent and evaluate it on the task's ``split``."""
+    agent = PromptAgent.load(run_dir, cache=EmbeddingCache(cache_dir), which=which)
     samples = load_split(agent.task, split)
     if getattr(agent, "kind", "ppo") == "lookahead":
         return evaluate_lookahead(agent, samples[:limit] if limit else samples)

@@ -48,9 +48,9 @@ def test_a_registered_method_is_a_benchmark_choice(monkeypatch):
     group = methods.MethodGroup("centre_once", "one centre click, SRM label", lambda ctx: None)
     monkeypatch.setitem(methods.METHODS, "centre_once", group)
     parser = build_parser()
-    args = parser.parse_args(["benchmark", "task", "--runs", "r", "--methods", "centre_once"])
+    args = parser.parse_args(["benchmark", "task", "--agents", "r", "--methods", "centre_once"])
     assert args.methods == ["centre_once"]
     sub = parser._subparsers._group_actions[0].choices["benchmark"]  # noqa: SLF001 - argparse
     assert "one centre click, SRM label" in sub.format_help().replace("\n", " ").replace("  ", " ")
     with pytest.raises(SystemExit):
-        parser.parse_args(["benchmark", "task", "--runs", "r", "--methods", "nope"])
+        parser.parse_args(["benchmark", "task", "--agents", "r", "--methods", "nope"])

@@ -574,6 +574,26 @@ def test_shared_data_root_env(tmp_path, monkeypatch):
     assert shared_data_root() is None
 
 
+def test_shared_data_root_from_the_current_folder(tmp_path, monkeypatch):
+    """An installed package (its files outside any checkout) finds the data from the current
+    folder: ``./shared/data`` or ``../shared/data``."""
+    import envs.data.shared as shared
+
+    monkeypatch.delenv("ALIGNSAM_DATA", raising=False)
+    site = tmp_path / "site-packages" / "envs" / "data"
+    site.mkdir(parents=True)
+    monkeypatch.setattr(shared, "__file__", str(site / "shared.py"))
+    (tmp_path / "work" / "clone").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "work" / "clone")
+    assert shared.shared_data_root() is None
+    (tmp_path / "work" / "shared" / "data").mkdir(parents=True)
+    assert shared.shared_data_root() == tmp_path / "work" / "shared" / "data"
+    (tmp_path / "work" / "clone" / "shared" / "data").mkdir(parents=True)
+    assert shared.shared_data_root() == tmp_path / "work" / "shared" / "data"  # ../ first
+    monkeypatch.chdir(tmp_path / "work")
+    assert shared.shared_data_root() == tmp_path / "work" / "shared" / "data"
+
+
 def _real_root() -> Path:
     root = shared_data_root()
     if root is None:

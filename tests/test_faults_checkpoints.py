@@ -84,6 +84,6 @@ def test_agent_checkpoint_mismatches_are_clear(first_run, tiny_task, tmp_path, f
         PromptAgent.load(ckpt)
     faults.bad_input("checkpoints", "newer checkpoint format")
     (ckpt / "meta.json").write_text("{not json")
-    with pytest.raises(AgentLoadError, match="not a readable"):
+    with pytest.raises(AgentLoadError, match="meta.json is damaged: not JSON text"):
         PromptAgent.load(ckpt)
     faults.bad_input("checkpoints", "corrupt checkpoint metadata")

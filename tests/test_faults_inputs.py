@@ -198,7 +198,7 @@ def messy_run(tmp_path_factory):
     task = _task(root, tmp)
     cache = str(tmp / "emb")
     rc = main(
-        ["--threads", "1", "train", str(task), "--runs", str(tmp / "runs"), "--cache", cache]
+        ["--threads", "1", "train", str(task), "--runs-dir", str(tmp / "runs"), "--cache", cache]
         + ["--no-progress", "--skip-bad"]
     )
     assert rc == 0
@@ -222,15 +222,15 @@ def test_bad_file_stops_every_entry_point_naming_it(kind, messy_run, tmp_path, c
     runs = tmp_path / "runs"
     calls = {
         "embed": ["embed", spec, "--segmenter", "tiny", "--cache", cache],
-        "train": ["train", str(task), "--runs", str(runs), "--cache", cache, "--no-progress"],
+        "train": ["train", str(task), "--runs-dir", str(runs), "--cache", cache, "--no-progress"],
         "segment": ["segment", str(messy_run["run"]), spec, "--out", str(tmp_path / "seg")]
         + ["--cache", cache, "--no-progress"],
-        "benchmark": ["benchmark", str(task), "--runs", str(messy_run["run"]), "--out"]
+        "benchmark": ["benchmark", str(task), "--agents", str(messy_run["run"]), "--out"]
         + [str(tmp_path / "bench"), "--cache", cache, "--no-progress"],
     }
     for entry, args in calls.items():
         rc, _, err_text = _cli(capsys, *args)
-        assert rc == 2, (entry, err_text)
+        assert rc == 3, (entry, err_text)  # bad input data: exit code 3
         assert stem in err_text and "--skip-bad" in err_text, (entry, err_text)
         faults.bad_input(entry, kind)
     assert not runs.exists() or not any(runs.iterdir())  # no half-made run folder left behind
@@ -277,7 +277,7 @@ def test_skip_bad_embed_segment_benchmark(messy_run, tmp_path, capsys, faults):
 
     bench_out = tmp_path / "bench"
     rc, out, err = _cli(
-        capsys, "benchmark", str(messy_run["task"]), "--runs", str(messy_run["run"]),
+        capsys, "benchmark", str(messy_run["task"]), "--agents", str(messy_run["run"]),
         "--out", str(bench_out), "--cache", cache, "--no-progress", "--skip-bad",
         "--methods", "random", "--manual-clicks", "2",
     )  # fmt: skip

@@ -73,7 +73,7 @@ def test_sigkill_during_train_then_resume(tmp_path, faults):
     (tmp_path / "task.yaml").write_text(TASK)
     runs = tmp_path / "runs"
     proc = subprocess.Popen(
-        _cli("train", "task.yaml", "--runs", str(runs), "--no-progress"),
+        _cli("train", "task.yaml", "--runs-dir", str(runs), "--no-progress"),
         cwd=tmp_path,
         env=_env(tmp_path),
         stdout=subprocess.PIPE,
@@ -101,7 +101,7 @@ def test_sigkill_during_train_then_resume(tmp_path, faults):
 
     target = saved["step"] + 32
     done = subprocess.run(
-        _cli("train", "--resume", str(run), "--steps", str(target), "--no-progress"),
+        _cli("train", "--resume", str(run), "--timesteps", str(target), "--no-progress"),
         cwd=tmp_path,
         env=_env(tmp_path),
         capture_output=True,
@@ -125,7 +125,7 @@ def test_sigkill_during_train_then_resume(tmp_path, faults):
         text=True,
         timeout=120,
     )
-    assert wrong.returncode == 2 and "is a run of task 'tiny_kill'" in wrong.stderr
+    assert wrong.returncode == 3 and "is a run of task 'tiny_kill'" in wrong.stderr
 
 
 @pytest.fixture()

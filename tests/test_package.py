@@ -58,7 +58,7 @@ def test_cli_weights_fetch_bad_file_is_clear(tmp_path):
     bad = tmp_path / "fake.pt"
     bad.write_bytes(b"123")
     proc = run_cli("weights", "fetch", "mobile_sam", "--from", str(bad), tmp_path=tmp_path)
-    assert proc.returncode == 2
+    assert proc.returncode == 3  # a bad file
     assert "SHA-256" in proc.stderr
 
 
@@ -109,7 +109,7 @@ def test_cli_embed_oneclick_bench_tiny(tmp_path):
 
 def test_cli_unknown_dataset_is_clear(tmp_path):
     proc = run_cli("embed", "nonsense:thing", "--segmenter", "tiny", tmp_path=tmp_path)
-    assert proc.returncode == 2 and "unknown dataset kind" in proc.stderr
+    assert proc.returncode == 3 and "unknown dataset kind" in proc.stderr
 
 
 def test_cli_demo_quick_tiny(tmp_path):
@@ -124,7 +124,7 @@ def test_cli_demo_quick_tiny(tmp_path):
     task.write_text(
         "name: synthetic\ndata: {train: 'synthetic:val', test: 'synthetic:test'}\nsegmenter: tiny\n"
     )
-    args = ("benchmark", str(task), "--runs", str(run), "--limit", "2", "--methods", "random")
+    args = ("benchmark", str(task), "--agents", str(run), "--limit", "2", "--methods", "random")
     args += ("--manual-clicks", "2", "--abstain-margin", "0.3", "--out", "bm", "--no-progress")
     proc = run_cli(*args, tmp_path=tmp_path)
     assert proc.returncode == 0, proc.stderr

@@ -141,7 +141,7 @@ def test_sweep_survives_a_killed_worker(cluster, tmp_path):
         "tiny_b.yaml",
         "--seeds",
         "2",
-        "--runs",
+        "--runs-dir",
         str(runs),
         "--name",
         "sw",

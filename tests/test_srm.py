@@ -209,11 +209,11 @@ def test_load_errors(tmp_path: Path, tiny_clip: ClipSurgery) -> None:
     corrupt = tmp_path / "corrupt.pt"
     make_srm().save(corrupt)
     corrupt.write_bytes(corrupt.read_bytes()[:200])
-    with pytest.raises(SRMLoadError, match="corrupt"):
+    with pytest.raises(SRMLoadError, match="corrupt.pt is damaged: not a readable torch file"):
         SemanticRecalibrationModule.load(corrupt)
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a torch file at all")
-    with pytest.raises(SRMLoadError, match="corrupt"):
+    with pytest.raises(SRMLoadError, match="damaged: not a readable torch file"):
         SemanticRecalibrationModule.load(garbage)
     foreign = tmp_path / "foreign.pt"
     torch.save({"weight": torch.zeros(3)}, foreign)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -168,10 +169,11 @@ def test_segment_writes_masks_coco_rle_and_summary(first_run, tmp_path):
     agent = PromptAgent.load(summary["run_dir"])
     samples = gather_inputs([str(folder), str(folder / "a.png")])
     assert sorted(s.id for s in samples) == ["a", "a__1", "broken", "gray é"]
-    with pytest.raises(DataError, match="broken.*--skip-bad"):
+    with pytest.raises(DataError, match="(?s)1 image.*broken.png.*--skip-bad"):
         segment_images(agent, samples, tmp_path / "out0", progress=False)
+    assert not (tmp_path / "out0").exists()  # nothing half-done
     rep = segment_images(agent, samples, tmp_path / "out", skip_bad=True, progress=False)
-    assert rep.images == 3 and [s["id"] for s in rep.skipped] == ["broken"]
+    assert rep.images == 3 and [Path(s["id"]).name for s in rep.skipped] == ["broken.png"]
     assert rep.decoder_calls == 3 * (1 + 4)  # one decode for the SRM start, then T = 4 clicks
     mask = np.asarray(Image.open(tmp_path / "out" / "masks" / "gray é.png"))
     assert mask.shape == (50, 40) and set(np.unique(mask)) <= {0, 255}
@@ -179,7 +181,10 @@ def test_segment_writes_masks_coco_rle_and_summary(first_run, tmp_path):
     coco = COCO(str(tmp_path / "out" / "results.json"))
     ann = coco.loadAnns(coco.getAnnIds())[1]
     img = coco.loadImgs(ann["image_id"])[0]
-    assert img["file_name"] == "gray é"
+    assert img["file_name"] == "gray é.jpg" and img["mask_file"] == "masks/gray é.png"
+    by_id = {i["mask_file"]: i["file_name"] for i in coco.dataset["images"]}
+    assert by_id["masks/a__1.png"] == str((folder / "a.png").resolve())  # given as a file
+    assert by_id["masks/a.png"] == "a.png"  # relative to the folder it came from
     np.testing.assert_array_equal(coco.annToMask(ann).astype(bool), mask > 0)
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["images"] == 3
     with pytest.raises(DataError, match="no such file"):
@@ -335,7 +340,7 @@ def test_sweep_without_ray_runs_trials_in_order_and_checks_the_grid(tiny_task, t
 
     task_file = tmp_path / "tiny.yaml"
     task_file.write_text(yaml.safe_dump(tiny_task(32).to_dict()))
-    with pytest.raises(ValueError, match="unknown task setting 'ppo.nope'"):
+    with pytest.raises(ValueError, match="ppo.nope: unknown key"):
         sweep([str(task_file)], [0], grid={"ppo.nope": [1]}, runs=tmp_path / "runs")
     rows = sweep(
         [str(task_file)],

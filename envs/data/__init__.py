@@ -52,6 +52,7 @@ from envs.data.images import (
     load_label_map,
     load_mask,
     read_image_size,
+    rgb_array,
     validate_mask,
 )
 from envs.data.kvasir import kvasir_seg
@@ -80,6 +81,7 @@ __all__ = [
     "load_label_map",
     "load_mask",
     "read_image_size",
+    "rgb_array",
     "shared_data_root",
     "validate_mask",
 ]

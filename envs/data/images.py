@@ -297,6 +297,42 @@ def load_image(path: str | os.PathLike[str], *, max_pixels: int | None = None) -
     return np.ascontiguousarray(channels, dtype=np.uint8)
 
 
+def rgb_array(image: np.ndarray | Image.Image | str | os.PathLike[str]) -> np.ndarray:
+    """An image given as an array, a PIL image or a file path, as ``(H, W, 3)`` ``uint8`` RGB.
+
+    Paths are read with :func:`load_image`; PIL images get the same conversions (EXIF
+    orientation, alpha dropped, 16-bit scaled, grayscale repeated); arrays must be ``uint8``
+    ``(H, W, 3)`` RGB, ``(H, W, 4)`` RGBA (alpha dropped) or ``(H, W)`` grayscale.
+
+    Raises:
+        DataError: An unreadable file.
+        TypeError: Anything else than an array, a PIL image or a path.
+        ValueError: An array of another shape or dtype.
+    """
+    if isinstance(image, (str, os.PathLike)):
+        return load_image(image)
+    if isinstance(image, Image.Image):
+        channels = _colour_channels(ImageOps.exif_transpose(image), Path("<PIL image>"))
+    elif isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or not (
+            image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4))
+        ):
+            raise ValueError(
+                f"expected an (H, W, 3) uint8 RGB array, got shape {image.shape} dtype "
+                f"{image.dtype}; convert it (e.g. np.asarray(PIL.Image.open(f).convert('RGB'))) "
+                "or pass the file path or PIL image"
+            )
+        channels = image[:, :, None] if image.ndim == 2 else image[:, :, :3]
+    else:
+        raise TypeError(
+            f"expected an image: an (H, W, 3) uint8 array, a PIL image or a file path, got "
+            f"{type(image).__name__}"
+        )
+    if channels.shape[2] == 1:
+        channels = np.repeat(channels, 3, axis=2)
+    return np.ascontiguousarray(channels, dtype=np.uint8)
+
+
 def load_mask(
     path: str | os.PathLike[str], threshold: int = 127, *, max_pixels: int | None = None
 ) -> np.ndarray:

@@ -1,5 +1,5 @@
-"""Where the shared evaluation datasets live (``../shared/data`` beside the checkout, or
-``$ALIGNSAM_DATA``)."""
+"""Where the shared evaluation datasets live (``$ALIGNSAM_DATA``, or ``shared/data`` beside or
+inside the checkout or the current folder)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,10 @@ def shared_data_root() -> Path | None:
     """Folder holding the shared datasets (``kvasir-seg/``, ``camvid/``), if present.
 
     ``$ALIGNSAM_DATA`` wins when set (``None`` with a warning if it is not a folder); otherwise
-    the first existing of ``<repo>/../shared/data`` and ``<repo>/shared/data``, where
-    ``<repo>`` is the parent of the ``envs`` package folder.
+    the first existing of ``<repo>/../shared/data``, ``<repo>/shared/data`` (``<repo>``: the
+    parent of the ``envs`` package folder, i.e. the checkout when running from a clone), then
+    ``./../shared/data`` and ``./shared/data`` relative to the current folder (an installed
+    package, run from the checkout or beside the data).
 
     Returns:
         The folder, or ``None`` when absent (tests then skip).
@@ -31,7 +33,9 @@ def shared_data_root() -> Path | None:
         logger.warning("$%s=%s is not a directory; shared data unavailable", DATA_ENV, env)
         return None
     repo = Path(__file__).resolve().parents[2]
-    for candidate in (repo.parent / "shared" / "data", repo / "shared" / "data"):
-        if candidate.is_dir():
-            return candidate
+    cwd = Path.cwd()
+    for base in (repo, cwd):
+        for candidate in (base.parent / "shared" / "data", base / "shared" / "data"):
+            if candidate.is_dir():
+                return candidate
     return None

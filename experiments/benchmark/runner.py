@@ -14,7 +14,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from agents.clickers import ClickTrace, SimulatedAnnotator
-from agents.config import TaskConfig
+from agents.config import ConfigError, TaskConfig
 from agents.prompt_agent import PromptAgent
 from experiments.benchmark.methods import (
     METHOD_GROUPS,
@@ -98,7 +98,7 @@ def run_benchmark(
         The ``results.json`` content.
     """
     if not run_dirs:
-        raise ValueError("benchmark needs at least one trained run (--runs RUN_DIR)")
+        raise ValueError("benchmark needs at least one trained run (--agents RUN)")
     want = set(METHOD_GROUPS if methods is None else methods)
     unknown = want - set(METHOD_GROUPS)
     if unknown:
@@ -110,7 +110,7 @@ def run_benchmark(
     out.mkdir(parents=True, exist_ok=True)
     spec = getattr(task.data, split, None)
     if not spec:
-        raise ValueError(f"task {task.name} has no {split!r} split")
+        raise ConfigError(f"task {task.name} has no {split!r} split; pick another --split")
     on_error = "skip" if skip_bad else task.data.on_error
     dataset = load_dataset(spec, on_error)
     samples = readable(dataset[:limit] if limit else dataset, on_error, name=spec)

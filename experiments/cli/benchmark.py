@@ -6,7 +6,17 @@ from __future__ import annotations
 
 import argparse
 
-from experiments.cli.common import Subcommands, add_ray_options, print_skipped
+from experiments.cli.common import (
+    Subcommands,
+    UsageError,
+    add_cache_option,
+    add_deprecated_alias,
+    add_ray_options,
+    fraction,
+    non_negative_int,
+    positive_int,
+    print_skipped,
+)
 
 
 def add(sub: Subcommands) -> None:
@@ -14,14 +24,36 @@ def add(sub: Subcommands) -> None:
 
     choices = [name for name, group in METHODS.items() if group.selectable]
     listing = "; ".join(f"{name}: {METHODS[name].help}" for name in choices)
-    bm = sub.add_parser("benchmark", help="agents vs manual clicks, ablations and baselines")
-    bm.add_argument("task", help="task YAML or shipped task name (its data and segmenter)")
-    bm.add_argument("--runs", nargs="+", required=True, help="run folders of trained agents")
-    bm.add_argument("--split", default="test", choices=["train", "val", "test"])
-    bm.add_argument("--limit", type=int, default=None, help="first N images only")
-    bm.add_argument("--out", default="benchmark", help="output folder")
-    bm.add_argument("--seed", type=int, default=0)
-    bm.add_argument("--manual-clicks", type=int, default=20, help="annotator click budget")
+    bm = sub.add_parser(
+        "benchmark",
+        help="agents vs manual clicks, ablations and baselines",
+        description="Score trained agents (--agents RUN ...) against the simulated manual "
+        "annotator and the baselines, on the same frozen segmenter, images and embeddings.",
+    )
+    bm.add_argument(
+        "task", metavar="TASK", help="task YAML or shipped task name (its data and segmenter)"
+    )
+    bm.add_argument(
+        "--agents", nargs="+", default=None, metavar="RUN", help="run folders of trained agents"
+    )
+    add_deprecated_alias(bm, "--runs", "--agents", dest="agents", nargs="+")
+    bm.add_argument(
+        "--split", default="test", choices=["train", "val", "test"], help="which split of TASK"
+    )
+    bm.add_argument(
+        "--limit", type=positive_int, default=None, metavar="N", help="first N images only"
+    )
+    bm.add_argument("--out", default="benchmark", metavar="DIR", help="output folder")
+    bm.add_argument(
+        "--seed", type=non_negative_int, default=0, help="seed of random clicks and bootstraps"
+    )
+    bm.add_argument(
+        "--manual-clicks",
+        type=positive_int,
+        default=20,
+        metavar="N",
+        help="click budget of the simulated annotator",
+    )
     bm.add_argument(
         "--methods",
         nargs="+",
@@ -34,27 +66,35 @@ def add(sub: Subcommands) -> None:
         "--finetuned",
         nargs="+",
         default=[],
+        metavar="DIR",
         help="fine-tuning deltas (alignsam finetune --out folders) to benchmark as methods",
     )
     bm.add_argument(
-        "--amg-points", type=int, default=32, help="automatic mask generator grid side (32)"
+        "--amg-points",
+        type=positive_int,
+        default=32,
+        metavar="N",
+        help="automatic mask generator: points per side of its grid",
     )
     bm.add_argument(
         "--amg-tune",
-        type=int,
+        type=non_negative_int,
         default=10,
+        metavar="N",
         help="val images to choose the generator's filter thresholds on (0: SAM's defaults)",
     )
     add_ray_options(bm)
     bm.add_argument(
         "--abstain-margin",
-        type=float,
+        type=fraction,
         default=None,
-        help="the SRM abstains on clicks with |p - 0.5| below this (all env-based methods)",
+        metavar="P",
+        help="the SRM abstains on clicks with |p - 0.5| below this (all env-based methods; "
+        "below 0.5)",
     )
-    bm.add_argument("--device", default=None)
-    bm.add_argument("--cache", default=None, help="embedding cache dir")
-    bm.add_argument("--no-progress", action="store_true")
+    bm.add_argument("--device", default=None, help="torch device (default: the task's)")
+    add_cache_option(bm)
+    bm.add_argument("--no-progress", action="store_true", help="no progress bars")
     bm.add_argument(
         "--skip-bad", action="store_true", help="leave out unusable images/masks (listed)"
     )
@@ -66,12 +106,16 @@ def run(args: argparse.Namespace) -> int:
     from experiments.train import resolve_task
     from segmenter import EmbeddingCache
 
+    if not args.agents:
+        raise UsageError("give the trained agents to score: --agents RUN [RUN ...]")
+    if args.abstain_margin is not None and args.abstain_margin >= 0.5:
+        raise UsageError(f"--abstain-margin must be below 0.5, got {args.abstain_margin}")
     task = resolve_task(args.task)
     if args.device:
         task.device = args.device
     result = run_benchmark(
         task,
-        args.runs,
+        args.agents,
         split=args.split,
         limit=args.limit,
         out=args.out,

@@ -1,11 +1,15 @@
-"""The set-up every ``alignsam`` command shares: logging, threads, the segmenter and cache
-options, Ray options, and how results are printed and written."""
+"""The set-up every ``alignsam`` command shares: the parser class (defaults shown in
+``--help``), value checks for options (a bad value is a usage error before any work), deprecated
+aliases, logging, threads, the segmenter and cache options, Ray options, and how results are
+printed and written."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +17,23 @@ from typing import Any
 Subcommands = Any
 
 __all__ = [
+    "EXIT_DATA",
+    "EXIT_FAILED",
+    "EXIT_INTERRUPTED",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "HelpFormatter",
+    "Parser",
     "Subcommands",
+    "UsageError",
+    "add_cache_option",
+    "add_deprecated_alias",
+    "existing_file",
+    "fraction",
+    "non_negative_float",
+    "non_negative_int",
+    "positive_float",
+    "positive_int",
     "add_ray_options",
     "add_segmenter_options",
     "build_segmenter_from",
@@ -26,24 +46,125 @@ __all__ = [
 ]
 
 
+#: Exit codes (``alignsam --help`` and docs/cli.md list them).
+EXIT_OK = 0
+EXIT_FAILED = 1  # the job ran but failed its goal (a sweep trial failed), or an unexpected error
+EXIT_USAGE = 2  # bad command line: argparse errors and bad option values
+EXIT_DATA = 3  # bad input data or files: images, masks, task files, run files, checkpoints
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT); resumable jobs print how to resume
+
+
+class UsageError(ValueError):
+    """A command line that cannot work as given (exit code 2); says what to pass instead."""
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """``--help`` with each option's default (unless it is unset, off or already in the text);
+    a description or epilog with line breaks is printed as written, others are wrapped."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            "%(default)" in text
+            or "(default" in text
+            or default is None
+            or default is False
+            or default == []
+            or default is argparse.SUPPRESS
+            or not (action.option_strings or action.nargs in ("?", "*"))
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class Parser(argparse.ArgumentParser):
+    """The parser of ``alignsam`` and of each command: :class:`HelpFormatter` by default."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def _checked(name: str, cast: Callable[[str], Any], ok: Callable[[Any], bool], what: str):
+    def check(text: str) -> Any:
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    check.__name__ = name  # argparse names the type in some messages
+    return check
+
+
+positive_int = _checked("positive_int", int, lambda v: v > 0, "a whole number > 0")
+non_negative_int = _checked("non_negative_int", int, lambda v: v >= 0, "a whole number >= 0")
+positive_float = _checked("positive_float", float, lambda v: v > 0, "a number > 0")
+non_negative_float = _checked("non_negative_float", float, lambda v: v >= 0, "a number >= 0")
+fraction = _checked("fraction", float, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
+
+
+def existing_file(text: str) -> str:
+    """An option value that must name an existing file."""
+    if not Path(text).expanduser().is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {text}")
+    return text
+
+
+class _DeprecatedAlias(argparse.Action):
+    """A renamed option's old spelling: works as the new one, with a warning on stderr."""
+
+    def __init__(self, option_strings: list[str], dest: str, new: str = "", **kwargs: Any):
+        self.new = new
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:  # noqa: ANN001
+        print(
+            f"{parser.prog}: warning: {option_string} is deprecated and will be removed; use "
+            f"{self.new} (see docs/cli.md)",
+            file=sys.stderr,
+        )
+        setattr(namespace, self.dest, values)
+
+
+def add_deprecated_alias(
+    sp: argparse.ArgumentParser, old: str, new: str, dest: str, **kwargs: Any
+) -> None:
+    """Accept ``old`` as a hidden, warned alias of the option ``new`` (stored in ``dest``;
+    ``kwargs``: the new option's ``type`` / ``nargs``)."""
+    sp.add_argument(
+        old, dest=dest, new=new, action=_DeprecatedAlias, help=argparse.SUPPRESS, **kwargs
+    )
+
+
 def setup(args: argparse.Namespace) -> None:
-    """Logging (``-v``: debug) and torch's thread count (``--threads``)."""
+    """Logging (``-v``: debug); threads are set before, by ``tune_threads`` (runtime)."""
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
 
 
 def add_segmenter_options(sp: argparse.ArgumentParser) -> None:
     """``--segmenter --checkpoint --device --bf16 --backend --cache``."""
-    sp.add_argument("--segmenter", default="mobile_sam", help="registry name (default mobile_sam)")
-    sp.add_argument("--checkpoint", default=None, help="weights file (default: cached/fetched)")
-    sp.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    sp.add_argument("--segmenter", default="mobile_sam", help="segmenter registry name")
+    sp.add_argument(
+        "--checkpoint",
+        default=None,
+        type=existing_file,
+        metavar="FILE",
+        help="segmenter weights file (default: the cached or fetched one)",
+    )
+    sp.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
     sp.add_argument("--bf16", action="store_true", help="bf16 autocast")
     sp.add_argument(
         "--backend",
@@ -51,7 +172,19 @@ def add_segmenter_options(sp: argparse.ArgumentParser) -> None:
         default="auto",
         help="torch: stock eager; onnx: ONNX Runtime (CPU); auto: onnx where it applies",
     )
-    sp.add_argument("--cache", default=None, help="embedding cache dir ($ALIGNSAM_HOME/embeddings)")
+    add_cache_option(sp)
+
+
+def add_cache_option(sp: argparse.ArgumentParser, shared: bool = False) -> None:
+    """``--cache DIR``: the embedding cache folder."""
+    sp.add_argument(
+        "--cache",
+        default=None,
+        metavar="DIR",
+        help="embedding cache folder"
+        + (", shared by the trials" if shared else "")
+        + " (default $ALIGNSAM_HOME/embeddings)",
+    )
 
 
 def add_ray_options(sp: argparse.ArgumentParser, workers: bool = True) -> None:
@@ -66,7 +199,13 @@ def add_ray_options(sp: argparse.ArgumentParser, workers: bool = True) -> None:
         "$RAY_ADDRESS / a local instance",
     )
     if workers:
-        sp.add_argument("--workers", type=int, default=None, help="--ray: workers (its CPUs)")
+        sp.add_argument(
+            "--workers",
+            type=positive_int,
+            default=None,
+            metavar="N",
+            help="--ray: number of workers (default: the cluster's CPUs)",
+        )
 
 
 def build_segmenter_from(args: argparse.Namespace) -> Any:
@@ -113,7 +252,8 @@ def write_json(path: str | None, obj: object) -> None:
 
 
 def yaml_value(text: str) -> object:
-    """A command-line value read as YAML (``1e-4`` -> float, ``true`` -> bool)."""
-    import yaml
+    """A command-line value read as YAML, as task files are (``1e-4`` -> float, ``true`` ->
+    bool)."""
+    from agents.schema import load_yaml
 
-    return yaml.safe_load(text)
+    return load_yaml(text)

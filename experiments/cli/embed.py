@@ -11,18 +11,41 @@ from experiments.cli.common import (
     add_ray_options,
     add_segmenter_options,
     build_segmenter_from,
+    non_negative_float,
+    positive_int,
     print_skipped,
 )
 
 
 def add(sub: Subcommands) -> None:
-    e = sub.add_parser("embed", help="pre-compute image embeddings into the cache")
-    e.add_argument("dataset", help="dataset spec, e.g. kvasir:train or a folder of images")
-    e.add_argument("--limit", type=int, default=0)
-    e.add_argument("--skip-bad", action="store_true", help="skip unreadable files (counted)")
+    e = sub.add_parser(
+        "embed",
+        help="pre-compute image embeddings into the cache",
+        description="Encode every image of DATASET once into the embedding cache (safe to "
+        "interrupt and run again: finished entries are kept).",
+    )
+    e.add_argument(
+        "dataset", metavar="DATASET", help="dataset spec, e.g. kvasir:train, or a folder of images"
+    )
+    e.add_argument(
+        "--limit",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="first N images (default: all)",
+    )
+    e.add_argument("--skip-bad", action="store_true", help="skip unreadable files (listed)")
     add_ray_options(e)
-    e.add_argument("--worker-threads", type=int, default=1, help="--ray: CPUs per actor")
-    e.add_argument("--worker-gpus", type=float, default=0.0, help="--ray: GPUs per actor")
+    e.add_argument(
+        "--worker-threads", type=positive_int, default=1, metavar="N", help="--ray: CPUs per actor"
+    )
+    e.add_argument(
+        "--worker-gpus",
+        type=non_negative_float,
+        default=0.0,
+        metavar="N",
+        help="--ray: GPUs per actor",
+    )
     add_segmenter_options(e)
     e.set_defaults(func=run)
 

@@ -5,28 +5,70 @@ from __future__ import annotations
 
 import argparse
 
-from experiments.cli.common import Subcommands
+from experiments.cli.common import (
+    Subcommands,
+    add_cache_option,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 
 
 def add(sub: Subcommands) -> None:
     ft = sub.add_parser(
-        "finetune", help="fine-tune the segmenter on the task's training images (a baseline)"
+        "finetune",
+        help="fine-tune the segmenter on the task's training images (a baseline)",
+        description="Fine-tune the frozen segmenter's decoder, LoRA adapters or every weight on "
+        "TASK's training images; writes the change as a delta into --out. --resume continues "
+        "the fine-tuning in --out after its last finished epoch.",
     )
-    ft.add_argument("task", help="task YAML or shipped task name (its data and segmenter)")
-    ft.add_argument("--level", choices=["decoder", "lora", "full"], default="decoder")
-    ft.add_argument("--out", required=True, help="folder for delta.pt, summary.json, tb/")
-    ft.add_argument("--epochs", type=int, default=None, help="default 20 (decoder) or 4")
-    ft.add_argument("--lr", type=float, default=None, help="AdamW learning rate (1e-4)")
-    ft.add_argument("--patience", type=int, default=5, help="early stopping on val (0: off)")
-    ft.add_argument("--rank", type=int, default=4, help="LoRA rank")
-    ft.add_argument("--val-limit", type=int, default=20, help="val images for early stopping")
-    ft.add_argument("--seed", type=int, default=None)
+    ft.add_argument(
+        "task", metavar="TASK", help="task YAML or shipped task name (its data and segmenter)"
+    )
+    ft.add_argument(
+        "--level", choices=["decoder", "lora", "full"], default="decoder", help="what is trained"
+    )
+    ft.add_argument(
+        "--out", required=True, metavar="DIR", help="folder for delta.pt, summary.json, tb/"
+    )
+    ft.add_argument(
+        "--epochs",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="training epochs (default: 20 for decoder, 4 for lora and full)",
+    )
+    ft.add_argument(
+        "--lr", type=positive_float, default=None, help="AdamW learning rate (default 1e-4)"
+    )
+    ft.add_argument(
+        "--patience",
+        type=non_negative_int,
+        default=5,
+        metavar="N",
+        help="early stopping on val after N epochs without gain (0: off)",
+    )
+    ft.add_argument("--rank", type=positive_int, default=4, help="LoRA rank")
+    ft.add_argument(
+        "--val-limit",
+        type=non_negative_int,
+        default=20,
+        metavar="N",
+        help="val images for early stopping (0: all)",
+    )
+    ft.add_argument(
+        "--seed", type=non_negative_int, default=None, help="seed (default: the task's)"
+    )
     ft.add_argument("--segmenter", default=None, help="override the task's segmenter")
-    ft.add_argument("--device", default=None, help="cpu, cuda, ... (default: the task's)")
-    ft.add_argument("--cache", default=None, help="embedding cache dir")
-    ft.add_argument("--resume", action="store_true", help="continue after the last epoch")
-    ft.add_argument("--skip-bad", action="store_true", help="leave out unusable images/masks")
-    ft.add_argument("--no-progress", action="store_true")
+    ft.add_argument("--device", default=None, help="torch device (default: the task's)")
+    add_cache_option(ft)
+    ft.add_argument(
+        "--resume", action="store_true", help="continue the run in --out after its last epoch"
+    )
+    ft.add_argument(
+        "--skip-bad", action="store_true", help="leave out unusable images/masks (listed)"
+    )
+    ft.add_argument("--no-progress", action="store_true", help="no progress bars")
     ft.set_defaults(func=run)
 
 

@@ -9,15 +9,29 @@ from experiments.cli.common import (
     Subcommands,
     add_segmenter_options,
     build_segmenter_from,
+    positive_int,
     write_json,
 )
 
 
 def add(sub: Subcommands) -> None:
-    o = sub.add_parser("oneclick", help="mean IoU of one click at the deepest interior point")
-    o.add_argument("dataset", nargs="?", default="kvasir:train")
-    o.add_argument("--limit", type=int, default=0)
-    o.add_argument("--out", default=None)
+    o = sub.add_parser(
+        "oneclick",
+        help="mean IoU of one click at the deepest interior point",
+        description="Mean IoU of one positive click at the deepest interior point of each "
+        "ground-truth mask: single-mask head vs SAM's three candidates.",
+    )
+    o.add_argument(
+        "dataset", nargs="?", default="kvasir:train", metavar="DATASET", help="dataset spec"
+    )
+    o.add_argument(
+        "--limit",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="first N images (default: all)",
+    )
+    o.add_argument("--out", default=None, metavar="FILE", help="write the figures as JSON here")
     add_segmenter_options(o)
     o.set_defaults(func=run)
 

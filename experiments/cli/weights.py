@@ -4,14 +4,26 @@ from __future__ import annotations
 
 import argparse
 
-from experiments.cli.common import Subcommands, print_table
+from experiments.cli.common import Subcommands, existing_file, print_table
 
 
 def add(sub: Subcommands) -> None:
-    w = sub.add_parser("weights", help="list or fetch segmenter checkpoints")
-    w.add_argument("action", choices=["list", "fetch"])
-    w.add_argument("name", nargs="?", help="checkpoint name (default mobile_sam)")
-    w.add_argument("--from", dest="source", default=None, help="import a local file instead")
+    w = sub.add_parser(
+        "weights",
+        help="list or fetch segmenter checkpoints",
+        description="List the segmenter checkpoints and where they are, or fetch one (checked "
+        "against its SHA-256, moved atomically into $ALIGNSAM_HOME/weights).",
+    )
+    w.add_argument("action", choices=["list", "fetch"], help="list, or fetch NAME")
+    w.add_argument("name", nargs="?", metavar="NAME", help="checkpoint name (default: mobile_sam)")
+    w.add_argument(
+        "--from",
+        dest="source",
+        default=None,
+        type=existing_file,
+        metavar="FILE",
+        help="import this local file instead of downloading",
+    )
     w.add_argument("--force", action="store_true", help="fetch again even if present")
     w.add_argument("--verify", action="store_true", help="check SHA-256 of present files")
     w.set_defaults(func=run)

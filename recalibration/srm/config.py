@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
+from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 
 from recalibration.clip_surgery import ClipSpec
 from segmenter.base import ImageEmbedding
@@ -75,26 +76,26 @@ class SRMConfig:
     """
 
     branch: Literal["implicit", "explicit"] = "implicit"
-    hidden: int = 64
-    lr: float = 1e-3
-    q_steps: int | None = None
+    hidden: Annotated[int, Field(ge=4, multiple_of=4)] = 64
+    lr: PositiveFloat = 1e-3
+    q_steps: NonNegativeInt | None = None
     online: bool = True
-    threshold: float = 0.5
+    threshold: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
     input_mode: Literal["paper", "full"] = "full"
     text: str | None = None
     clip: ClipSpec | None = None
     allow_implicit_fallback: bool = False
     normalize: Literal["dataset", "image", "none"] = "dataset"
-    weight_decay: float = 1e-2
-    dropout: float = 0.1
-    dilation: int = 2
-    context: int = 0
-    tta: int = 1
-    dice_weight: float = 0.5
-    attn_grid: int = 16
-    attn_heads: int = 4
+    weight_decay: NonNegativeFloat = 1e-2
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+    dilation: PositiveInt = 2
+    context: NonNegativeInt = 0
+    tta: Annotated[int, Field(ge=1, le=8)] = 1
+    dice_weight: NonNegativeFloat = 0.5
+    attn_grid: PositiveInt = 16
+    attn_heads: PositiveInt = 4
     features: tuple[str, ...] = ("sam",)
-    reduce: int = 0
+    reduce: NonNegativeInt = 0
 
     def __post_init__(self) -> None:
         self.features = tuple(self.features)

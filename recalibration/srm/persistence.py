@@ -29,7 +29,19 @@ FORMAT_NAME = "alignsam-srm"
 
 
 class SRMLoadError(RuntimeError):
-    """An SRM file cannot be loaded (corrupt, not an SRM, or incompatible); says what to do."""
+    """An SRM file cannot be loaded (corrupt, not an SRM, or incompatible); says what to do.
+
+    Attributes:
+        problem: What is wrong, naming the file (the message without the fix).
+        damaged: The file itself is missing, unreadable or not an SRM file of this format
+            (another file, e.g. an earlier checkpoint's, is the fix), as opposed to a valid
+            SRM that does not fit what it is loaded for.
+    """
+
+    def __init__(self, problem: str, fix: str = "", damaged: bool = False) -> None:
+        self.problem = problem
+        self.damaged = damaged
+        super().__init__(f"{problem}; {fix}" if fix else problem)
 
 
 class PersistenceMixin:
@@ -143,7 +155,9 @@ class PersistenceMixin:
         """
         path = Path(path)
         if not path.is_file():
-            raise SRMLoadError(f"SRM file {path} does not exist; train one with pretrain + save")
+            raise SRMLoadError(
+                f"SRM file {path} does not exist", "train one with pretrain + save", damaged=True
+            )
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except (
@@ -155,8 +169,10 @@ class PersistenceMixin:
             OSError,
         ) as exc:
             raise SRMLoadError(
-                f"SRM file {path} is corrupt or not a torch file ({type(exc).__name__}: "
-                f"{str(exc)[:200]}); delete it and save the SRM again"
+                f"SRM file {path} is damaged: not a readable torch file ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0][:200]})",
+                "delete it and save the SRM again",
+                damaged=True,
             ) from exc
         check_state(state, str(path))
         cfg_dict = dict(state["config"])
@@ -208,13 +224,16 @@ def check_state(state: Any, where: str) -> None:
     """Raise :class:`SRMLoadError` unless ``state`` looks like an SRM state of this version."""
     if not isinstance(state, dict) or state.get("format") != FORMAT_NAME:
         raise SRMLoadError(
-            f"{where} is not an SRM file (no '{FORMAT_NAME}' marker); is it a segmenter or "
-            "policy checkpoint? Pass a file written by SemanticRecalibrationModule.save"
+            f"{where} is not an SRM file (no '{FORMAT_NAME}' marker)",
+            "is it a segmenter or policy checkpoint? Pass a file written by "
+            "SemanticRecalibrationModule.save",
+            damaged=True,
         )
     if state.get("version") != FORMAT_VERSION:
         raise SRMLoadError(
             f"{where} has SRM format version {state.get('version')}, this code reads "
-            f"{FORMAT_VERSION}; re-train and save the SRM with this version"
+            f"{FORMAT_VERSION}",
+            "re-train and save the SRM with this version",
         )
     missing = {
         "config",
@@ -225,7 +244,9 @@ def check_state(state: Any, where: str) -> None:
         "calibration",
     } - set(state)
     if missing:
-        raise SRMLoadError(f"{where} is an incomplete SRM file (missing {sorted(missing)})")
+        raise SRMLoadError(
+            f"{where} is an incomplete SRM file (missing {sorted(missing)})", damaged=True
+        )
     try:
         json.dumps(state["config"])
     except (TypeError, ValueError) as exc:
