@@ -11,8 +11,9 @@ cell blind and reading its label off the SRM map, each step
    IoU; the SRM's label becomes one of the judge's inputs, not the decision) and commits the
    best one, with no further decoder call.
 
-The episode stops when no candidate is judged better than the best mask so far (the learned
-stop), and the final mask is the best-judged mask of the episode. The same loop runs with other
+The current mask competes with the candidates (as "stay"): the episode stops when the judge
+prefers it to every click (the learned stop), and the final mask is the mask it stopped on.
+The same loop runs with other
 choosers for the benchmark's reference rows: ``oracle`` (the true IoU: the ceiling of this
 candidate set, reads the ground truth) and ``agreement`` (soft Dice with the SRM map).
 """
@@ -56,26 +57,25 @@ class LookaheadConfig:
         steps: T, the most clicks after the two start points.
         proposals: k, cells proposed per step (each decoded with both labels: ``2k`` calls).
         grid: G of the action grid the cells are proposed on.
-        stop: End the episode when no candidate is judged better than the best mask so far.
-        stop_margin: How much better (in judged IoU) a candidate must be to go on.
+        stop: End the episode when the judge prefers the current mask to every candidate.
         folds: Cross-fitting folds of the SRM maps the judge is trained on.
         episodes: Judge-training episodes per training image and round.
         rounds: Judge-training rounds: round 0 follows the true IoU (with ``explore``), later
             rounds the judge fitted so far (DAgger), all data refitted each round.
         explore: Probability of a random candidate in the judge-training episodes.
-        objective: The judge's LightGBM objective, ``regression`` or ``lambdarank``.
+        objective: The judge's LightGBM objective: ``lambdarank`` (the order of a state's
+            candidates) or ``regression`` (their IoU).
     """
 
     steps: int = 8
     proposals: int = 5
     grid: int = 10
     stop: bool = True
-    stop_margin: float = 0.0
     folds: int = 5
     episodes: int = 2
     rounds: int = 2
     explore: float = 0.3
-    objective: Literal["regression", "lambdarank"] = "regression"
+    objective: Literal["regression", "lambdarank"] = "lambdarank"
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.proposals < 1 or self.grid < 2:
@@ -91,17 +91,18 @@ class LookaheadEpisode:
     """One lookahead episode on one image.
 
     Attributes:
-        final: The best-judged outcome of the episode (its mask is the answer).
-        last: The outcome committed last.
+        final: The outcome the episode ended on (its mask is the answer).
+        last: The same (kept for callers that name it so).
         clicks: ``(N, 3)`` ``(x, y, label)`` of the start points and every committed click.
         ious: Low-res IoU of the committed mask after the start and after each click (empty
             without ground truth).
         final_iou: Low-res IoU of ``final`` (``None`` without ground truth).
-        scores: The chooser's score of the committed mask after the start and each click.
+        scores: The chooser's score of staying, at each step.
         decoder_calls: Decoder calls of the episode (previews included).
         stopped: Steps taken before the stop rule ended the episode (``None``: ran all T).
         path: The start's outcome and each committed one, in order.
-        states: Per step, ``(features (2k, F), true IoUs or None, IoU before)`` when recorded.
+        states: Per step, ``(features (1 + 2k, F), true IoUs or None, IoU before)`` when
+            recorded; row 0 is staying with the current mask.
     """
 
     final: Outcome
@@ -218,13 +219,11 @@ class LookaheadAgent:
                 return feats[:, _DICE]
             return np.asarray(score(feats), np.float64)
 
-        x0, y0 = (float(v) for v in start[0])
-        start_feats = candidate_features(
-            first, s_map, (vh, vw), np.zeros((he, we)), (x0, y0, 1), float(s_map[hi])
-        )[None]
-        best, best_score = first, float(choose(start_feats, [first])[0])
-        scores, path = [best_score], [first]
+        last_click = (float(start[0][0]), float(start[0][1]), 1)
+        last_map = float(s_map[hi])
+        path = [first]
         ious = [session.iou] if target is not None else []
+        scores: list[float] = []
         centres = action_centres(emb.original_size, cfg.grid)
         p_grid = to_grid(sv, (cfg.grid, cfg.grid)).reshape(-1).astype(np.float64)
         visited = np.zeros(cfg.grid**2, bool)
@@ -241,46 +240,46 @@ class LookaheadAgent:
                 for c in cells
                 for label in (1, 0)
             ]
-            outs = session.preview([(x, y, lab) for x, y, lab, _ in clicks])
+            # Candidate 0 is staying with the current mask: the judge stops by preferring it.
+            outs = [session.outcome, *session.preview([(x, y, lab) for x, y, lab, _ in clicks])]
             feats = np.stack(
-                [
+                [candidate_features(outs[0], s_map, (vh, vw), current, last_click, last_map)]
+                + [
                     candidate_features(
                         o, s_map, (vh, vw), current, (x, y, lab), float(s_map[emb.cell_at(x, y)])
                     )
-                    for (x, y, lab, _), o in zip(clicks, outs, strict=True)
+                    for (x, y, lab, _), o in zip(clicks, outs[1:], strict=True)
                 ]
             )
             values = choose(feats, outs)
+            scores.append(float(values[0]))
             if record:
                 true = np.array([o.iou for o in outs]) if target is not None else None
                 states.append((feats, true, session.iou if target is not None else 0.0))
             j = int(np.argmax(values))
             if rng is not None and explore > 0 and rng.random() < explore:
-                j = int(rng.integers(len(outs)))
-            elif stop and explore == 0 and values[j] <= best_score + cfg.stop_margin:
+                j = 1 + int(rng.integers(len(clicks)))
+            elif j == 0 and stop:
                 stopped = t
                 break
-            visited[clicks[j][3]] = True
+            elif j == 0:  # no stopping: the best of the clicks
+                j = 1 + int(np.argmax(values[1:]))
+            x, y, lab, cell = clicks[j - 1]
+            visited[cell] = True
             session.commit(outs[j])
             path.append(outs[j])
-            scores.append(float(values[j]))
+            last_click, last_map = (x, y, lab), float(s_map[emb.cell_at(x, y)])
             if target is not None:
                 ious.append(session.iou)
-            if values[j] > best_score:
-                best, best_score = outs[j], float(values[j])
         clicks_arr = np.concatenate(
             [session.points, session.labels[:, None].astype(np.float32)], axis=1
         )
-        final_iou = None
-        if target is not None:
-            vh_l, vw_l = session.valid_low
-            final_iou = mask_iou(best.logits[:vh_l, :vw_l].numpy() > 0, target.low)
         return LookaheadEpisode(
-            final=best,
+            final=session.outcome,
             last=session.outcome,
             clicks=clicks_arr,
             ious=ious,
-            final_iou=final_iou,
+            final_iou=ious[-1] if ious else None,
             scores=scores,
             decoder_calls=session.decoder_calls,
             stopped=stopped,
@@ -313,7 +312,7 @@ class LookaheadAgent:
         return {
             "mask": self.segmenter.upscale(emb, ep.final.logits),
             "clicks": ep.clicks,
-            "score": float(max(ep.scores)),
+            "score": float(ep.scores[-1]) if ep.scores else 0.0,
             "encode_seconds": encode_seconds,
             "decoder_calls": ep.decoder_calls,
             "stopped": ep.stopped,
@@ -331,7 +330,7 @@ class LookaheadAgent:
         """One episode as a benchmark :class:`~agents.clickers.ClickTrace`: ``ious`` are the
         full-resolution IoUs of the committed mask after the start (for both start points) and
         after each click, padded with the final mask's IoU up to ``T`` clicks when the episode
-        stopped early; ``final_mask`` is the best-judged mask."""
+        stopped early."""
         t0 = time.perf_counter()
         ep = self.episode(emb, load_image, gt, chooser=chooser, steps=steps)
         steps = self.config.steps if steps is None else int(steps)
@@ -339,8 +338,7 @@ class LookaheadAgent:
         final_iou = mask_iou(final_mask, gt)
         path = [mask_iou(self.segmenter.upscale(emb, o.logits), gt) for o in ep.path]
         ious = [path[0]] * 2 + path[1:]
-        ious += [final_iou] * (steps + 2 - len(ious))
-        ious[-1] = final_iou
+        ious += [final_iou] * (steps + 2 - len(ious))  # stopped early: the mask stays
         points, labels = ep.clicks[:, :2], ep.clicks[:, 2].astype(np.int64)
         return ClickTrace(
             sample_id=sample_id,

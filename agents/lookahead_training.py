@@ -118,13 +118,6 @@ class JudgeData:
             self.before.append(float(before))
             self.image.append(int(image))
 
-    def arrays(self) -> tuple[np.ndarray, np.ndarray, list[int]]:
-        return (
-            np.concatenate(self.features),
-            np.concatenate(self.ious),
-            [len(y) for y in self.ious],
-        )
-
     def __len__(self) -> int:
         return len(self.ious)
 
@@ -189,8 +182,7 @@ def fit_judge(
         data.ious += new.ious
         data.before += new.before
         data.image += new.image
-        x, y, groups = data.arrays()
-        judge = MaskJudge(config.objective, seed=seed).fit(x, y, groups)
+        judge = MaskJudge(config.objective, seed=seed).fit(data.features, data.ious)
         figures["seconds"] = time.perf_counter() - t0
         history.append(figures)
         if log is not None:

@@ -126,12 +126,15 @@ def candidate_features(
 class MaskJudge:
     """Predicted IoU of candidate masks from :func:`candidate_features`.
 
-    A LightGBM gradient-boosted regressor (squared error on the IoU, or with ``objective=
-    "lambdarank"`` a ranking of each state's candidates by their IoU). Saved in LightGBM's own
-    text format inside a JSON envelope: loading a judge file parses trees, it never runs code.
+    LightGBM gradient-boosted trees on each candidate's features and their difference from the
+    other candidates of its state (:meth:`design`). ``lambdarank`` (the default) learns the
+    order of a state's candidates by true IoU, which is all the agent needs (it compares the
+    candidates of one step, the current mask among them); ``regression`` fits the IoU itself.
+    Saved in LightGBM's own text format inside a JSON envelope: loading a judge file parses
+    trees, it never runs code.
 
     Args:
-        objective: ``regression`` (IoU) or ``lambdarank`` (order within a state).
+        objective: ``lambdarank`` (order within a state) or ``regression`` (IoU).
         rounds: Boosting rounds.
         learning_rate: Shrinkage.
         num_leaves: Leaves per tree.
@@ -141,7 +144,7 @@ class MaskJudge:
 
     def __init__(
         self,
-        objective: str = "regression",
+        objective: str = "lambdarank",
         rounds: int = 300,
         learning_rate: float = 0.05,
         num_leaves: int = 15,
@@ -159,34 +162,46 @@ class MaskJudge:
             "num_threads": 1,
             "verbosity": -1,
             "deterministic": True,
+            "feature_fraction": 0.5,
+            "feature_fraction_seed": int(seed),
         }
         self.rounds = int(rounds)
         self.booster: Any = None
         self.info: dict[str, Any] = {}
 
-    def fit(
-        self, features: np.ndarray, iou: np.ndarray, groups: Sequence[int] | None = None
-    ) -> MaskJudge:
-        """Fit on ``(N, F)`` candidate features and their ``(N,)`` true IoUs; ``groups``: the
-        number of candidates of each state, in order (needed for ``lambdarank``)."""
+    def fit(self, states: Sequence[np.ndarray], ious: Sequence[np.ndarray]) -> MaskJudge:
+        """Fit on the candidates of many states: ``states[i]`` ``(n_i, F)`` features of state
+        i's candidates (:func:`candidate_features`), ``ious[i]`` their ``(n_i,)`` true IoUs."""
         import lightgbm as lgb
 
-        features = np.asarray(features, np.float64)
-        if features.ndim != 2 or features.shape[1] != len(JUDGE_FEATURES):
-            raise ValueError(
-                f"judge features must be (N, {len(JUDGE_FEATURES)}), got {features.shape}"
-            )
-        label = np.asarray(iou, np.float64)
+        if not len(states) or len(states) != len(ious):
+            raise ValueError("the judge needs one IoU array per state, and at least one state")
+        for f in states:
+            if f.ndim != 2 or f.shape[1] != len(JUDGE_FEATURES):
+                raise ValueError(
+                    f"judge features must be (n, {len(JUDGE_FEATURES)}) per state, got {f.shape}"
+                )
+        x = np.concatenate([self.design(f) for f in states])
         params = dict(self.params)
         if params["objective"] == "lambdarank":
-            if groups is None:
-                raise ValueError("a ranking judge needs groups (candidates per state)")
-            label = np.round(label * 30).astype(int)  # relevance grades for lambdarank
-            params["label_gain"] = list(range(32))
-        data = lgb.Dataset(features, label, group=groups, feature_name=list(JUDGE_FEATURES))
+            # Relevance: each candidate's rank by true IoU within its state (0 = worst).
+            label = np.concatenate([np.argsort(np.argsort(y, kind="stable")) for y in ious])
+            params["label_gain"] = list(range(int(label.max()) + 1))
+        else:
+            label = np.concatenate([np.asarray(y, np.float64) for y in ious])
+        groups = [len(y) for y in ious]
+        data = lgb.Dataset(x, label, group=groups if params["objective"] == "lambdarank" else None)
         self.booster = lgb.train(params, data, num_boost_round=self.rounds)
-        self.info = {"samples": int(len(label)), "objective": params["objective"]}
+        self.info = {"states": len(states), "candidates": int(len(label))}
+        self.info["objective"] = params["objective"]
         return self
+
+    @staticmethod
+    def design(features: np.ndarray) -> np.ndarray:
+        """The model's input for one state: each candidate's features and their difference from
+        the state's mean (how it compares with the other candidates of the same step)."""
+        f = np.asarray(features, np.float64).reshape(-1, len(JUDGE_FEATURES))
+        return np.concatenate([f, f - f.mean(axis=0, keepdims=True)], axis=1)
 
     @property
     def fitted(self) -> bool:
@@ -200,11 +215,11 @@ class MaskJudge:
         return int(sum(t["num_leaves"] for t in dump["tree_info"]))
 
     def predict(self, features: np.ndarray) -> np.ndarray:
-        """``(N,)`` scores of ``(N, F)`` candidates (predicted IoU for ``regression``)."""
+        """``(n,)`` scores of one state's ``(n, F)`` candidates (higher: better; the predicted
+        IoU for ``regression``, an order only for ``lambdarank``)."""
         if self.booster is None:
             raise JudgeError("the judge is not fitted: fit it or load a judge file")
-        x = np.asarray(features, np.float64).reshape(-1, len(JUDGE_FEATURES))
-        return np.asarray(self.booster.predict(x, num_threads=1), np.float64)
+        return np.asarray(self.booster.predict(self.design(features), num_threads=1), np.float64)
 
     # -- persistence ---------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
