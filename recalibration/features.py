@@ -106,7 +106,7 @@ class FeatureSource(ABC):
         h, w = image.shape[:2]
         scale = side / max(h, w)
         nh, nw = int(h * scale + 0.5), int(w * scale + 0.5)
-        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 255
+        x = torch.tensor(image).permute(2, 0, 1)[None].float() / 255
         x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
         x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
         return F.pad(x, (0, side - nw, 0, side - nh)).to(self.device)

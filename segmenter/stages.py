@@ -13,6 +13,8 @@ reshaped) to the embedding grid:
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,8 +30,8 @@ def _is_tiny_vit(encoder: nn.Module) -> bool:
 
 def _to_grid(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """``(B, C, H, W)`` or ``(B, L, C)`` tokens -> ``(B, C, He, We)`` on the embedding grid."""
-    if x.dim() == 3:  # TinyViT tokens
-        side = int(round(x.shape[1] ** 0.5))
+    if x.dim() == 3:  # TinyViT tokens (static shapes: a plain int also when exported)
+        side = math.isqrt(int(x.shape[1]))
         x = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], side, side)
     if tuple(x.shape[-2:]) != tuple(grid):
         x = F.adaptive_avg_pool2d(x, grid)
