@@ -42,11 +42,13 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["CHOOSERS", "LookaheadAgent", "LookaheadConfig", "LookaheadEpisode"]
 
-Chooser = Literal["judge", "oracle", "agreement"]
+Chooser = Literal["judge", "oracle", "agreement", "heuristic"]
 #: What picks among a step's candidates: the judge (the agent), the true IoU (a ceiling that
-#: reads the ground truth) or the soft Dice with the SRM map (a judge without learning).
-CHOOSERS: tuple[str, ...] = ("judge", "oracle", "agreement")
+#: reads the ground truth), the soft Dice with the SRM map (a judge without learning) or the
+#: SRM-confident heuristic (the first proposed cell with the SRM's label; never stops).
+CHOOSERS: tuple[str, ...] = ("judge", "oracle", "agreement", "heuristic")
 _DICE = JUDGE_FEATURES.index("soft_dice")
+_MAP_AT_CLICK = JUDGE_FEATURES.index("map_at_click")
 
 
 @dataclass
@@ -217,6 +219,10 @@ class LookaheadAgent:
                 return np.array([o.iou for o in outs], np.float64)
             if chooser == "agreement":
                 return feats[:, _DICE]
+            if chooser == "heuristic":
+                values = np.zeros(len(feats))
+                values[1 if feats[1, _MAP_AT_CLICK] >= 0.5 else 2] = 1.0
+                return values
             return np.asarray(score(feats), np.float64)
 
         last_click = (float(start[0][0]), float(start[0][1]), 1)

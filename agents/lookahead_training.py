@@ -26,14 +26,14 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from agents.lookahead import LookaheadAgent, LookaheadConfig
-from recalibration.judge import MaskJudge, rank_quality
+from recalibration.judge import JUDGE_FEATURES, MaskJudge, rank_quality
 from recalibration.labelers import EpisodeState
 from recalibration.srm import SemanticRecalibrationModule, SRMConfig, SRMTrainItem
-from segmenter.base import ImageEmbedding
+from segmenter.base import ImageEmbedding, mask_iou
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["JudgeData", "cross_fitted_maps", "fit_judge", "srm_maps"]
+__all__ = ["JudgeData", "cross_fitted_maps", "evaluate_judge", "fit_judge", "srm_maps"]
 
 
 def srm_maps(srm: SemanticRecalibrationModule, items: Sequence[SRMTrainItem]) -> list[np.ndarray]:
@@ -192,3 +192,61 @@ def fit_judge(
     assert judge is not None
     agent.judge = judge
     return judge, history
+
+
+def _heuristic_index(feats: np.ndarray) -> int:
+    """Row of the SRM-confident heuristic's choice among a state's candidates: the first
+    proposed cell (rows 1 and 2) with the SRM's label."""
+    p = feats[1, JUDGE_FEATURES.index("map_at_click")]
+    return 1 if p >= 0.5 else 2
+
+
+def evaluate_judge(
+    agent: LookaheadAgent,
+    items: Sequence[tuple[ImageEmbedding, np.ndarray, Callable[[], np.ndarray] | None]],
+    progress: bool = True,
+) -> dict[str, Any]:
+    """How well the agent's judge chooses, on images with ground truth.
+
+    Per state (the 2k decoded clicks of a step, on the judge's own trajectories and on the
+    true-IoU chooser's): the within-state Spearman correlation of the judge's scores with the
+    candidates' true IoUs, the IoU its top click loses against the best one, and the share of
+    the oracle's gain over the SRM-confident heuristic (the first proposed cell with the SRM's
+    label) that its top click recovers: ``sum(judge - heuristic) / sum(best - heuristic)``.
+    Per episode: the final mIoU of the agent, of the same loop with the true-IoU, the
+    SRM-agreement and the heuristic choosers, and the share of the oracle's gain over the
+    heuristic the agent recovers.
+    """
+    if agent.judge is None:
+        raise ValueError("evaluate_judge needs a fitted judge")
+    out: dict[str, Any] = {}
+    finals: dict[str, list[float]] = {}
+    states: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {"judge": [], "oracle": []}
+    for chooser in ("judge", "oracle", "agreement", "heuristic"):
+        finals[chooser] = []
+        bar = tqdm(items, desc=f"judge eval ({chooser})", unit="img", disable=not progress)
+        for emb, gt, load in bar:
+            ep = agent.episode(emb, load, gt, chooser=chooser, record=chooser in states)
+            full = agent.segmenter.upscale(emb, ep.final.logits)
+            finals[chooser].append(mask_iou(full, gt))
+            if chooser in states:
+                states[chooser] += [(f, y) for f, y, _ in ep.states]
+    for name, recorded in states.items():
+        scores = [agent.judge.predict(f)[1:] for f, _ in recorded]
+        truths = [y[1:] for _, y in recorded]
+        q = rank_quality(scores, truths, [0.0] * len(truths))
+        chosen = np.array([y[int(np.argmax(s))] for s, y in zip(scores, truths, strict=True)])
+        best = np.array([y.max() for y in truths])
+        heur = np.array(
+            [y[_heuristic_index(f) - 1] for (f, _), y in zip(recorded, truths, strict=True)]
+        )
+        q["share_of_oracle_gain"] = float((chosen - heur).sum() / max((best - heur).sum(), 1e-9))
+        out[f"states_{name}"] = q
+    miou = {k: float(np.mean(v)) for k, v in finals.items()}
+    out["episodes_miou"] = miou
+    gap = miou["oracle"] - miou["heuristic"]
+    out["episodes_share_of_oracle_gain"] = (
+        (miou["judge"] - miou["heuristic"]) / gap if gap else None
+    )
+    out["n_images"] = len(items)
+    return out

@@ -30,7 +30,7 @@ from recalibration.srm import (
     SRMTrainItem,
     simulate_mask_states,
 )
-from segmenter.base import ImageEmbedding, Segmenter
+from segmenter.base import ImageEmbedding, Segmenter, mask_iou
 from segmenter.cache import EmbeddingCache
 from segmenter.geometry import action_centres, value_at
 from segmenter.session import PromptSession
@@ -44,7 +44,9 @@ __all__ = [
     "attach_semantic_maps",
     "collect_items",
     "evaluate_saved",
+    "evaluate_srm",
     "label_accuracy",
+    "map_as_mask",
     "pretrain_and_evaluate",
     "summarize",
     "time_srm",
@@ -150,10 +152,12 @@ def label_accuracy(
         evaluated cells, the trivial baseline); ``balanced_accuracy``; ``fg_precision``,
         ``fg_recall``; ``fg_fraction``; ``brier`` (mean squared error of the probability) and
         ``ece`` (expected calibration error over ``bins`` equal-width bins); ``image_accuracy``
-        (mean over images); ``n_cells``, ``n_images``.
+        (mean over images); ``map_miou``: the SRM map itself as a mask (thresholded at
+        ``config.threshold`` after upsampling to the image, :func:`map_as_mask`), its mean IoU
+        with the ground truth; ``n_cells``, ``n_images``.
     """
     rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
-    probs, truths, per_image = [], [], []
+    probs, truths, per_image, map_ious = [], [], [], []
     for emb, gt_full, semantic in items:
         gt = np.asarray(gt_full, bool)
         h, w = gt.shape
@@ -172,14 +176,30 @@ def label_accuracy(
         probs.append(p)
         truths.append(t)
         per_image.append(float(((p >= srm.config.threshold) == t).mean()))
+        map_ious.append(mask_iou(map_as_mask(fg, emb, srm.config.threshold), gt))
     if not probs:
         raise ValueError("label_accuracy needs at least one item")
     p = np.concatenate(probs)
     t = np.concatenate(truths)
     out = cell_metrics(p, t, srm.config.threshold, bins)
     out["image_accuracy"] = float(np.mean(per_image))
+    out["map_miou"] = float(np.mean(map_ious))
     out["n_images"] = float(len(per_image))
     return out
+
+
+def map_as_mask(prob: np.ndarray, emb: ImageEmbedding, threshold: float = 0.5) -> np.ndarray:
+    """``(H, W)`` bool: an ``(He, We)`` map on the embedding grid as a mask of the image (SAM's
+    upscaling rule: the grid covers the padded square, which is cropped to the resized image
+    and resized to the original size)."""
+    side = max(emb.input_size)
+    t = torch.from_numpy(np.ascontiguousarray(prob, np.float32))[None, None]
+    t = torch.nn.functional.interpolate(t, size=(side, side), mode="bilinear", align_corners=False)
+    t = t[..., : emb.input_size[0], : emb.input_size[1]]
+    t = torch.nn.functional.interpolate(
+        t, size=tuple(emb.original_size), mode="bilinear", align_corners=False
+    )
+    return t[0, 0].numpy() >= threshold
 
 
 def cell_metrics(
@@ -455,21 +475,45 @@ def evaluate_saved(
     """Label accuracy of a saved SRM (e.g. ``RUN/checkpoints/best/srm.pt``, after its online
     updates during RL) on ``eval_samples``; no training. Same result layout as
     :func:`pretrain_and_evaluate`, with ``val`` empty."""
-    t0 = time.perf_counter()
     channels = int(segmenter.embedding_shape[0])
     srm = SemanticRecalibrationModule.load(
         srm_path, embed_channels=channels, online=False, segmenter=segmenter, cache=cache
     )
+    res = evaluate_srm(
+        srm,
+        eval_samples,
+        segmenter,
+        cache=cache,
+        seed=seed,
+        grid=grid,
+        eval_mask_states=eval_mask_states,
+        progress=progress,
+    )
+    return {**res, "loaded": str(srm_path)}
+
+
+def evaluate_srm(
+    srm: SemanticRecalibrationModule,
+    eval_samples: Sequence[Any],
+    segmenter: Segmenter,
+    *,
+    cache: EmbeddingCache | None = None,
+    seed: int = 0,
+    grid: int = 10,
+    eval_mask_states: Sequence[MaskStateMode] = ("zeros", "self_start"),
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Label accuracy (and the map as a mask) of a ready SRM on ``eval_samples``."""
+    t0 = time.perf_counter()
     if srm.branch != "implicit":
         raise ValueError(
-            f"{srm_path} is an {srm.branch} SRM; evaluate_saved measures the implicit branch"
+            f"this is an {srm.branch} SRM; the evaluation measures the implicit branch"
         )
     ev = collect_items(
         eval_samples, segmenter, cache, progress=progress, desc="eval", features=srm.feature_set
     )
     return {
         "config": srm.config.to_dict(),
-        "loaded": str(srm_path),
         "val": None,
         "eval": {
             m: label_accuracy(srm, ev, grid, m, segmenter=segmenter, rng=seed)
@@ -490,6 +534,7 @@ def summarize(result: dict[str, Any]) -> str:
             lines.append(
                 f"{split:4s} {mode:10s} acc {m['accuracy']:.4f}  majority "
                 f"{m['majority_accuracy']:.4f}  balanced {m['balanced_accuracy']:.4f}  "
+                f"map mIoU {m.get('map_miou', float('nan')):.4f}  "
                 f"P {m['fg_precision']:.3f} R {m['fg_recall']:.3f}  brier {m['brier']:.4f}  "
                 f"ece {m['ece']:.4f}  cells {int(m['n_cells'])}"
             )

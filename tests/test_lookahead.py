@@ -148,3 +148,21 @@ def test_benchmark_runs_the_lookahead_rows(lookahead_run, tmp_path):
     oracle = next(m for m in result["methods"] if m["method"].startswith("lookahead, true-IoU"))
     assert oracle["kind"] == "oracle"
     assert "random + SRM (w/o RL)" in result["by_click"]["methods"]
+
+
+def test_srm_eval_reports_the_map_and_the_judge_of_a_run(lookahead_run, tmp_path):
+    from agents.lookahead_training import evaluate_judge
+    from envs.synthetic import synthetic_task
+
+    summary, cache = lookahead_run
+    agent = PromptAgent.load(summary["run_dir"], cache=EmbeddingCache(cache))
+    samples = synthetic_task("test", 2)
+    items = [
+        (agent.cache.get_or_encode(agent.segmenter, s.load_image()), s.mask, s.load_image)
+        for s in samples
+    ]
+    res = evaluate_judge(agent, items, progress=False)
+    assert set(res["episodes_miou"]) == {"judge", "oracle", "agreement", "heuristic"}
+    assert res["episodes_miou"]["oracle"] >= res["episodes_miou"]["heuristic"] - 1e-9
+    for name in ("states_judge", "states_oracle"):
+        assert -1.0 <= res[name]["spearman"] <= 1.0 and res[name]["states"] > 0
