@@ -239,9 +239,7 @@ class SamSegmenter:
         if what not in self._verified:
             if stages:
                 stock = self._with_stages()(x)
-                ok = self._agrees(what, out[0], stock[0]) and self._agrees(
-                    what, out[1], stock[1]
-                )
+                ok = self._agrees(what, out[0], stock[0]) and self._agrees(what, out[1], stock[1])
             else:
                 stock = self.model.image_encoder(x)
                 ok = self._agrees(what, out, stock)
@@ -363,6 +361,76 @@ class SamSegmenter:
             if not self._agrees(what, masks, torch.cat([single, multi])):
                 return None
         return masks, ious
+
+    @torch.inference_mode()
+    def decode_batch(
+        self,
+        embedding: ImageEmbedding,
+        points: np.ndarray,
+        labels: np.ndarray,
+        mask_input: torch.Tensor | None = None,
+    ) -> list[Prediction]:
+        """Decode ``B`` prompt sets of ``N`` points each against one embedding and one mask
+        input, single-mask head (the candidates of a lookahead step).
+
+        On the stock path this is one prompt-encoder + mask-decoder call over a batch of ``B``
+        (SAM's decoder takes several prompt sets per image); the fast path runs its graph once
+        per set (it is built for one set: the image-side work, the bulk of a call, depends on
+        each set's tokens, so a batch shares little of it on a CPU). Counts ``B`` decoder calls.
+
+        Args:
+            embedding: The image's embedding.
+            points: ``(B, N, 2)`` ``(x, y)`` points in original pixels.
+            labels: ``(B, N)`` labels.
+            mask_input: Optional ``(Hl, Wl)`` low-res logits shared by every set.
+        """
+        points = np.asarray(points, np.float32)
+        labels = np.asarray(labels)
+        if points.ndim != 3 or points.shape[-1] != 2 or labels.shape != points.shape[:2]:
+            raise ValueError(
+                f"decode_batch needs points (B, N, 2) and labels (B, N), got {points.shape} and "
+                f"{labels.shape}"
+            )
+        if self._fast is not None or not len(points) or not points.shape[1]:
+            pairs = zip(points, labels, strict=True)
+            return [self.decode(embedding, p, lab, mask_input) for p, lab in pairs]
+        if embedding.model_id != self.embedding_id:
+            raise SegmenterError(
+                f"embedding was made by {embedding.model_id!r}, this segmenter encodes as "
+                f"{self.embedding_id!r}: re-encode the image with this segmenter"
+            )
+        t0 = time.perf_counter()
+        b = len(points)
+        h, w = embedding.original_size
+        nh, nw = embedding.input_size
+        scale = torch.tensor([nw / w, nh / h], device=self.device)
+        coords = torch.as_tensor(points, device=self.device) * scale
+        lbl = torch.as_tensor(labels.astype(np.int64), device=self.device)
+        masks = None
+        if mask_input is not None:
+            masks = mask_input.to(self.device, torch.float32).reshape(1, 1, *self.low_res_size)
+            masks = masks.expand(b, -1, -1, -1)
+        with self._autocast():
+            sparse, dense = self.model.prompt_encoder(points=(coords, lbl), boxes=None, masks=masks)
+            low_res, iou = self.model.mask_decoder(
+                image_embeddings=embedding.features.to(self.device),
+                image_pe=self._dense_pe,
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=False,
+            )
+        self.decoder_calls += b
+        self.decoder_seconds += time.perf_counter() - t0
+        low_res, iou = low_res.float(), iou.float()
+        return [
+            Prediction(
+                low_res_logits=low_res[i, 0],
+                score=float(iou[i, 0]),
+                candidates=low_res[i],
+                candidate_scores=iou[i],
+            )
+            for i in range(b)
+        ]
 
     @torch.inference_mode()
     def upscale(self, embedding: ImageEmbedding, low_res_logits: torch.Tensor) -> np.ndarray:

@@ -174,6 +174,9 @@ class PromptSession:
             multimask=self.multimask_single_click and len(points) == 1,
         )
         self.decoder_calls += 1
+        return self._outcome(points, labels, pred)
+
+    def _outcome(self, points: np.ndarray, labels: np.ndarray, pred: Prediction) -> Outcome:
         iou = None
         if self.target is not None:
             vh, vw = self.valid_low
@@ -200,8 +203,21 @@ class PromptSession:
     def preview(self, clicks: Sequence[tuple[float, float, int]]) -> list[Outcome]:
         """Outcomes of each candidate click ``(x, y, label)`` added to the current prompts,
         decoded against the current mask input; nothing is committed. One decoder call per
-        candidate."""
-        return [self._decode(*self._extended(float(x), float(y), int(lab))) for x, y, lab in clicks]
+        candidate, made as one batched call (``segmenter.decode_batch``) where the segmenter
+        has one and no candidate needs the multimask head."""
+        sets = [self._extended(float(x), float(y), int(lab)) for x, y, lab in clicks]
+        batch = getattr(self.segmenter, "decode_batch", None)
+        single = self.multimask_single_click and len(self.points) == 0
+        if batch is None or single or len(sets) < 2:
+            return [self._decode(p, lab) for p, lab in sets]
+        preds = batch(
+            self.embedding,
+            np.stack([p for p, _ in sets]),
+            np.stack([lab for _, lab in sets]),
+            mask_input=self._mask_input(),
+        )
+        self.decoder_calls += len(sets)
+        return [self._outcome(p, lab, pred) for (p, lab), pred in zip(sets, preds, strict=True)]
 
     def commit(self, outcome: Outcome) -> Outcome:
         """Adopt ``outcome`` (from :meth:`preview` of this state, or a decode) as the current

@@ -78,3 +78,24 @@ def test_geometry_round_trips(tiny_segmenter, image_and_gt):
     mask = np.zeros((4, 5), bool)
     mask[3, 4] = True
     assert geometry.value_at(mask, 4.9, 3.2) and geometry.value_at(mask, 5.0, 4.0)
+
+
+def test_batched_preview_matches_single_decodes_on_both_paths(image_and_gt):
+    """A preview's candidates decode in one batched call on the stock path (within float
+    rounding of one call each) and one graph run each on the fast path (the same numbers)."""
+    from segmenter.registry import build_tiny_sam
+
+    img, gt = image_and_gt
+    clicks = [(10.0, 12.0, 1), (60.0, 30.0, 0), (70.0, 50.0, 1)]
+    for backend in ("torch", "onnx"):
+        seg = build_tiny_sam(backend=backend)
+        emb = seg.encode(img)
+        s = PromptSession(seg, emb, Target.of(emb, gt, seg.low_res_size))
+        s.prompt(np.array([[50.0, 40.0], [5.0, 5.0]]), np.array([1, 0]))
+        calls = seg.decoder_calls
+        outs = s.preview(clicks)
+        assert seg.decoder_calls - calls == 3 and s.decoder_calls == 4
+        for (x, y, lab), out in zip(clicks, outs, strict=True):
+            single = seg.decode(emb, out.points, out.labels, mask_input=s.logits)
+            assert np.allclose(out.logits.numpy(), single.low_res_logits.numpy(), atol=1e-4)
+            assert out.points[-1].tolist() == [x, y] and out.labels[-1] == lab
