@@ -31,6 +31,7 @@ from typing import Any, Literal
 import numpy as np
 
 from agents.clickers import ClickTrace, srm_confident_score
+from envs.data import rgb_array
 from recalibration.judge import JUDGE_FEATURES, MaskJudge, candidate_features
 from recalibration.labelers import EpisodeState
 from recalibration.srm import SemanticRecalibrationModule
@@ -297,22 +298,28 @@ class LookaheadAgent:
     def _embedding(self, image: np.ndarray) -> tuple[ImageEmbedding, float]:
         t0 = time.perf_counter()
         hits = self.cache.hits if self.cache is not None else 0
+        features = self.srm.feature_set
+        stages = features is not None and features.wants_stages  # one encoder pass for both
         if self.cache is not None:
-            emb = self.cache.get_or_encode(self.segmenter, image)
+            emb = self.cache.get_or_encode(self.segmenter, image, stages=stages)
         else:
-            emb = self.segmenter.encode(image)
+            emb = self.segmenter.encode(image, stages=stages)
         cached = self.cache is not None and self.cache.hits > hits
         return emb, 0.0 if cached else time.perf_counter() - t0
 
-    def segment(self, image: np.ndarray, steps: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Segment one ``(H, W, 3)`` uint8 RGB image with no human input: ``(H, W)`` bool mask
-        and ``(N, 3)`` clicks ``(x, y, label)`` (the two start points first)."""
+    def segment(self, image: Any, steps: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Segment one image (an ``(H, W, 3)`` uint8 RGB array, a PIL image or a path) with no
+        human input: ``(H, W)`` bool mask and ``(N, 3)`` clicks ``(x, y, label)`` (the two start
+        points first)."""
         out = self.segment_detailed(image, steps)
         return out["mask"], out["clicks"]
 
-    def segment_detailed(self, image: np.ndarray, steps: int | None = None) -> dict[str, Any]:
-        """:meth:`segment` plus ``score`` (the judge's predicted IoU of the mask),
+    def segment_detailed(self, image: Any, steps: int | None = None) -> dict[str, Any]:
+        """:meth:`segment` plus ``score`` (the judge's score of the final mask),
         ``encode_seconds`` and ``decoder_calls``."""
+        image = rgb_array(image)
+        if steps is not None and steps < 0:
+            raise ValueError(f"steps must be >= 0 (agent clicks), got {steps}")
         emb, encode_seconds = self._embedding(image)
         ep = self.episode(emb, lambda: image, steps=steps)
         return {

@@ -258,6 +258,78 @@ def time_segment(
     }
 
 
+def time_candidates(
+    stock: SamSegmenter,
+    fast: SamSegmenter,
+    embeddings: Sequence[Any],
+    candidates: int = 10,
+    rounds: int = 3,
+) -> dict[str, float]:
+    """A lookahead step's ``candidates`` prompt sets (the start's two points plus one more
+    click each, the start's logits as mask input): one ``decode_batch`` call against as many
+    single ``decode`` calls, on each path; milliseconds per step (medians)."""
+    rng = np.random.default_rng(1)
+    out: dict[str, list[float]] = {}
+    for seg, name in ((stock, "stock"), (fast, "fast")):
+        for emb in embeddings:  # warm-up: shapes, exports, first-call checks
+            h, w = emb.original_size
+            start = rng.uniform([0, 0], [w, h], size=(2, 2)).astype(np.float32)
+            pred = seg.decode(emb, start, np.array([1, 0]))
+            pts = np.concatenate(
+                [
+                    np.repeat(start[None], candidates, 0),
+                    rng.uniform([0, 0], [w, h], (candidates, 1, 2)),
+                ],
+                axis=1,
+            )
+            lbl = np.tile(np.array([1, 0, 1]), (candidates, 1))
+            seg.decode_batch(emb, pts, lbl, pred.low_res_logits)
+        for _ in range(rounds):
+            for emb in embeddings:
+                h, w = emb.original_size
+                start = rng.uniform([0, 0], [w, h], size=(2, 2)).astype(np.float32)
+                mask = seg.decode(emb, start, np.array([1, 0])).low_res_logits
+                extra = rng.uniform([0, 0], [w, h], (candidates, 1, 2))
+                pts = np.concatenate([np.repeat(start[None], candidates, 0), extra], axis=1)
+                lbl = np.column_stack([np.ones(candidates), np.zeros(candidates),
+                                       rng.integers(0, 2, candidates)]).astype(int)  # fmt: skip
+                t0 = time.perf_counter()
+                for p, lab in zip(pts, lbl, strict=True):
+                    seg.decode(emb, p, lab, mask_input=mask)
+                out.setdefault(f"{name}_single_ms", []).append(1000 * (time.perf_counter() - t0))
+                t0 = time.perf_counter()
+                seg.decode_batch(emb, pts, lbl, mask)
+                out.setdefault(f"{name}_batch_ms", []).append(1000 * (time.perf_counter() - t0))
+    med = {k: float(np.median(v)) for k, v in out.items()}
+    for name in ("stock", "fast"):
+        med[f"{name}_batch_over_single"] = med[f"{name}_batch_ms"] / med[f"{name}_single_ms"]
+    med["best_batch_over_fast_single"] = (
+        min(med["stock_batch_ms"], med["fast_batch_ms"]) / med["fast_single_ms"]
+    )
+    med["candidates"] = float(candidates)
+    return med
+
+
+def time_agent_segment(agent: Any, images: Sequence[np.ndarray]) -> dict[str, float]:
+    """``segment`` seconds per image of a trained agent (e.g. a lookahead run: encode with
+    the encoder's stages, its feature sources, the SRM map, the candidate steps), no cache."""
+    agent.cache = None
+    agent.segment(images[0])  # warm-up (exports, first-call checks)
+    seconds, calls, steps = [], [], []
+    for image in images:
+        t0 = time.perf_counter()
+        out = agent.segment_detailed(image)
+        seconds.append(time.perf_counter() - t0)
+        calls.append(out["decoder_calls"])
+        steps.append(len(out["clicks"]) - 2)
+    return {
+        "seconds_per_image": statistics.median(seconds),
+        "decoder_calls": float(np.median(calls)),
+        "clicks_after_start": float(np.mean(steps)),
+        "images": len(images),
+    }
+
+
 def to_long_side(image: np.ndarray, side: int = 1024) -> np.ndarray:
     """``image`` resized so its longer side is ``side`` pixels (bilinear)."""
     h, w = image.shape[:2]
@@ -278,8 +350,10 @@ def run_perf(
     ppo_rollouts: int = 1,
     segment_images: int = 3,
     steps: int = 15,
+    agent: Any = None,
 ) -> dict[str, Any]:
-    """Every figure of the module docstring, stock and fast, in one run."""
+    """Every figure of the module docstring, stock and fast, in one run; with ``agent`` (a
+    loaded trained agent) also its ``segment`` time on the 1024-px images."""
     images = [s.load_image() for s in samples]
     out: dict[str, Any] = {
         "segmenter": stock.model_id,
@@ -291,7 +365,10 @@ def run_perf(
     out["encoder"], embeddings = time_encoders(stock, fast, images)
     out["decoder"] = time_decoders(stock, fast, embeddings[:5], decode_calls)
     out["agreement"] = agreement(stock, fast, agreement_samples)
+    out["candidates"] = time_candidates(stock, fast, embeddings[:5])
     big = [to_long_side(im) for im in images[:segment_images]]
+    if agent is not None:
+        out["agent_segment"] = time_agent_segment(agent, big)
     for name, seg in (("stock", stock), ("fast", fast)):
         cache = _MemoryCache()
         out[f"env_{name}"] = time_env(seg, samples, episodes=episodes, cache=cache)
@@ -354,6 +431,23 @@ def render(r: dict[str, Any]) -> str:
             f"(target <= 1.10); PPO update {100 * ppo['update_share']:.1f}% of training time "
             f"(target <= 25%); segment = {seg['ratio_over_budget']:.3f} x (its encoder + its "
             f"{seg['decoder_calls']:.0f} decoder calls replayed bare) (target <= 1.10)"
+        )
+    c = r.get("candidates")
+    if c:
+        lines.append(
+            f"lookahead step, {c['candidates']:.0f} candidates: fast {c['fast_single_ms']:.1f} ms "
+            f"as single calls, {c['fast_batch_ms']:.1f} ms batched "
+            f"({100 * c['fast_batch_over_single']:.0f}%); stock {c['stock_single_ms']:.1f} / "
+            f"{c['stock_batch_ms']:.1f} ms ({100 * c['stock_batch_over_single']:.0f}%); best "
+            f"batched vs fast single calls {100 * c['best_batch_over_fast_single']:.0f}% "
+            "(target <= 60%)"
+        )
+    a = r.get("agent_segment")
+    if a:
+        lines.append(
+            f"trained agent: segment {a['seconds_per_image']:.2f} s per 1024-px image "
+            f"(budget <= 3 s), {a['decoder_calls']:.0f} decoder calls, "
+            f"{a['clicks_after_start']:.1f} clicks after the start"
         )
     if r["fast_backend_after"] != r["fast_backend"]:
         lines.append("WARNING: the fast path fell back to stock during the run (see the log)")

@@ -421,6 +421,11 @@ class FeatureSet:
         self._memory: OrderedDict[str, torch.Tensor] = OrderedDict()
 
     @property
+    def wants_stages(self) -> bool:
+        """Whether a source reads the encoder's stages (encode with ``stages=True`` once)."""
+        return any(isinstance(s, SamStages) for s in self.sources)
+
+    @property
     def sam_only(self) -> bool:
         """Just the segmenter's embedding (the SRM's classic input)."""
         return self.names == ("sam",)
@@ -450,6 +455,8 @@ class FeatureSet:
                 parts.append(embedding.features[0].float().cpu())
                 continue
             feats = None
+            if isinstance(source, SamStages) and "stages" in embedding.extras:
+                feats = embedding.extras["stages"][0]  # encoded in the same pass
             if self.cache is not None:
                 cached = self.cache.load(source.embedding_id, key)
                 feats = None if cached is None else cached.features[0]

@@ -93,6 +93,12 @@ def add(sub: Subcommands) -> None:
         help="ppo, contention: PPO rollout length (default: the task's ppo.n_steps)",
     )
     b.add_argument(
+        "--agent",
+        default=None,
+        metavar="RUN",
+        help="perf: also time segment with this trained agent (e.g. a lookahead run)",
+    )
+    b.add_argument(
         "--legacy-threads",
         action="store_true",
         help="contention: also time with the thread settings of alignsam 0.1.0 (torch's "
@@ -157,6 +163,11 @@ def _perf(args: argparse.Namespace, samples: Any) -> int:
     # ONNX Runtime does not run here) the stock graph under bf16 autocast if asked, else stock.
     fast = build_segmenter(args.segmenter, backend="auto", autocast_bf16=args.bf16, **kwargs)
     agree = load_dataset(args.agreement_dataset or args.dataset)[: args.agreement_images]
+    agent = None
+    if args.agent:
+        from agents.prompt_agent import PromptAgent
+
+        agent = PromptAgent.load(args.agent, segmenter=fast)
     t0 = time.perf_counter()
     result = run_perf(
         stock,
@@ -169,6 +180,7 @@ def _perf(args: argparse.Namespace, samples: Any) -> int:
         ppo_rollouts=args.ppo_rollouts,
         segment_images=args.segment_images,
         steps=task.env.max_steps if args.clicks is None else args.clicks,
+        agent=agent,
     )
     result.update(dataset=args.dataset, task=task.name, seconds=time.perf_counter() - t0)
     print(render(result))
