@@ -12,6 +12,11 @@ Forms (``ROOT`` defaults to the shared data folder, see :func:`envs.data.shared_
 Any spec may end in a Python slice, ``SPEC[a:b]``, to keep part of it in its (sorted) order,
 e.g. ``camvid:train:car[:300]`` and ``camvid:train:car[300:]`` for disjoint training and
 validation frames.
+
+And in an image shift, ``SPEC@SHIFT``, to test how a method copes with images unlike its
+training images (:data:`SHIFTS`): ``@down384`` (resized to 384 px wide, masks with them),
+``@colour`` (hue, saturation and brightness moved, fixed per image), ``@blur`` (Gaussian blur,
+sigma 2.5 px); e.g. ``kvasir:test@down384``.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -56,8 +62,86 @@ def _root(parts: list[str], index: int, sub: str) -> Path:
 _SLICE = re.compile(r"(?P<base>.+)\[(?P<start>-?\d*):(?P<stop>-?\d*)\]")
 
 
+def _down384(image: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, Any]:
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    size = (384, max(1, round(h * 384 / w)))
+    small = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
+    if mask is None:
+        return small, None
+    m = Image.fromarray(np.asarray(mask, np.uint8) * 255).resize(size, Image.BILINEAR)
+    return small, np.asarray(m) > 127
+
+
+def _colour(image: np.ndarray, mask: np.ndarray | None, seed: int) -> tuple[np.ndarray, Any]:
+    from PIL import Image, ImageEnhance
+
+    rng = np.random.default_rng(seed)
+    hsv = np.asarray(Image.fromarray(image).convert("HSV")).astype(np.int16)
+    hsv[..., 0] = (hsv[..., 0] + int(rng.integers(-25, 26))) % 256
+    out = Image.fromarray(hsv.astype(np.uint8), "HSV").convert("RGB")
+    out = ImageEnhance.Color(out).enhance(float(rng.uniform(0.6, 1.4)))
+    out = ImageEnhance.Brightness(out).enhance(float(rng.uniform(0.75, 1.25)))
+    return np.asarray(out), mask
+
+
+def _blur(image: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, Any]:
+    from PIL import Image, ImageFilter
+
+    return np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(2.5))), mask
+
+
+#: Image shifts of ``SPEC@SHIFT``: ``(image, mask, seed) -> (image, mask)``.
+SHIFTS: dict[str, Any] = {
+    "down384": lambda image, mask, seed: _down384(image, mask),
+    "colour": _colour,
+    "blur": lambda image, mask, seed: _blur(image, mask),
+}
+
+
+@dataclass(frozen=True)
+class Shifted:
+    """A sample seen through an image shift (:data:`SHIFTS`); the mask follows when the shift
+    changes the geometry."""
+
+    inner: Any
+    shift: str
+    seed: int
+
+    @property
+    def id(self) -> str:
+        return f"{self.inner.id}@{self.shift}"
+
+    @property
+    def image_path(self) -> Any:
+        return getattr(self.inner, "image_path", None)
+
+    @property
+    def mask(self) -> np.ndarray | None:
+        inner = getattr(self.inner, "mask", None)
+        if inner is None or self.shift != "down384":
+            return inner
+        h, w = inner.shape
+        return _down384(np.zeros((h, w, 3), np.uint8), inner)[1]
+
+    def load_image(self) -> np.ndarray:
+        image, _ = SHIFTS[self.shift](self.inner.load_image(), None, self.seed)
+        return np.ascontiguousarray(image)
+
+
 def load_dataset(spec: str, on_error: D.OnError = "raise"):
     """Resolve a dataset spec (see module docstring) to a sequence of samples."""
+    if "@" in spec and not Path(spec).expanduser().exists():
+        base, _, shift = spec.rpartition("@")
+        if shift not in SHIFTS:
+            raise D.DataError(f"{spec}: unknown image shift {shift!r}; use {', '.join(SHIFTS)}")
+        samples = load_dataset(base, on_error)
+        return D.Dataset(
+            [Shifted(s, shift, i) for i, s in enumerate(samples)],
+            name=f"{getattr(samples, 'name', base)}@{shift}",
+            skipped=list(getattr(samples, "skipped", [])),
+        )
     sliced = _SLICE.fullmatch(spec)
     if sliced and not Path(spec).expanduser().exists():
         base = load_dataset(sliced["base"], on_error)

@@ -63,6 +63,7 @@ def run_benchmark(
     amg_tune_images: int = 10,
     ray_address: str | None = None,
     ray_workers: int | None = None,
+    dataset_spec: str | None = None,
 ) -> dict[str, Any]:
     """Run every method on ``task``'s ``split`` and write the results to ``out``.
 
@@ -93,6 +94,8 @@ def run_benchmark(
             the cluster's address); the cache folder must be shared by the workers. The
             numbers are those of a local run.
         ray_workers: Number of shards (default: the cluster's CPUs).
+        dataset_spec: Benchmark on these images instead of the task's ``split`` (a dataset
+            spec, e.g. ``kvasir:test@down384``, an image shift of the test split).
 
     Returns:
         The ``results.json`` content.
@@ -108,7 +111,7 @@ def run_benchmark(
     t_start = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    spec = getattr(task.data, split, None)
+    spec = dataset_spec or getattr(task.data, split, None)
     if not spec:
         raise ConfigError(f"task {task.name} has no {split!r} split; pick another --split")
     on_error = "skip" if skip_bad else task.data.on_error
@@ -156,6 +159,7 @@ def run_benchmark(
         encode_s,
     )
     result["env"] = env_config  # the fixed policies' settings (agents: their runs')
+    result["dataset"] = spec
     result["skipped"] = [list(item) for item in samples.skipped]
     result["seconds"] = time.perf_counter() - t_start
     result["workers"] = len(shards)

@@ -41,6 +41,12 @@ def add(sub: Subcommands) -> None:
         "--split", default="test", choices=["train", "val", "test"], help="which split of TASK"
     )
     bm.add_argument(
+        "--dataset",
+        default=None,
+        metavar="SPEC",
+        help="benchmark on these images instead of --split (e.g. kvasir:test@down384)",
+    )
+    bm.add_argument(
         "--limit", type=positive_int, default=None, metavar="N", help="first N images only"
     )
     bm.add_argument("--out", default="benchmark", metavar="DIR", help="output folder")
@@ -117,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
         task,
         args.agents,
         split=args.split,
+        dataset_spec=args.dataset,
         limit=args.limit,
         out=args.out,
         seed=args.seed,
