@@ -2,10 +2,12 @@
 
 On a fresh machine with nothing but the package: generate the task (spotted target blobs among
 striped look-alikes, :mod:`envs.synthetic`), fetch the segmenter's weights if needed, train a
-small prompt agent (SRM pretraining + PPO) on the 24 training scenes, then segment the 24
-held-out test scenes automatically and compare, on the same frozen segmenter and cached
-embeddings, with random clicks labelled by the same SRM and with the simulated manual annotator.
-Prints a short table and the paths of the run folder, overlays and plots.
+small prompt agent (SRM pretraining + PPO, the paper's agent) and a lookahead agent (a mask
+judge picks among decoded candidate clicks, :mod:`agents.lookahead`) on the 24 training
+scenes, then segment the 24 held-out test scenes automatically and compare, on the same frozen
+segmenter and cached embeddings, with random clicks labelled by the same SRM and with the
+simulated manual annotator. Prints a short table and the paths of the run folders, overlays and
+plots.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import logging
 import time
 from pathlib import Path
 
+from agents.lookahead import LookaheadConfig
 from experiments.benchmark import run_benchmark
 from experiments.train import resolve_task, train
 from segmenter import EmbeddingCache
@@ -30,6 +33,9 @@ QUICK_BUDGET = {
     "checkpoint_every": 32,
     "srm_pretrain_epochs": 2,
 }
+#: The demo's lookahead agent: its judge from 3 folds, one episode per scene and round.
+DEMO_LOOKAHEAD = LookaheadConfig(steps=8, proposals=5, folds=3, episodes=1, rounds=2)
+QUICK_LOOKAHEAD = LookaheadConfig(steps=2, proposals=2, folds=2, episodes=1, rounds=1)
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -49,10 +55,16 @@ def run_demo(args: argparse.Namespace) -> int:
 
     runs = Path(args.runs_dir) if args.runs_dir else out / "runs"
     summary = train(task, runs=runs, cache_dir=args.cache, progress=not args.quick)
-    t_train = time.perf_counter() - t_start
+    t_ppo = time.perf_counter() - t_start
+    look_task = dataclasses.replace(
+        task, agent="lookahead", lookahead=QUICK_LOOKAHEAD if args.quick else DEMO_LOOKAHEAD
+    )
+    t0 = time.perf_counter()
+    look = train(look_task, runs=runs, cache_dir=args.cache, progress=not args.quick)
+    t_look = time.perf_counter() - t0
     result = run_benchmark(
         task,
-        [summary["run_dir"]],
+        [look["run_dir"], summary["run_dir"]],
         split="test",
         limit=4 if args.quick else None,
         out=out / "benchmark",
@@ -62,20 +74,26 @@ def run_demo(args: argparse.Namespace) -> int:
         progress=not args.quick,
     )
     rows = {r["method"]: r for r in result["methods"]}
-    show = ["agent", "random + SRM (w/o RL)"] + [m for m in rows if m.startswith("manual @")]
+    labels = {
+        f"agent {Path(look['run_dir']).name}": "lookahead agent",
+        f"agent {Path(summary['run_dir']).name}": "PPO agent (paper)",
+        "random + SRM (w/o RL)": "random + SRM (w/o RL)",
+    }
+    labels.update({m: m for m in rows if m.startswith("manual @")})
     print(
         f"\nalignsam demo: synthetic task ({result['n_images']} held-out test scenes), "
-        f"{result['segmenter']}, agent trained for {summary['steps']} steps in {t_train:.0f} s"
+        f"{result['segmenter']}; PPO agent trained for {summary['steps']} steps in "
+        f"{t_ppo:.0f} s, lookahead agent in {t_look:.0f} s"
     )
-    print(f"{'method':26s} {'clicks':>6s} {'mIoU':>6s}  95% CI          vs agent")
-    for name in show:
+    print(f"{'method':26s} {'clicks':>6s} {'mIoU':>6s}  95% CI          vs lookahead agent")
+    for name, label in labels.items():
         r = rows[name]
         lo, hi = r["iou_ci95"]
         diff = ""
         if "diff_vs_agent" in r:
             d, dlo, dhi = r["diff_vs_agent"]
             diff = f"{d:+.3f}" + ("" if dlo <= 0 <= dhi else " (significant)")
-        print(f"{name:26s} {r['clicks']:6.1f} {r['iou']:6.3f}  [{lo:.3f}, {hi:.3f}]  {diff}")
+        print(f"{label:26s} {r['clicks']:6.1f} {r['iou']:6.3f}  [{lo:.3f}, {hi:.3f}]  {diff}")
     k = result["headline"]["agent_equals_manual_clicks"]
     where = (
         "above the manual budget"
@@ -83,8 +101,8 @@ def run_demo(args: argparse.Namespace) -> int:
         else ("below one manual click" if k < 1 else f"{k:.1f} manual clicks")
     )
     bench = out / "benchmark"
-    print(f"The agent's mIoU equals {where} (simulated annotator on the same SAM).")
-    print(f"run folder: {summary['run_dir']}  (tensorboard --logdir {summary['run_dir']}/tb)")
+    print(f"The lookahead agent's mIoU equals {where} (simulated annotator on the same SAM).")
+    print(f"run folders: {look['run_dir']}, {summary['run_dir']}  (tensorboard --logdir RUN/tb)")
     print(f"overlays:   {bench / 'examples.png'}\nplot:       {bench / 'curves.png'}")
     print(f"table:      {bench / 'results.md'}")
     print(f"Wall time {time.perf_counter() - t_start:.0f} s.")
