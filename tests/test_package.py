@@ -116,10 +116,12 @@ def test_cli_demo_quick_tiny(tmp_path):
     proc = run_cli("demo", "--quick", "--segmenter", "tiny", "--out", "demo", tmp_path=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "demo" / "benchmark" / "examples.png").is_file()
-    assert "agent" in proc.stdout and "manual @3" in proc.stdout
-    assert "mIoU" in proc.stdout
-    # The benchmark command on the demo's run, with the labeler abstaining near p = 0.5.
-    (run,) = (tmp_path / "demo" / "runs").iterdir()
+    assert "lookahead agent" in proc.stdout and "PPO agent" in proc.stdout
+    assert "manual @3" in proc.stdout and "mIoU" in proc.stdout
+    # The benchmark command on the demo's PPO run, with the labeler abstaining near p = 0.5.
+    runs = sorted((tmp_path / "demo" / "runs").iterdir())
+    assert [r.name.split("__")[1] for r in runs] == ["lookahead", "ppo"]
+    run = runs[1]
     task = tmp_path / "tiny_synthetic.yaml"
     task.write_text(
         "name: synthetic\ndata: {train: 'synthetic:val', test: 'synthetic:test'}\nsegmenter: tiny\n"
