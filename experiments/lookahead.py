@@ -34,8 +34,8 @@ from agents.lookahead import LookaheadAgent
 from agents.lookahead_training import cross_fitted_maps, fit_judge
 from agents.prompt_agent import FORMAT_VERSION, AgentLoadError, library_versions
 from experiments.runs import load_split, load_train_split, new_run_dir, seed_everything
-from recalibration.evaluate import collect_items
 from recalibration.features import FeatureSet
+from recalibration.items import collect_items
 from recalibration.srm import SemanticRecalibrationModule, simulate_mask_states
 from segmenter import EmbeddingCache, build_segmenter, mask_iou
 from segmenter.io import atomic_write

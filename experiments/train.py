@@ -48,8 +48,8 @@ from experiments.runs import (
     resolve_task,
     seed_everything,
 )
-from recalibration.evaluate import attach_semantic_maps, collect_items
 from recalibration.features import FeatureSet
+from recalibration.items import attach_semantic_maps, collect_items
 from recalibration.srm import SemanticRecalibrationModule
 from segmenter import EmbeddingCache, build_segmenter
 

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from recalibration.features import FeatureSet
+from recalibration.items import collect_items
 from recalibration.labelers import EpisodeState
 from recalibration.srm import (
     SemanticRecalibrationModule,
@@ -41,8 +42,6 @@ __all__ = [
     "MaskStateMode",
     "action_cell_centres",
     "cell_metrics",
-    "attach_semantic_maps",
-    "collect_items",
     "evaluate_saved",
     "evaluate_srm",
     "label_accuracy",
@@ -241,65 +240,6 @@ def cell_metrics(
         "ece": float(ece),
         "n_cells": float(n),
     }
-
-
-def collect_items(
-    samples: Sequence[Any],
-    segmenter: Segmenter,
-    cache: EmbeddingCache | None = None,
-    *,
-    progress: bool = True,
-    desc: str = "embeddings",
-    features: FeatureSet | None = None,
-) -> list[SRMTrainItem]:
-    """``(embedding, ground truth, None)`` for every sample (embeddings through ``cache``).
-
-    Args:
-        samples: Objects with ``mask`` (``(H, W)`` bool) and ``load_image()``.
-        segmenter: The frozen segmenter.
-        cache: Embedding cache (recommended: encoding is the expensive step).
-        progress: tqdm progress bar.
-        desc: Progress-bar label.
-        features: The SRM's feature sources: their stacked features are computed while the
-            images are at hand and kept (float16) in ``emb.extras["srm_features"]``.
-    """
-    from tqdm.auto import tqdm
-
-    items: list[SRMTrainItem] = []
-    for s in tqdm(samples, desc=desc, disable=not progress):
-        image = s.load_image()
-        emb = (
-            cache.get_or_encode(segmenter, image) if cache is not None else segmenter.encode(image)
-        )
-        emb.features = emb.features.detach().to("cpu", torch.float32)
-        if features is not None and not features.sam_only:
-            emb.extras["srm_features"] = features(emb, lambda image=image: image).half()
-        items.append((emb, np.asarray(s.mask, bool), None))
-    return items
-
-
-def attach_semantic_maps(
-    srm: SemanticRecalibrationModule,
-    items: Sequence[SRMTrainItem],
-    samples: Sequence[Any],
-    *,
-    progress: bool = True,
-) -> list[SRMTrainItem]:
-    """Items with the explicit SRM's CLIP map of each sample as third element (memoised in
-    the module, so the environment reuses them); items unchanged for the implicit branch."""
-    if srm.branch != "explicit":
-        return list(items)
-    from tqdm.auto import tqdm
-
-    out: list[SRMTrainItem] = []
-    pairs = list(zip(items, samples, strict=True))
-    for (emb, gt, _), s in tqdm(pairs, desc="CLIP maps", disable=not progress):
-        he, we = emb.grid_size
-        state = EpisodeState(
-            str(s.id), emb, np.zeros((he, we), np.float32), load_image=s.load_image
-        )
-        out.append((emb, gt, srm.semantic_map(state)))
-    return out
 
 
 def time_srm(

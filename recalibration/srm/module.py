@@ -293,7 +293,7 @@ class SemanticRecalibrationModule(TrainingMixin, PersistenceMixin, Labeler):
     ) -> torch.Tensor:
         """``(1, C, He, We)`` stacked features of ``emb``'s image before any projection:
         precomputed ones in ``emb.extras["srm_features"]``
-        (:func:`~recalibration.evaluate.collect_items`), else the feature set's (computed with
+        (:func:`~recalibration.items.collect_items`), else the feature set's (computed with
         ``load_image`` when not cached), else the embedding."""
         feats = emb.extras.get("srm_features")
         if feats is None:
