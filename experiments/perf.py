@@ -13,6 +13,7 @@ import logging
 import statistics
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -330,6 +331,52 @@ def time_agent_segment(agent: Any, images: Sequence[np.ndarray]) -> dict[str, fl
     }
 
 
+def time_feature_sources(segmenter: Any, features: Any, images: Sequence[np.ndarray]) -> dict:
+    """What an SRM's extra feature sources cost per image: median encoder seconds without and
+    with its intermediate stages, each other source's seconds, and the bytes each adds to the
+    embedding cache (measured in a scratch cache folder)."""
+    import tempfile
+
+    from recalibration.features import SamEmbedding, SamStages
+    from segmenter.cache import EmbeddingCache
+
+    out: dict[str, Any] = {"images": len(images)}
+    out["encode_s"] = statistics.median(_timed(segmenter.encode, im)[1] for im in images)
+    if features.wants_stages:
+        out["encode_stages_s"] = statistics.median(
+            _timed(segmenter.encode, im, stages=True)[1] for im in images
+        )
+    sources: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = EmbeddingCache(tmp)
+
+        def size() -> int:
+            return sum(f.stat().st_size for f in Path(tmp).rglob("*") if f.is_file())
+
+        for im in images:
+            cache.get_or_encode(segmenter, im)
+        base = size()
+        out["cache_bytes_sam"] = base / len(images)
+        for source in features.sources:
+            if isinstance(source, SamEmbedding):
+                continue
+            before = size()
+            if isinstance(source, SamStages):
+                for im in images:
+                    cache.get_or_encode(segmenter, im, stages=True)
+                seconds = out["encode_stages_s"] - out["encode_s"]
+            else:
+                seconds = statistics.median(_timed(source.compute, im)[1] for im in images)
+                for im in images:
+                    cache.get_or_encode(source, im)
+            sources[source.name] = {
+                "extra_s": float(seconds),
+                "cache_bytes": (size() - before) / len(images),
+            }
+    out["sources"] = sources
+    return out
+
+
 def to_long_side(image: np.ndarray, side: int = 1024) -> np.ndarray:
     """``image`` resized so its longer side is ``side`` pixels (bilinear)."""
     h, w = image.shape[:2]
@@ -369,6 +416,9 @@ def run_perf(
     big = [to_long_side(im) for im in images[:segment_images]]
     if agent is not None:
         out["agent_segment"] = time_agent_segment(agent, big)
+        feature_set = getattr(getattr(agent, "srm", None), "feature_set", None)
+        if feature_set is not None and not feature_set.sam_only:
+            out["feature_sources"] = time_feature_sources(stock, feature_set, big)
     for name, seg in (("stock", stock), ("fast", fast)):
         cache = _MemoryCache()
         out[f"env_{name}"] = time_env(seg, samples, episodes=episodes, cache=cache)
@@ -449,6 +499,19 @@ def render(r: dict[str, Any]) -> str:
             f"(budget <= 3 s), {a['decoder_calls']:.0f} decoder calls, "
             f"{a['clicks_after_start']:.1f} clicks after the start"
         )
+    if r.get("feature_sources"):
+        lines.append(render_feature_sources(r["feature_sources"]))
     if r["fast_backend_after"] != r["fast_backend"]:
         lines.append("WARNING: the fast path fell back to stock during the run (see the log)")
+    return "\n".join(lines)
+
+
+def render_feature_sources(fs: dict[str, Any]) -> str:
+    """The lines of :func:`time_feature_sources`' figures."""
+    head = f"SRM feature sources per image: encode {fs['encode_s']:.2f} s"
+    if "encode_stages_s" in fs:
+        head += f" ({fs['encode_stages_s']:.2f} s with its stages)"
+    lines = [head + f", embedding {fs['cache_bytes_sam'] / 2**20:.1f} MiB cached"]
+    for name, v in fs["sources"].items():
+        lines.append(f"  {name}: +{v['extra_s']:.2f} s, +{v['cache_bytes'] / 2**20:.2f} MiB cached")
     return "\n".join(lines)

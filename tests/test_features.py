@@ -104,3 +104,20 @@ def test_srm_projects_many_channels_to_few_and_keeps_the_projection(
     path = srm.save(tmp_path / "srm.pt")
     loaded = SemanticRecalibrationModule.load(path, segmenter=tiny_segmenter, cache=cache)
     assert np.allclose(loaded.predict(state), srm.predict(state), atol=1e-6)
+
+
+def test_bench_perf_reports_each_sources_extra_time_and_cache_bytes(
+    tiny_segmenter, rgb_image, monkeypatch
+):
+    from experiments import perf
+
+    monkeypatch.setattr(perf, "SETTLE_S", 0.0)
+    fs = FeatureSet(["sam", "sam_stages", "efficientnet_lite0"], tiny_segmenter)
+    out = perf.time_feature_sources(tiny_segmenter, fs, [rgb_image, rgb_image[::-1].copy()])
+    assert out["images"] == 2 and out["encode_s"] > 0 and "encode_stages_s" in out
+    assert set(out["sources"]) == {"sam_stages", "efficientnet_lite0"}
+    # The stages (48 channels here) and EfficientNet's pyramid add cache entries of their own.
+    assert all(v["cache_bytes"] > 0 for v in out["sources"].values())
+    assert out["sources"]["efficientnet_lite0"]["extra_s"] > 0
+    text = perf.render_feature_sources(out)
+    assert "efficientnet_lite0: +" in text and "MiB cached" in text
