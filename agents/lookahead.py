@@ -52,6 +52,12 @@ _DICE = JUDGE_FEATURES.index("soft_dice")
 _MAP_AT_CLICK = JUDGE_FEATURES.index("map_at_click")
 
 
+def _standardise(values: np.ndarray) -> np.ndarray:
+    """Zero mean, unit spread over a step's candidates (unchanged spread when all are equal)."""
+    spread = float(values.std())
+    return (values - values.mean()) / (spread if spread > 1e-9 else 1.0)
+
+
 @dataclass
 class LookaheadConfig:
     """Settings of the lookahead agent (``lookahead:`` in a task file).
@@ -68,6 +74,10 @@ class LookaheadConfig:
         explore: Probability of a random candidate in the judge-training episodes.
         objective: The judge's LightGBM objective: ``lambdarank`` (the order of a state's
             candidates) or ``regression`` (their IoU).
+        agreement: Weight of the SRM agreement (a candidate's soft Dice with the SRM map)
+            added to the judge's score, both standardised over the step's candidates (0: the
+            judge alone). A judge fitted on 50 images is noisy; the agreement is a second
+            opinion with errors of another kind.
     """
 
     steps: int = 8
@@ -79,6 +89,7 @@ class LookaheadConfig:
     rounds: int = 2
     explore: float = 0.3
     objective: Literal["regression", "lambdarank"] = "lambdarank"
+    agreement: float = 0.0
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.proposals < 1 or self.grid < 2:
@@ -87,6 +98,8 @@ class LookaheadConfig:
             raise ValueError("lookahead: folds >= 2, episodes >= 1 and rounds >= 1 needed")
         if not 0.0 <= self.explore <= 1.0:
             raise ValueError(f"lookahead.explore must lie in [0, 1], got {self.explore}")
+        if self.agreement < 0:
+            raise ValueError(f"lookahead.agreement must be >= 0, got {self.agreement}")
 
 
 @dataclass
@@ -224,7 +237,10 @@ class LookaheadAgent:
                 values = np.zeros(len(feats))
                 values[1 if feats[1, _MAP_AT_CLICK] >= 0.5 else 2] = 1.0
                 return values
-            return np.asarray(score(feats), np.float64)
+            values = np.asarray(score(feats), np.float64)
+            if cfg.agreement > 0:
+                values = _standardise(values) + cfg.agreement * _standardise(feats[:, _DICE])
+            return values
 
         last_click = (float(start[0][0]), float(start[0][1]), 1)
         last_map = float(s_map[hi])
@@ -339,13 +355,14 @@ class LookaheadAgent:
         load_image: Callable[[], np.ndarray] | None = None,
         chooser: Chooser = "judge",
         steps: int | None = None,
+        stop: bool | None = None,
     ) -> ClickTrace:
         """One episode as a benchmark :class:`~agents.clickers.ClickTrace`: ``ious`` are the
         full-resolution IoUs of the committed mask after the start (for both start points) and
         after each click, padded with the final mask's IoU up to ``T`` clicks when the episode
-        stopped early."""
+        stopped early (``stop``: the stop rule, default ``config.stop``)."""
         t0 = time.perf_counter()
-        ep = self.episode(emb, load_image, gt, chooser=chooser, steps=steps)
+        ep = self.episode(emb, load_image, gt, chooser=chooser, steps=steps, stop=stop)
         steps = self.config.steps if steps is None else int(steps)
         final_mask = self.segmenter.upscale(emb, ep.final.logits)
         final_iou = mask_iou(final_mask, gt)

@@ -61,6 +61,26 @@ def test_the_stop_rule_ends_when_staying_is_judged_best(tiny_segmenter, scene):
     assert ep.stopped is None and len(ep.ious) == 5
 
 
+def test_the_agreement_weight_adds_the_srm_agreement_to_the_judges_score(tiny_segmenter, scene):
+    img, gt, emb, srm = scene
+    flat = lambda f: np.zeros(len(f))  # noqa: E731 - a judge with no opinion
+    go = lambda f: np.arange(len(f), dtype=float)  # noqa: E731 - always the last candidate
+
+    def clicks(agreement: float, score, chooser: str = "judge") -> np.ndarray:
+        cfg = LookaheadConfig(steps=3, proposals=2, agreement=agreement, stop=False)
+        agent = LookaheadAgent(tiny_segmenter, srm, None, cfg)
+        return agent.episode(emb, lambda: img, gt, score=score, chooser=chooser).clicks
+
+    by_agreement = clicks(0.0, None, chooser="agreement")
+    # a silent judge plus the agreement: the agreement's choices
+    np.testing.assert_array_equal(clicks(1.0, flat), by_agreement)
+    # a judge with an opinion and a small weight: the judge's choices
+    np.testing.assert_array_equal(clicks(0.01, go), clicks(0.0, go))
+    assert not np.array_equal(clicks(0.0, go), by_agreement)
+    with pytest.raises(ValueError, match="agreement must be >= 0"):
+        LookaheadConfig(agreement=-1.0)
+
+
 def test_judge_fits_ranks_saves_and_loads(tmp_path):
     rng = np.random.default_rng(0)
     x = [rng.random((11, len(JUDGE_FEATURES))) for _ in range(60)]

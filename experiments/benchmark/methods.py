@@ -124,16 +124,23 @@ class MethodContext:
         return res
 
     def lookahead_method(
-        self, name: str, agent: Any, chooser: str = "judge", kind: str = "automatic"
+        self,
+        name: str,
+        agent: Any,
+        chooser: str = "judge",
+        kind: str = "automatic",
+        stop: bool | None = None,
     ) -> MethodResult:
         """Run a lookahead agent (:class:`~agents.lookahead.LookaheadAgent`) with ``chooser``
-        on every image of the share and append its row."""
+        (and ``stop``, default the agent's) on every image of the share and append its row."""
         from experiments.benchmark.results import MethodResult
 
         res = MethodResult(name, kind)
         for i in tqdm(self.indices, desc=name, unit="img", disable=not self.options.progress):
             s = self.samples[i]
-            tr = agent.trace(self.embeddings[i], self.gts[i], str(s.id), s.load_image, chooser)
+            tr = agent.trace(
+                self.embeddings[i], self.gts[i], str(s.id), s.load_image, chooser, stop=stop
+            )
             res.add_trace(tr, self.gts[i])
             res.curve.append(list(tr.ious))
             res.start_clicks = tr.start_clicks
@@ -314,7 +321,9 @@ def _finetuned_delta(ctx: MethodContext, delta: str | Path) -> None:
 )
 def lookahead_oracle(ctx: MethodContext) -> None:
     agent = ctx.lookahead_agent()
-    ctx.lookahead_method("lookahead, true-IoU judge (ceiling: reads GT)", agent, "oracle", "oracle")
+    # The ceiling knows when to stop too: it never commits a click that makes the mask worse.
+    name = "lookahead, true-IoU judge (ceiling: reads GT)"
+    ctx.lookahead_method(name, agent, "oracle", "oracle", stop=True)
 
 
 @register_method("lookahead_agreement", "lookahead candidates chosen by soft Dice with the SRM map")
