@@ -189,6 +189,7 @@ class LookaheadAgent:
         rng: np.random.Generator | None = None,
         record: bool = False,
         score: Callable[[np.ndarray], np.ndarray] | None = None,
+        agreement: float | None = None,
     ) -> LookaheadEpisode:
         """Run one episode on ``emb``'s image.
 
@@ -200,15 +201,18 @@ class LookaheadAgent:
             chooser: One of :data:`CHOOSERS`.
             srm_map: A given SRM map instead of the agent's (cross-fitted maps in training).
             steps: T (default ``config.steps``).
-            stop: Apply the stop rule (default ``config.stop``; never with ``explore``).
+            stop: Apply the stop rule (default ``config.stop``; not on an exploring step).
             explore: Probability of committing a random candidate instead (training).
             rng: Generator of ``explore``.
             record: Keep each step's candidate features and true IoUs (``states``).
             score: Scores candidates' features instead of the judge (training rounds).
+            agreement: Weight of the SRM agreement beside the judge (default
+                ``config.agreement``).
         """
         cfg = self.config
         steps = cfg.steps if steps is None else int(steps)
         stop = cfg.stop if stop is None else stop
+        agreement = cfg.agreement if agreement is None else float(agreement)
         if chooser not in CHOOSERS:
             raise ValueError(f"chooser must be one of {CHOOSERS}, got {chooser!r}")
         if chooser == "judge" and score is None:
@@ -238,8 +242,8 @@ class LookaheadAgent:
                 values[1 if feats[1, _MAP_AT_CLICK] >= 0.5 else 2] = 1.0
                 return values
             values = np.asarray(score(feats), np.float64)
-            if cfg.agreement > 0:
-                values = _standardise(values) + cfg.agreement * _standardise(feats[:, _DICE])
+            if agreement > 0:
+                values = _standardise(values) + agreement * _standardise(feats[:, _DICE])
             return values
 
         last_click = (float(start[0][0]), float(start[0][1]), 1)

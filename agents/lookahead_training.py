@@ -132,7 +132,9 @@ def fit_judge(
     progress: bool = True,
     log: Callable[[str, float, int], None] | None = None,
 ) -> tuple[MaskJudge, list[dict[str, float]]]:
-    """Fit the judge in ``config.rounds`` DAgger rounds on the training images.
+    """Fit the judge in ``config.rounds`` DAgger rounds on the training images. The episodes
+    follow the true IoU (round 0) or the judge fitted so far, alone and with the stop rule,
+    whatever ``config.agreement`` and ``config.stop`` say about the agent that will use it.
 
     Args:
         agent: The agent whose segmenter decodes (its judge is replaced by the fitted one).
@@ -170,6 +172,11 @@ def fit_judge(
                     rng=rng,
                     record=True,
                     score=None if judge is None else judge.predict,
+                    # DAgger on the judge's own choices: the judge alone, stopping when it
+                    # prefers the current mask; the agreement term and running all T steps
+                    # are choices of the agent that uses it (chosen on val).
+                    stop=True,
+                    agreement=0.0,
                 )
                 new.add(i, ep.states)
                 finals.append(ep.ious[-1])
