@@ -160,14 +160,45 @@ def test_benchmark_runs_the_lookahead_rows(lookahead_run, tmp_path):
         out=tmp_path / "bench",
         cache=EmbeddingCache(cache),
         manual_clicks=3,
-        methods=["random", "heuristics", "lookahead_oracle", "lookahead_agreement"],
+        methods=[
+            "random",
+            "heuristics",
+            "lookahead_oracle",
+            "lookahead_agreement",
+            "wo_srm",
+            "single_step",
+        ],
+        finetuned=[_decoder_delta(task, tmp_path / "ft")],
         progress=False,
     )
     names = [m["method"] for m in result["methods"]]
     assert names[0] == "agent" and "lookahead, SRM-agreement judge" in names
+    # the PPO agent's ablations: one step is defined for it, "all clicks positive" is not
+    assert "agent single step" in names and not any("w/o SRM" in n for n in names)
+    # a fine-tuned decoder: (c) is the lookahead agent previewing on it
+    assert "fine-tuned decoder (c) agent prompting it" in names
     oracle = next(m for m in result["methods"] if m["method"].startswith("lookahead, true-IoU"))
     assert oracle["kind"] == "oracle"
     assert "random + SRM (w/o RL)" in result["by_click"]["methods"]
+
+
+def _decoder_delta(task, out):
+    """A one-epoch decoder delta on the task's segmenter (a few synthetic images)."""
+    from segmenter import build_segmenter
+    from segmenter.finetune import FinetuneConfig, FinetuneItem, Finetuner
+
+    seg = build_segmenter(task.segmenter, backend="torch")
+    rng = np.random.default_rng(0)
+    items = []
+    for i in range(3):
+        img = rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)
+        gt = np.zeros((48, 64), bool)
+        gt[8 + i : 30, 10:40] = True
+        items.append(FinetuneItem(f"s{i}", gt, embedding=seg.encode(img), image=img))
+    Finetuner(seg, FinetuneConfig(level="decoder", epochs=1), out).fit(
+        items[:2], items[2:], progress=False
+    )
+    return out
 
 
 def test_srm_eval_reports_the_map_and_the_judge_of_a_run(lookahead_run, tmp_path):

@@ -130,16 +130,18 @@ class MethodContext:
         chooser: str = "judge",
         kind: str = "automatic",
         stop: bool | None = None,
+        steps: int | None = None,
     ) -> MethodResult:
         """Run a lookahead agent (:class:`~agents.lookahead.LookaheadAgent`) with ``chooser``
-        (and ``stop``, default the agent's) on every image of the share and append its row."""
+        (``stop`` and ``steps``: default the agent's) on every image of the share and append
+        its row."""
         from experiments.benchmark.results import MethodResult
 
         res = MethodResult(name, kind)
         for i in tqdm(self.indices, desc=name, unit="img", disable=not self.options.progress):
             s = self.samples[i]
             tr = agent.trace(
-                self.embeddings[i], self.gts[i], str(s.id), s.load_image, chooser, stop=stop
+                self.embeddings[i], self.gts[i], str(s.id), s.load_image, chooser, steps, stop
             )
             res.add_trace(tr, self.gts[i])
             res.curve.append(list(tr.ious))
@@ -150,7 +152,7 @@ class MethodContext:
     def lookahead_agent(self) -> Any:
         """The reference agent if it looks ahead, else a lookahead agent on its SRM (no judge:
         for the oracle and agreement choosers)."""
-        if getattr(self.ref, "kind", "ppo") == "lookahead":
+        if looks_ahead(self.ref):
             return self.ref
         from agents.lookahead import LookaheadAgent
 
@@ -193,6 +195,11 @@ def register_method(
     return add
 
 
+def looks_ahead(agent: Any) -> bool:
+    """Whether a reference agent is a lookahead agent (no PPO policy to ask for clicks)."""
+    return getattr(agent, "kind", "ppo") == "lookahead"
+
+
 def agent_policy(agent: PromptAgent) -> Callable[..., int]:
     """A trained agent as the click policy of :meth:`MethodContext.env_method`."""
 
@@ -227,12 +234,18 @@ def agent_cost(agent: PromptAgent, run: str | Path) -> tuple[float | None, int]:
 def wo_srm(ctx: MethodContext) -> None:
     from recalibration.labelers import PositiveWithMap
 
+    if looks_ahead(ctx.ref):  # its labels are chosen by outcome, not read off the SRM
+        logger.info("wo_srm: not defined for a lookahead agent; row left out")
+        return
     positive = PositiveWithMap(ctx.ref.srm)
     ctx.env_method("agent w/o SRM (all positive)", agent_policy(ctx.ref), positive)
 
 
 @register_method("single_step", "the SRM start and one agent click (the paper's single step)")
 def single_step(ctx: MethodContext) -> None:
+    if looks_ahead(ctx.ref):
+        ctx.lookahead_method("agent single step", ctx.ref, steps=1)
+        return
     ctx.env_method("agent single step", agent_policy(ctx.ref), ctx.ref.srm, steps=1)
 
 
@@ -307,9 +320,14 @@ def _finetuned_delta(ctx: MethodContext, delta: str | Path) -> None:
     if level == "decoder":  # the SRM and policy read the embeddings, which are unchanged
         ref = ctx.ref
         ctx.env_method(f"{label} (b) SRM start points", "random", ref.srm, 0, None, tuned)
-        ctx.env_method(
-            f"{label} (c) agent prompting it", agent_policy(ref), ref.srm, None, ctx.config, tuned
-        )
+        name = f"{label} (c) agent prompting it"
+        if looks_ahead(ref):  # the same SRM, judge and settings, previewing on the tuned decoder
+            from agents.lookahead import LookaheadAgent
+
+            on_tuned = LookaheadAgent(tuned, ref.srm, ref.judge, ref.config, ref.task)
+            ctx.lookahead_method(name, on_tuned)
+        else:
+            ctx.env_method(name, agent_policy(ref), ref.srm, None, ctx.config, tuned)
     for m in ctx.results[first:]:
         m.train_seconds = info.get("train_seconds")
         m.trainable_params = info.get("trainable_params")
