@@ -111,19 +111,24 @@ def write_checkpoint(
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The folder the ``latest`` pointer names, or ``None`` when the run has none yet. A pointer
-    that is unreadable or names no checkpoint falls back, with a warning, to the newest
-    ``step_N`` folder that holds a ``meta.json``."""
+    that is missing (a run killed between writing a checkpoint and its pointer), unreadable or
+    naming no checkpoint falls back, with a warning, to the newest ``step_N`` folder that holds
+    a ``meta.json``."""
     ckpts = run_dir / "checkpoints"
     pointer = ckpts / "latest"
-    if not pointer.is_file():
-        return None
-    name = pointer.read_bytes().decode("utf-8", errors="replace").strip()
-    path = ckpts / name
-    if name and "/" not in name and (path / "meta.json").is_file():
-        return path
-    steps = sorted(p for p in ckpts.glob("step_*") if (p / "meta.json").is_file())
+    name = ""
+    if pointer.is_file():
+        name = pointer.read_bytes().decode("utf-8", errors="replace").strip()
+        path = ckpts / name
+        if name and "/" not in name and (path / "meta.json").is_file():
+            return path
+    steps = sorted(
+        (p for p in ckpts.glob("step_*") if (p / "meta.json").is_file()),
+        key=lambda p: int(p.name[5:]) if p.name[5:].isdigit() else -1,
+    )
     if steps:
-        logger.warning("%s names no checkpoint (%r); using %s", pointer, name[:40], steps[-1])
+        why = f"names no checkpoint ({name[:40]!r})" if pointer.is_file() else "is missing"
+        logger.warning("%s %s; using %s", pointer, why, steps[-1])
         return steps[-1]
     return None
 

@@ -383,6 +383,9 @@ def test_ctrl_c_during_train_exits_130_and_says_how_to_resume(tmp_path):
         [sys.executable, "-m", "experiments.cli", "--threads", "1", "train", str(task),
          "--runs-dir", "runs", "--no-progress"],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # a shell's background job (e.g. `make test &`) inherits SIGINT ignored: Ctrl-C is what
+        # this test sends, so the child starts with the default disposition, as in a terminal
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     t0 = time.monotonic()
     while not list((tmp_path / "runs").glob("*/checkpoints/latest")):

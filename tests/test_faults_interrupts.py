@@ -171,3 +171,15 @@ def test_two_embed_processes_share_one_cache(tmp_path, image_folder, faults):
         assert p.returncode == 0, err[-3000:]
     assert len(_all_entries_valid(cache)) == 30
     faults.survived("two embed processes on one folder")
+
+
+def test_a_run_killed_between_a_checkpoint_and_its_pointer_resumes_from_that_checkpoint(tmp_path):
+    """The ``latest`` pointer is written after the ``step_N`` folder: a kill in between leaves
+    a complete checkpoint without a pointer, which resume must still find."""
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert latest_checkpoint(tmp_path / "run") is None  # nothing yet: a fresh run
+    for step in (32, 64, 128):
+        (ckpts / f"step_{step:09d}").mkdir(parents=True)
+        if step != 128:  # the newest folder is half-written (no meta.json)
+            (ckpts / f"step_{step:09d}" / "meta.json").write_text("{}")
+    assert latest_checkpoint(tmp_path / "run") == ckpts / "step_000000064"
