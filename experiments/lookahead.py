@@ -33,7 +33,13 @@ from agents.config import TaskConfig
 from agents.lookahead import LookaheadAgent
 from agents.lookahead_training import cross_fitted_maps, fit_judge
 from agents.prompt_agent import FORMAT_VERSION, AgentLoadError, library_versions
-from experiments.runs import load_split, load_train_split, new_run_dir, seed_everything
+from experiments.runs import (
+    load_split,
+    load_train_split,
+    new_run_dir,
+    seed_everything,
+    skipped_by_split,
+)
 from recalibration.features import FeatureSet
 from recalibration.items import collect_items
 from recalibration.srm import SemanticRecalibrationModule, simulate_mask_states
@@ -247,11 +253,7 @@ def train_lookahead(
         "decoder_calls": segmenter.decoder_calls,
         "history": [],
         "imitation": {},
-        "skipped": {
-            split: [list(item) for item in ds.skipped]
-            for split, ds in (("train", train_set), ("val", val_set))
-            if ds is not None and ds.skipped
-        },
+        "skipped": skipped_by_split(train_set, val_set),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -20,6 +20,7 @@ __all__ = [
     "new_run_dir",
     "resolve_task",
     "seed_everything",
+    "skipped_by_split",
 ]
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
@@ -78,3 +79,12 @@ def load_train_split(task: TaskConfig) -> Dataset:
             skipped=train_set.skipped,
         )
     return train_set
+
+
+def skipped_by_split(train_set: Dataset | None, val_set: Dataset | None) -> dict[str, list]:
+    """A run summary's ``skipped``: each split's left-out files with their reasons."""
+    return {
+        split: [list(item) for item in ds.skipped]
+        for split, ds in (("train", train_set), ("val", val_set))
+        if ds is not None and ds.skipped
+    }

@@ -47,6 +47,7 @@ from experiments.runs import (
     new_run_dir,
     resolve_task,
     seed_everything,
+    skipped_by_split,
 )
 from recalibration.features import FeatureSet
 from recalibration.items import attach_semantic_maps, collect_items
@@ -67,6 +68,7 @@ __all__ = [
     "seed_everything",
     "train",
 ]
+
 
 def _finite_or_none(x: float) -> float | None:
     return float(x) if np.isfinite(x) else None
@@ -280,11 +282,7 @@ def train(
             "train_seconds_total": _finite_or_none(callback.elapsed_seconds),
             "decoder_calls": segmenter.decoder_calls,
             "imitation": imitation,
-            "skipped": {
-                split: [list(item) for item in ds.skipped]
-                for split, ds in (("train", train_set), ("val", val_set))
-                if ds is not None and ds.skipped
-            },
+            "skipped": skipped_by_split(train_set, val_set),
         }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
