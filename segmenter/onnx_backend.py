@@ -389,6 +389,9 @@ class OnnxParts:
         pre, image = self._prep_session.run(None, {"image_embeddings": embeddings})
         self.prep_calls += 1
         inputs = {"image": image, "pre": pre}
+        # preps of freed embeddings go first (their ids may be reused: this one's may be one)
+        for dead in [k for k, (ref, _) in self._preps.items() if ref() is None]:
+            del self._preps[dead]
         self._preps[key] = (weakref.ref(features), inputs)
         while len(self._preps) > self.PREPS_KEPT:
             self._preps.popitem(last=False)

@@ -188,9 +188,14 @@ def test_decoder_prep_is_per_embedding(rgb_image, isolated_home):
     a = fast.decode(copy, pts, lbl)
     assert parts.prep_calls == 3
     assert torch.allclose(a.low_res_logits, fast.decode(first, pts, lbl).low_res_logits)
-    for k in range(parts.PREPS_KEPT + 2):  # only the last few are kept
-        fast.decode(fast.encode(np.roll(rgb_image, k + 1, axis=0)), pts, lbl)
+    alive = [fast.encode(np.roll(rgb_image, k + 1, axis=0)) for k in range(parts.PREPS_KEPT + 2)]
+    for emb in alive:  # only the last few are kept
+        fast.decode(emb, pts, lbl)
     assert len(parts._preps) == parts.PREPS_KEPT
+    # a freed embedding's prep is dropped at the next new prep (its id may come back)
+    del alive, emb, copy, a
+    fast.decode(fast.encode(np.roll(rgb_image, -1, axis=0)), pts, lbl)
+    assert len(parts._preps) == 1  # first and other were pushed out by the ten above
 
 
 def test_fast_backend_falls_back_on_mismatch(rgb_image, isolated_home, monkeypatch, caplog):
