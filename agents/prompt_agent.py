@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -30,7 +29,7 @@ from recalibration.judge import JudgeError, MaskJudge
 from recalibration.srm import SemanticRecalibrationModule, SRMLoadError
 from segmenter import EmbeddingCache, Segmenter, build_segmenter, onnx_backend
 from segmenter.base import small_torch_ops
-from segmenter.io import atomic_write
+from segmenter.io import atomic_folder, atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +64,26 @@ def ppo_class(maskable: bool) -> type:
     return PPO
 
 
+def write_meta(
+    folder: Path,
+    task: TaskConfig,
+    step: int,
+    segmenter_model_id: str,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """A checkpoint's ``meta.json``: format version, step, task, segmenter and library versions."""
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "step": int(step),
+        "task": task.to_dict(),
+        "segmenter_model_id": segmenter_model_id,
+        "versions": library_versions(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        **(extra or {}),
+    }
+    (folder / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
+
+
 def write_checkpoint(
     ckpt_root: Path,
     model: Any,
@@ -77,29 +96,14 @@ def write_checkpoint(
     keep: int = 2,
 ) -> Path:
     """Write ``ckpt_root/{name or step_N}`` atomically and point ``ckpt_root/latest`` at it."""
-    ckpt_root.mkdir(parents=True, exist_ok=True)
     name = name or f"step_{step:09d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=ckpt_root))
-    try:
-        model.save(tmp / "agent.zip")
-        srm.save(tmp / "srm.pt")
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "step": int(step),
-            "task": task.to_dict(),
-            "segmenter_model_id": segmenter_model_id,
-            "versions": library_versions(),
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            **(extra or {}),
-        }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
-        final = ckpt_root / name
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    def fill(folder: Path) -> None:
+        model.save(folder / "agent.zip")
+        srm.save(folder / "srm.pt")
+        write_meta(folder, task, step, segmenter_model_id, extra)
+
+    final = atomic_folder(ckpt_root / name, fill)
     if not name.startswith("step_"):
         return final
     atomic_write(ckpt_root / "latest", lambda fh: fh.write(name.encode()))

@@ -18,9 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -32,7 +29,7 @@ from tqdm.auto import tqdm
 from agents.config import TaskConfig
 from agents.lookahead import LookaheadAgent
 from agents.lookahead_training import cross_fitted_maps, fit_judge
-from agents.prompt_agent import FORMAT_VERSION, AgentLoadError, library_versions
+from agents.prompt_agent import AgentLoadError, write_meta
 from experiments.runs import (
     load_split,
     load_train_split,
@@ -44,7 +41,7 @@ from recalibration.features import FeatureSet
 from recalibration.items import collect_items
 from recalibration.srm import SemanticRecalibrationModule, simulate_mask_states
 from segmenter import EmbeddingCache, build_segmenter, mask_iou
-from segmenter.io import atomic_write
+from segmenter.io import atomic_folder, atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -73,28 +70,12 @@ def evaluate_lookahead(
 def _save_best(run_dir: Path, agent: LookaheadAgent, task: TaskConfig, extra: dict) -> Path:
     """``RUN/checkpoints/best``, written into a temporary folder and renamed into place."""
     root = run_dir / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".best.", dir=root))
-    try:
-        agent.save(tmp)
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "agent": "lookahead",
-            "step": 0,
-            "task": task.to_dict(),
-            "segmenter_model_id": agent.segmenter.model_id,
-            "versions": library_versions(),
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            **extra,
-        }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
-        final = root / "best"
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    def fill(folder: Path) -> None:
+        agent.save(folder)
+        write_meta(folder, task, 0, agent.segmenter.model_id, {"agent": "lookahead", **extra})
+
+    final = atomic_folder(root / "best", fill)
     atomic_write(root / "latest", lambda fh: fh.write(b"best"))
     return final
 

@@ -87,3 +87,25 @@ def test_agent_checkpoint_mismatches_are_clear(first_run, tiny_task, tmp_path, f
     with pytest.raises(AgentLoadError, match="meta.json is damaged: not JSON text"):
         PromptAgent.load(ckpt)
     faults.bad_input("checkpoints", "corrupt checkpoint metadata")
+
+
+def test_a_checkpoint_folder_that_fails_midway_leaves_the_old_one_whole(tmp_path):
+    from segmenter.io import atomic_folder
+
+    def fill(text):
+        def write(folder):
+            (folder / "agent.zip").write_text(text)
+            if text == "broken":
+                raise OSError("disk full")
+            (folder / "meta.json").write_text(text)
+
+        return write
+
+    best = atomic_folder(tmp_path / "best", fill("old"))
+    with pytest.raises(OSError, match="disk full"):
+        atomic_folder(best, fill("broken"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]  # no hidden half-folder
+    kept = {p.name: p.read_text() for p in best.iterdir()}
+    assert kept == {"agent.zip": "old", "meta.json": "old"}
+    atomic_folder(best, fill("new"))
+    assert (best / "meta.json").read_text() == "new" and len(list(tmp_path.iterdir())) == 1
