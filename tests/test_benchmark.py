@@ -54,3 +54,18 @@ def test_a_registered_method_is_a_benchmark_choice(monkeypatch):
     assert "one centre click, SRM label" in " ".join(sub.format_help().split())
     with pytest.raises(SystemExit):
         parser.parse_args(["benchmark", "task", "--agents", "r", "--methods", "nope"])
+
+
+def test_the_report_names_the_dataset_a_benchmark_ran_on():
+    import json
+    from pathlib import Path
+
+    from experiments.benchmark.report import render_markdown
+
+    path = Path(__file__).parents[1] / "docs/results/lookahead_kvasir_test_blur/results.json"
+    result = json.loads(path.read_text())
+    assert render_markdown(result).startswith(
+        "# alignsam benchmark: kvasir_polyp_lookahead (kvasir:test@blur, 100 images,"
+    )
+    result.pop("dataset")  # results written before the dataset was recorded: the split
+    assert "(test, 100 images," in render_markdown(result).splitlines()[0]

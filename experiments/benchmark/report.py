@@ -37,7 +37,8 @@ def render_markdown(result: dict[str, Any]) -> str:
     mc = result["manual"]["max_clicks"]
     lo_k, hi_k = h["ci_equals_manual_clicks"]
     lines = [
-        f"# alignsam benchmark: {result['task']} ({result['split']}, {result['n_images']} images,"
+        f"# alignsam benchmark: {result['task']} ({result.get('dataset') or result['split']},"
+        f" {result['n_images']} images,"
         f" {result['segmenter']})",
         "",
         f"**Headline:** the agent's mIoU {h['agent_miou']:.3f} (95% CI "
