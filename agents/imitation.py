@@ -33,9 +33,9 @@ from typing import Annotated, Any
 import numpy as np
 import torch
 from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
-from tqdm.auto import tqdm
 
 from envs import PointPromptEnv
+from segmenter.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -230,7 +230,7 @@ def collect_round(
         out.episodes = episodes
         return out
 
-    bar = tqdm(
+    bar = progress_bar(
         range(start, config.episodes),
         desc="teacher",
         unit="ep",
@@ -376,7 +376,7 @@ def fit_policy(
     best: tuple[float, dict[str, float], dict[str, torch.Tensor]] | None = None
     stale = 0
     n_batches = max(1, len(train_idx) // config.batch_size)
-    bar = tqdm(range(config.epochs), desc="imitate", unit="epoch", disable=not progress)
+    bar = progress_bar(range(config.epochs), desc="imitate", unit="epoch", disable=not progress)
     for epoch in bar:
         losses = []
         for b in np.array_split(rng.permutation(train_idx), n_batches):

@@ -23,13 +23,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from agents.lookahead import LookaheadAgent, LookaheadConfig
 from recalibration.judge import JUDGE_FEATURES, MaskJudge, rank_quality
 from recalibration.labelers import EpisodeState
 from recalibration.srm import SemanticRecalibrationModule, SRMConfig, SRMTrainItem
 from segmenter.base import ImageEmbedding, mask_iou
+from segmenter.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +158,9 @@ def fit_judge(
         new = JudgeData.empty()
         finals = []
         chooser = "oracle" if judge is None else "judge"
-        bar = tqdm(range(len(items)), desc=f"judge round {r}", unit="img", disable=not progress)
+        bar = progress_bar(
+            range(len(items)), desc=f"judge round {r}", unit="img", disable=not progress
+        )
         for i in bar:
             emb, gt, load = items[i]
             for _ in range(config.episodes):
@@ -195,7 +197,19 @@ def fit_judge(
         if log is not None:
             for key, value in figures.items():
                 log(f"judge/{key}", value, r)
-        logger.info("judge round %d: %s", r, figures)
+        ranked = (
+            ""
+            if "new_spearman" not in figures
+            else f", ranks new states at Spearman {figures['new_spearman']:.2f}"
+        )
+        logger.info(
+            "judge round %d: %d states, episodes' final IoU %.3f%s, %.0f s",
+            r,
+            len(new),
+            figures["final_iou"],
+            ranked,
+            figures["seconds"],
+        )
     assert judge is not None
     agent.judge = judge
     return judge, history
@@ -231,7 +245,7 @@ def evaluate_judge(
     states: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {"judge": [], "oracle": []}
     for chooser in ("judge", "oracle", "agreement", "heuristic"):
         finals[chooser] = []
-        bar = tqdm(items, desc=f"judge eval ({chooser})", unit="img", disable=not progress)
+        bar = progress_bar(items, desc=f"judge eval ({chooser})", unit="img", disable=not progress)
         for emb, gt, load in bar:
             ep = agent.episode(emb, load, gt, chooser=chooser, record=chooser in states)
             full = agent.segmenter.upscale(emb, ep.final.logits)

@@ -24,6 +24,7 @@ from envs import EnvConfig, PointPromptEnv
 from envs.render import overlay
 from recalibration.labelers import Labeler
 from segmenter import EmbeddingCache, Segmenter
+from segmenter.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -249,6 +250,35 @@ class AlignSAMCallback(BaseCallback):
             extra=extra,
             name="best" if kind == "best" else None,
         )
+
+
+class ProgressCallback(BaseCallback):
+    """PPO's progress through the project's one progress layer (:mod:`segmenter.progress`):
+    a live bar on a terminal, a few plain lines in a log file. Replaces SB3's own
+    ``learn(progress_bar=...)`` (rich), which redraws itself into log files.
+
+    Args:
+        total: the steps this ``learn`` call will take.
+        desc: the stage's name in the bar or line.
+    """
+
+    def __init__(self, total: int, desc: str = "PPO") -> None:
+        super().__init__()
+        self.total = int(total)
+        self.desc = desc
+        self.bar: Any = None
+
+    def _on_training_start(self) -> None:
+        self.bar = progress_bar(desc=self.desc, total=self.total, unit="step")
+
+    def _on_step(self) -> bool:
+        self.bar.update(self.training_env.num_envs)
+        return True
+
+    def _on_training_end(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def train_env_config(task: TaskConfig) -> EnvConfig:

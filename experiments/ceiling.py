@@ -21,10 +21,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from agents.prompt_agent import PromptAgent
 from envs import PointPromptEnv
+from segmenter.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def placement_ceiling(
     env = PointPromptEnv(samples, agent.segmenter, agent.srm, config, cache=agent.cache)
     rng = np.random.default_rng(seed)
     per_image: dict[str, list[float]] = {p: [] for p in POLICIES}
-    for i in tqdm(range(len(samples)), desc="ceiling", unit="img", disable=not progress):
+    for i in progress_bar(range(len(samples)), desc="ceiling", unit="img", disable=not progress):
         for policy in POLICIES:
             obs, _ = env.reset(seed=seed + i, options={"index": i})
             for _ in range(config.max_steps):

@@ -2,12 +2,12 @@
 
 On a fresh machine with nothing but the package: generate the task (spotted target blobs among
 striped look-alikes, :mod:`envs.synthetic`), fetch the segmenter's weights if needed, train a
-small prompt agent (SRM pretraining + PPO, the paper's agent) and a lookahead agent (a mask
-judge picks among decoded candidate clicks, :mod:`agents.lookahead`) on the 24 training
-scenes, then segment the 24 held-out test scenes automatically and compare, on the same frozen
-segmenter and cached embeddings, with random clicks labelled by the same SRM and with the
-simulated manual annotator. Prints a short table and the paths of the run folders, overlays and
-plots.
+lookahead agent (a mask judge picks among decoded candidate clicks, :mod:`agents.lookahead`)
+and a small PPO agent (the paper's agent) on the 24 training scenes, the two sharing one SRM
+(pretrained once, by the lookahead run; PPO then updates its copy online), then segment the 24
+held-out test scenes automatically and compare, on the same frozen segmenter and cached
+embeddings, with random clicks labelled by the same SRM and with the simulated manual
+annotator. Prints a short table and the paths of the run folders, overlays and plots.
 """
 
 from __future__ import annotations
@@ -19,14 +19,15 @@ import time
 from pathlib import Path
 
 from agents.lookahead import LookaheadConfig
-from experiments.benchmark import run_benchmark
+from experiments.benchmark import agent_names, run_benchmark
 from experiments.train import resolve_task, train
 from segmenter import EmbeddingCache
 
 logger = logging.getLogger(__name__)
 
-#: The demo's training budget (the shipped task's own budget is for ``alignsam train``).
-DEMO_BUDGET = {"total_timesteps": 1600, "eval_every": 800, "checkpoint_every": 800}
+#: The demo's PPO budget (the shipped task's own budget is for ``alignsam train``): three PPO
+#: updates of 400 steps, validated after the second and the third.
+DEMO_BUDGET = {"total_timesteps": 1200, "eval_every": 600, "checkpoint_every": 400}
 QUICK_BUDGET = {
     "total_timesteps": 32,
     "eval_every": 32,
@@ -54,14 +55,17 @@ def run_demo(args: argparse.Namespace) -> int:
         task.ppo = dataclasses.replace(task.ppo, n_steps=16, batch_size=16, n_epochs=1)
 
     runs = Path(args.runs_dir) if args.runs_dir else out / "runs"
-    summary = train(task, runs=runs, cache_dir=args.cache, progress=not args.quick)
-    t_ppo = time.perf_counter() - t_start
     look_task = dataclasses.replace(
         task, agent="lookahead", lookahead=QUICK_LOOKAHEAD if args.quick else DEMO_LOOKAHEAD
     )
-    t0 = time.perf_counter()
     look = train(look_task, runs=runs, cache_dir=args.cache, progress=not args.quick)
-    t_look = time.perf_counter() - t0
+    t_look = time.perf_counter() - t_start
+    t0 = time.perf_counter()
+    shared_srm = Path(look["run_dir"]) / "stages" / "srm.pt"
+    summary = train(
+        task, runs=runs, cache_dir=args.cache, progress=not args.quick, srm_init=shared_srm
+    )
+    t_ppo = time.perf_counter() - t0
     result = run_benchmark(
         task,
         [look["run_dir"], summary["run_dir"]],
@@ -74,16 +78,18 @@ def run_demo(args: argparse.Namespace) -> int:
         progress=not args.quick,
     )
     rows = {r["method"]: r for r in result["methods"]}
+    look_name, ppo_name = agent_names([look["run_dir"], summary["run_dir"]])
     labels = {
-        f"agent {Path(look['run_dir']).name}": "lookahead agent",
-        f"agent {Path(summary['run_dir']).name}": "PPO agent (paper)",
+        look_name: "lookahead agent",
+        ppo_name: "PPO agent (paper)",
         "random + SRM (w/o RL)": "random + SRM (w/o RL)",
     }
     labels.update({m: m for m in rows if m.startswith("manual @")})
     print(
         f"\nalignsam demo: synthetic task ({result['n_images']} held-out test scenes), "
-        f"{result['segmenter']}; PPO agent trained for {summary['steps']} steps in "
-        f"{t_ppo:.0f} s, lookahead agent in {t_look:.0f} s"
+        f"{result['segmenter']}; lookahead agent trained in {t_look:.0f} s "
+        f"({len(look['judge_rounds'])} judge rounds), PPO agent for {summary['steps']} steps in "
+        f"{t_ppo:.0f} s (on the lookahead run's SRM)"
     )
     print(f"{'method':26s} {'clicks':>6s} {'mIoU':>6s}  95% CI          vs lookahead agent")
     for name, label in labels.items():

@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 from torch.utils.tensorboard import SummaryWriter
-from tqdm.auto import tqdm
 
 from agents.config import TaskConfig
 from agents.lookahead import LookaheadAgent
@@ -34,6 +33,7 @@ from experiments.runs import (
     load_split,
     load_train_split,
     new_run_dir,
+    peak_memory_mb,
     seed_everything,
     skipped_by_split,
 )
@@ -42,6 +42,7 @@ from recalibration.items import collect_items
 from recalibration.srm import SemanticRecalibrationModule, simulate_mask_states
 from segmenter import EmbeddingCache, build_segmenter, mask_iou
 from segmenter.io import atomic_folder, atomic_write
+from segmenter.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,9 @@ def evaluate_lookahead(
 ) -> dict[str, Any]:
     """Full-resolution mIoU of the agent's final masks on ``samples`` (with ground truth)."""
     ious, steps = [], []
-    for s in tqdm(samples, desc=f"lookahead eval ({chooser})", disable=not progress):
+    for s in progress_bar(
+        samples, desc=f"lookahead eval ({chooser})", unit="img", disable=not progress
+    ):
         image = s.load_image()
         emb = (
             agent.cache.get_or_encode(agent.segmenter, image)
@@ -139,7 +142,9 @@ def train_lookahead(
         rng = np.random.default_rng(task.seed)
         mask_states = [
             simulate_mask_states(segmenter, emb, gt, rng)
-            for emb, gt, _ in tqdm(items, desc="SRM mask states", disable=not progress)
+            for emb, gt, _ in progress_bar(
+                items, desc="SRM mask states", unit="img", disable=not progress
+            )
         ]
         atomic_write(
             states_file,
@@ -235,6 +240,7 @@ def train_lookahead(
         "history": [],
         "imitation": {},
         "skipped": skipped_by_split(train_set, val_set),
+        "peak_memory_mb": peak_memory_mb(),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -20,7 +20,6 @@ import numpy as np
 import torch
 from PIL import Image
 from stable_baselines3.common.callbacks import BaseCallback
-from tqdm.auto import tqdm
 
 from agents.clickers import SimulatedAnnotator
 from agents.config import TaskConfig
@@ -29,6 +28,7 @@ from agents.training import make_vec_env, train_env_config
 from experiments.segmenter_bench import time_env
 from recalibration.srm import SemanticRecalibrationModule
 from segmenter import EmbeddingCache, SamSegmenter, mask_iou
+from segmenter.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def time_encoders(
     stock.encode(images[0])
     fast.encode(images[0])
     t_stock, t_fast, embeddings = [], [], []
-    for i, image in enumerate(tqdm(images, desc="encoders", unit="img")):
+    for i, image in enumerate(progress_bar(images, desc="encoders", unit="img")):
         for seg in (stock, fast) if i % 2 == 0 else (fast, stock):
             emb, seconds = _timed(seg.encode, image)
             (t_stock if seg is stock else t_fast).append(seconds)
@@ -130,7 +130,7 @@ def agreement(
     rng = np.random.default_rng(0)
     keep = tuple(range(1, clicks + 1))
     per_click, rand = [], []
-    for s in tqdm(samples, desc="agreement", unit="img"):
+    for s in progress_bar(samples, desc="agreement", unit="img"):
         image, gt = s.load_image(), np.asarray(s.mask, bool)
         e_stock, e_fast = stock.encode(image), fast.encode(image)
         a = SimulatedAnnotator(stock, max_clicks=clicks).run(e_stock, gt, s.id, keep_masks=keep)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import random
+import resource
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,9 +18,11 @@ from experiments.datasets import load_readable
 
 __all__ = [
     "TASKS_DIR",
+    "describe_run",
     "load_split",
     "load_train_split",
     "new_run_dir",
+    "peak_memory_mb",
     "resolve_task",
     "seed_everything",
     "skipped_by_split",
@@ -88,3 +93,38 @@ def skipped_by_split(train_set: Dataset | None, val_set: Dataset | None) -> dict
         for split, ds in (("train", train_set), ("val", val_set))
         if ds is not None and ds.skipped
     }
+
+
+def peak_memory_mb() -> float:
+    """This process's peak resident memory so far, in MiB (``ru_maxrss``)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, else KiB
+
+
+def _score(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def describe_run(summary: dict[str, Any]) -> str:
+    """One line that says what a training run did, in the words of its agent kind: PPO steps for
+    a PPO agent; judge rounds, decoder calls and stage times for a lookahead agent; then the
+    val score, the wall time and the peak memory."""
+    head = f"run {summary['run_dir']}: "
+    memory = summary.get("peak_memory_mb")
+    tail = "" if memory is None else f"; peak memory {memory / 1024:.2f} GiB"
+    if summary.get("agent") == "lookahead":
+        stages = ", ".join(f"{k} {v:.0f} s" for k, v in summary.get("seconds", {}).items())
+        steps = summary.get("val_mean_steps")
+        at = "" if steps is None else f" at {steps:.1f} clicks"
+        return (
+            f"{head}lookahead agent, {len(summary.get('judge_rounds', []))} judge rounds "
+            f"({summary.get('judge_decoder_calls', 0)} decoder calls) in "
+            f"{summary['wall_seconds']:.0f} s ({stages}); val mIoU "
+            f"{_score(summary.get('best_val_miou'))}{at}{tail}"
+        )
+    resumed = f" (resumed at {summary['start_step']})" if summary.get("start_step") else ""
+    return (
+        f"{head}PPO agent, {summary['steps']} steps{resumed} in {summary['wall_seconds']:.0f} s "
+        f"(PPO learn {summary['learn_seconds']:.0f} s); best val mIoU "
+        f"{_score(summary.get('best_val_miou'))}{tail}"
+    )

@@ -38,13 +38,13 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from tqdm.auto import tqdm
 
 from agents.prompt_agent import PromptAgent
 from envs.data import IMAGE_SUFFIXES, SKIP_FIX, DataError, Dataset, OnError
 from envs.render import overlay
 from experiments.datasets import ImageOnly, load_dataset
 from segmenter.io import atomic_write
+from segmenter.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -309,7 +309,7 @@ def _segment_into(
     seg = agent.segmenter
     calls0 = getattr(seg, "decoder_calls", 0)
     t_start = time.perf_counter()
-    for s in tqdm(samples, desc="segment", unit="img", disable=not progress):
+    for s in progress_bar(samples, desc="segment", unit="img", disable=not progress):
         try:
             image = s.load_image()
         except (DataError, OSError) as exc:  # readable a moment ago: changed on disk since

@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 import torch
 from scipy import ndimage
-from tqdm.auto import tqdm
 
 from segmenter import EmbeddingCache, SamSegmenter, mask_iou
+from segmenter.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def one_click_iou(
     SAM's best-of-3).
     """
     rows = []
-    for s in tqdm(samples, desc="one click", unit="img"):
+    for s in progress_bar(samples, desc="one click", unit="img"):
         image = s.load_image()
         emb = cache.get_or_encode(segmenter, image) if cache else segmenter.encode(image)
         pt = np.array([deepest_point(s.mask)], np.float32)
@@ -68,11 +68,11 @@ def time_segmenter(
     cold, warm, dec = [], [], []
     with tempfile.TemporaryDirectory(prefix="alignsam-bench-") as tmp:
         cache = EmbeddingCache(tmp)
-        for image in tqdm(images, desc="encode (cold)", unit="img"):
+        for image in progress_bar(images, desc="encode (cold)", unit="img"):
             t0 = time.perf_counter()
             cache.get_or_encode(segmenter, image)
             cold.append(time.perf_counter() - t0)
-        for image in tqdm(images, desc="encode (cached)", unit="img"):
+        for image in progress_bar(images, desc="encode (cached)", unit="img"):
             t0 = time.perf_counter()
             emb = cache.get_or_encode(segmenter, image)
             warm.append(time.perf_counter() - t0)

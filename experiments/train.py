@@ -36,7 +36,13 @@ from agents.prompt_agent import (
     ppo_class,
     read_meta,
 )
-from agents.training import AlignSAMCallback, evaluate_agent, make_vec_env, train_env_config
+from agents.training import (
+    AlignSAMCallback,
+    ProgressCallback,
+    evaluate_agent,
+    make_vec_env,
+    train_env_config,
+)
 from envs import PointPromptEnv
 from envs.data import Dataset
 from experiments.lookahead import evaluate_lookahead, train_lookahead
@@ -45,6 +51,7 @@ from experiments.runs import (
     load_split,
     load_train_split,
     new_run_dir,
+    peak_memory_mb,
     resolve_task,
     seed_everything,
     skipped_by_split,
@@ -125,11 +132,14 @@ def train(
     progress: bool = True,
     total_timesteps: int | None = None,
     run_dir: Path | None = None,
+    srm_init: Path | None = None,
 ) -> dict[str, Any]:
     """Train (or resume) a prompt agent. Returns a summary with the run folder and figures.
 
     ``run_dir`` names the new run's folder (default ``runs/{task}__ppo__{seed}__{time}``); it may
-    exist already when it holds no checkpoint (a sweep trial killed before its first one)."""
+    exist already when it holds no checkpoint (a sweep trial killed before its first one).
+    ``srm_init`` (a PPO run only) starts from an SRM saved by another run of the same task (a
+    lookahead run's ``stages/srm.pt``) instead of pretraining one: two agents share one SRM."""
     if (task is not None and task.agent == "lookahead") or (
         resume is not None and _run_agent(resume) == "lookahead"
     ):
@@ -196,6 +206,12 @@ def train(
                 segmenter=segmenter,
                 cache=cache,
             )
+        elif srm_init is not None:
+            srm = SemanticRecalibrationModule.load(
+                srm_init, device=task.device, segmenter=segmenter, cache=cache
+            )
+            srm.config.online = task.srm.online  # this task's online updates during PPO
+            logger.info("SRM from %s (not pretrained again)", srm_init)
         else:
             items = val_items = None
             if task.srm_pretrain_epochs > 0 or features is not None:
@@ -221,7 +237,7 @@ def train(
                     progress=progress,
                 )
 
-        if ckpt is not None or task.srm_pretrain_epochs <= 0:
+        if ckpt is not None or srm_init is not None or task.srm_pretrain_epochs <= 0:
             # PPO starts at once: images not cached yet are encoded in the background while the
             # env consumes the ones that are (an env reset waits only for its own image).
             cache.prefetch(segmenter, [s.load_image for s in [*train_set, *(val_set or [])]])
@@ -257,10 +273,9 @@ def train(
         if remaining:
             model.learn(
                 total_timesteps=remaining,
-                callback=callback,
+                callback=[callback, ProgressCallback(remaining)] if progress else callback,
                 tb_log_name="ppo",
                 reset_num_timesteps=ckpt is None,
-                progress_bar=progress,
             )
         learn_seconds = time.perf_counter() - t_learn
         if not remaining:  # resumed at or past the total: the callback never started
@@ -273,6 +288,7 @@ def train(
             callback.evaluate(model.num_timesteps)
         summary = {
             "run_dir": str(run_dir),
+            "agent": "ppo",
             "steps": int(model.num_timesteps),
             "start_step": start_step,
             "best_val_miou": callback.best_score,
@@ -283,6 +299,8 @@ def train(
             "decoder_calls": segmenter.decoder_calls,
             "imitation": imitation,
             "skipped": skipped_by_split(train_set, val_set),
+            "peak_memory_mb": peak_memory_mb(),
+            "srm_init": None if srm_init is None else str(srm_init),
         }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -354,15 +354,19 @@ def pretrain_and_evaluate(
     val = collect_items(val_samples, segmenter, cache, desc="val", **kw)
     train_states = val_states = None
     if simulate_states:
-        from tqdm.auto import tqdm
+        from segmenter.progress import progress_bar
 
         train_states = [
             simulate_mask_states(segmenter, emb, gt, rng)
-            for emb, gt, _ in tqdm(train, desc="train mask states", disable=not progress)
+            for emb, gt, _ in progress_bar(
+                train, desc="train mask states", unit="img", disable=not progress
+            )
         ]
         val_states = [
             simulate_mask_states(segmenter, emb, gt, rng, episodes=1)
-            for emb, gt, _ in tqdm(val, desc="val mask states", disable=not progress)
+            for emb, gt, _ in progress_bar(
+                val, desc="val mask states", unit="img", disable=not progress
+            )
         ]
     first = train[0][0]
     channels = int(first.extras.get("srm_features", first.features).shape[1])

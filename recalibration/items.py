@@ -35,15 +35,15 @@ def collect_items(
         samples: Objects with ``mask`` (``(H, W)`` bool) and ``load_image()``.
         segmenter: The frozen segmenter.
         cache: Embedding cache (recommended: encoding is the expensive step).
-        progress: tqdm progress bar.
+        progress: show progress (segmenter.progress).
         desc: Progress-bar label.
         features: The SRM's feature sources: their stacked features are computed while the
             images are at hand and kept (float16) in ``emb.extras["srm_features"]``.
     """
-    from tqdm.auto import tqdm
+    from segmenter.progress import progress_bar
 
     items: list[SRMTrainItem] = []
-    for s in tqdm(samples, desc=desc, disable=not progress):
+    for s in progress_bar(samples, desc=f"{desc} images", unit="img", disable=not progress):
         image = s.load_image()
         emb = (
             cache.get_or_encode(segmenter, image) if cache is not None else segmenter.encode(image)
@@ -66,11 +66,11 @@ def attach_semantic_maps(
     the module, so the environment reuses them); items unchanged for the implicit branch."""
     if srm.branch != "explicit":
         return list(items)
-    from tqdm.auto import tqdm
+    from segmenter.progress import progress_bar
 
     out: list[SRMTrainItem] = []
     pairs = list(zip(items, samples, strict=True))
-    for (emb, gt, _), s in tqdm(pairs, desc="CLIP maps", disable=not progress):
+    for (emb, gt, _), s in progress_bar(pairs, desc="CLIP maps", unit="img", disable=not progress):
         he, we = emb.grid_size
         state = EpisodeState(
             str(s.id), emb, np.zeros((he, we), np.float32), load_image=s.load_image

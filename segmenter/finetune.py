@@ -388,7 +388,8 @@ class Finetuner:
         with the same settings (the optimizer state included).
         """
         from torch.utils.tensorboard import SummaryWriter
-        from tqdm.auto import tqdm
+
+        from segmenter.progress import progress_bar
 
         if not train or not val:
             raise ValueError("fine-tuning needs at least one train and one val image")
@@ -409,7 +410,7 @@ class Finetuner:
             save_delta(self.out / "delta.pt", self.model, cfg, self.base.model_id, meta)
         writer = SummaryWriter(str(self.out / "tb"))
         t0 = time.perf_counter()
-        bar = tqdm(
+        bar = progress_bar(
             total=(cfg.epochs - start) * len(tr),
             desc=f"finetune {cfg.level}",
             unit="img",

@@ -21,10 +21,9 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from segmenter.base import SegmenterError
 from segmenter.io import atomic_write
+from segmenter.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +136,9 @@ def _install_verified(src: Path, spec: CheckpointSpec, origin: str) -> Path:
 def _download_url(url: str, dest: Path, timeout: float = 20.0) -> None:
     with urllib.request.urlopen(url, timeout=timeout) as resp, open(dest, "wb") as out:
         total = int(resp.headers.get("Content-Length") or 0) or None
-        with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, leave=False) as bar:
+        with progress_bar(
+            total=total, unit="B", unit_scale=True, desc=dest.name, leave=False
+        ) as bar:
             while block := resp.read(1 << 20):
                 out.write(block)
                 bar.update(len(block))

@@ -39,6 +39,7 @@ from typing import Any
 #: (``alignsam --help``) does not import torch.
 _EXPORTS = {
     "MANUAL_KS": "results",
+    "agent_names": "runner",
     "METHODS": "methods",
     "METHOD_GROUPS": "methods",
     "METRICS": "results",

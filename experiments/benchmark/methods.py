@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from tqdm.auto import tqdm
+
+from segmenter.progress import progress_bar
 
 # The table is read by ``alignsam --help``: the heavy parts (torch, SB3) are imported by the
 # methods that use them, when they run.
@@ -115,7 +116,9 @@ class MethodContext:
         env = PointPromptEnv(self.samples, seg, labeler, env_config or self.config, self.cache)
         clicker = EnvClicker(env, policy, seed=self.options.seed)
         res = MethodResult(name, "automatic")
-        for i in tqdm(self.indices, desc=name, unit="img", disable=not self.options.progress):
+        for i in progress_bar(
+            self.indices, desc=name, unit="img", disable=not self.options.progress
+        ):
             tr = clicker.run(i, steps)
             res.add_trace(tr, self.gts[i])
             res.curve.append(list(tr.ious))
@@ -138,7 +141,9 @@ class MethodContext:
         from experiments.benchmark.results import MethodResult
 
         res = MethodResult(name, kind)
-        for i in tqdm(self.indices, desc=name, unit="img", disable=not self.options.progress):
+        for i in progress_bar(
+            self.indices, desc=name, unit="img", disable=not self.options.progress
+        ):
             s = self.samples[i]
             tr = agent.trace(
                 self.embeddings[i], self.gts[i], str(s.id), s.load_image, chooser, steps, stop
@@ -311,7 +316,9 @@ def _finetuned_delta(ctx: MethodContext, delta: str | Path) -> None:
     first = len(ctx.results)
     no_prompt = MethodResult(f"{label} (a) no prompt", "automatic")
     ctx.results.append(no_prompt)
-    for i in tqdm(ctx.indices, desc=no_prompt.name, disable=not ctx.options.progress):
+    for i in progress_bar(
+        ctx.indices, desc=no_prompt.name, unit="img", disable=not ctx.options.progress
+    ):
         s = ctx.samples[i]
         emb = ctx.cache.get_or_encode(tuned, s.load_image())  # a decoder delta: the base's entry
         t0 = time.perf_counter()
@@ -369,7 +376,9 @@ def amg(ctx: MethodContext) -> None:
         )
         env = PointPromptEnv(val, seg, ref.srm, config, cache=cache)
         gens, fgs, embs = [], [], []
-        for i in tqdm(range(len(val)), desc="automatic masks: tune on val", disable=not progress):
+        for i in progress_bar(
+            range(len(val)), desc="automatic masks: tune on val", unit="img", disable=not progress
+        ):
             env.reset(options={"index": i, "start": "none"})
             fg, emb = env.foreground_map()
             gens.append(loose.generate(val[i].load_image(), emb))
@@ -390,7 +399,7 @@ def amg(ctx: MethodContext) -> None:
     srm_pick = MethodResult(f"{what} + SRM pick", "automatic")
     oracle = MethodResult(f"{what} + oracle pick (ceiling: reads GT)", "oracle")
     srm_pick.trainable_params = oracle.trainable_params = 0
-    for i in tqdm(ctx.indices, desc="automatic masks", disable=not progress):
+    for i in progress_bar(ctx.indices, desc="automatic masks", unit="img", disable=not progress):
         s, gt = ctx.samples[i], np.asarray(ctx.samples[i].mask, bool)
         env.reset(options={"index": i, "start": "none"})
         foreground, emb = env.foreground_map()

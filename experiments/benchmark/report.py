@@ -176,7 +176,10 @@ def plot_examples(
             iou = next(r["iou"] for r in m.per_image if r["id"] == s.id)
             pil = Image.fromarray(tile)
             pil = pil.resize((max(1, round(pil.width * height / pil.height)), height))
-            ImageDraw.Draw(pil).text((4, 4), f"{label} | IoU {iou:.2f} | {m.name}", fill="white")
+            draw = ImageDraw.Draw(pil)
+            for row, text in enumerate((f"{label} | IoU {iou:.2f}", m.name)):  # name: own line
+                draw.text((5, 5 + 12 * row), text, fill="black")
+                draw.text((4, 4 + 12 * row), text, fill="white")
             tiles.append(np.asarray(pil))
         rows.append(np.concatenate(tiles, axis=1))
     width = max(r.shape[1] for r in rows)

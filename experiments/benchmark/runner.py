@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from agents.clickers import ClickTrace, SimulatedAnnotator
 from agents.config import ConfigError, TaskConfig
@@ -37,10 +36,11 @@ from experiments.datasets import load_dataset, readable
 from experiments.distributed import benchmark_shards
 from segmenter import EmbeddingCache, Segmenter, build_segmenter
 from segmenter.io import atomic_write
+from segmenter.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["run_benchmark", "run_methods"]
+__all__ = ["agent_names", "render_legend", "run_benchmark", "run_methods"]
 
 
 def run_benchmark(
@@ -165,10 +165,45 @@ def run_benchmark(
     result["workers"] = len(shards)
     atomic_write(out / "results.json", lambda fh: fh.write(json.dumps(result, indent=2).encode()))
     (out / "results.md").write_text(render_markdown(result))
+    (out / "legend.md").write_text(render_legend(result) + "\n")
     plot_curves(result, results, traces, out / "curves.png")
     gts = [np.asarray(s.mask, bool) for s in samples]
     plot_examples(samples, gts, results, out / "examples.png")
     return result
+
+
+def agent_names(run_dirs: Sequence[str | Path]) -> list[str]:
+    """The agents' method names: ``agent`` for one; for several, ``agent TASK/KIND`` read from
+    each run's ``config.json`` (plus the seed, then a number, where that is not unique), short
+    enough for plots. ``legend.md`` beside the plots maps each name to its run folder."""
+    if len(run_dirs) == 1:
+        return ["agent"]
+
+    def config(run: str | Path) -> dict[str, Any]:
+        try:
+            return json.loads((Path(run) / "config.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    configs = [config(r) for r in run_dirs]
+    names = [
+        f"agent {c.get('name', Path(r).name.split('__')[0])}/{c.get('agent', 'ppo')}"
+        for c, r in zip(configs, run_dirs, strict=True)
+    ]
+    if len(set(names)) < len(names):
+        names = [f"{n} s{c.get('seed', 0)}" for n, c in zip(names, configs, strict=True)]
+    if len(set(names)) < len(names):
+        names = [f"{n} #{i + 1}" for i, n in enumerate(names)]
+    return names
+
+
+def render_legend(result: dict[str, Any]) -> str:
+    """``legend.md``: each agent's short name in the tables and plots, and its run folder."""
+    names = agent_names(result["runs"])
+    rows = [f"| {n} | `{r}` |" for n, r in zip(names, result["runs"], strict=True)]
+    return "\n".join(
+        ["# Agents in this benchmark", "", "| name | run folder |", "|---|---|", *rows]
+    )
 
 
 def run_methods(
@@ -191,14 +226,14 @@ def run_methods(
     indices = list(indices)
     progress = options.progress
     agents = [PromptAgent.load(r, segmenter=seg, cache=cache) for r in run_dirs]
-    names = ["agent"] if len(agents) == 1 else [f"agent {Path(r).name}" for r in run_dirs]
+    names = agent_names(run_dirs)
 
     # Encode once; every method below reads the cached embeddings.
     t0 = time.perf_counter()
     misses = cache.misses
     embeddings = {
         i: cache.get_or_encode(seg, samples[i].load_image())
-        for i in tqdm(indices, desc="encode", unit="img", disable=not progress)
+        for i in progress_bar(indices, desc="encode", unit="img", disable=not progress)
     }
     encoded = cache.misses - misses
     encode_seconds = time.perf_counter() - t0
@@ -231,7 +266,7 @@ def run_methods(
     annotator = SimulatedAnnotator(seg, max_clicks=manual_clicks, selection="score")
     manual = {k: MethodResult(f"manual @{k}", "manual") for k in ks}
     traces: list[ClickTrace] = []
-    for i in tqdm(indices, desc="manual", unit="img", disable=not progress):
+    for i in progress_bar(indices, desc="manual", unit="img", disable=not progress):
         tr = annotator.run(embeddings[i], gts[i], samples[i].id, keep_masks=ks)
         traces.append(tr)
         for k in ks:

@@ -51,10 +51,9 @@ def add(sub: Subcommands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
     from experiments.datasets import load_dataset, load_or_skip
     from segmenter import EmbeddingCache
+    from segmenter.progress import progress_bar
 
     if args.ray is not None:
         return _run_ray(args)
@@ -66,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     cache = EmbeddingCache(args.cache)
     t0 = time.perf_counter()
     n = 0
-    for s in tqdm(samples, desc=f"embed {args.dataset}", unit="img"):
+    for s in progress_bar(samples, desc=f"embed {args.dataset}", unit="img"):
         image = load_or_skip(s, "skip" if args.skip_bad else "raise", skipped)
         if image is not None:
             cache.get_or_encode(seg, image)

@@ -110,6 +110,7 @@ def overrides(args: argparse.Namespace) -> dict[str, object]:
 
 def run(args: argparse.Namespace) -> int:
     from agents.config import ConfigError
+    from experiments.runs import describe_run
     from experiments.train import resolve_task, train
 
     if not args.task and not args.resume:
@@ -136,11 +137,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         total_timesteps=args.timesteps if args.resume else None,  # None: the run's own
     )
-    print(
-        f"run {summary['run_dir']}: {summary['steps']} steps in {summary['wall_seconds']:.0f} s "
-        f"(PPO learn {summary['learn_seconds']:.0f} s), best val mIoU "
-        f"{summary['best_val_miou']:.4f}"
-    )
+    print(describe_run(summary))
     for r in summary["imitation"].get("rounds", []):
         val = "n/a" if r["val_miou"] is None else f"{r['val_miou']:.4f}"
         print(

@@ -259,12 +259,12 @@ class TrainingMixin:
             p_zero: Probability of the zero mask state.
             p_synthetic: Probability of a synthetic mask state.
             calibrate: Fit the logit calibration on ``val_items`` at the end.
-            progress: Show a tqdm progress bar.
+            progress: Show progress (segmenter.progress).
 
         Returns:
             Mean training loss of every epoch run.
         """
-        from tqdm.auto import tqdm
+        from segmenter.progress import progress_bar
 
         if not len(items):
             raise ValueError("pretrain needs at least one item")
@@ -274,7 +274,9 @@ class TrainingMixin:
         if mask_states is None and segmenter is not None:
             mask_states = [
                 simulate_mask_states(segmenter, emb, gt, rng)
-                for emb, gt, _ in tqdm(items, desc="SRM mask states", disable=not progress)
+                for emb, gt, _ in progress_bar(
+                    items, desc="SRM mask states", unit="img", disable=not progress
+                )
             ]
         if self.config.reduce:
             self.fit_reduction(items, seed=int(rng.integers(2**31)))
@@ -299,7 +301,7 @@ class TrainingMixin:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
         history: list[float] = []
         best = (math.inf, copy.deepcopy(self.head.state_dict()), -1)
-        bar = tqdm(range(epochs), desc="SRM pretrain", disable=not progress)
+        bar = progress_bar(range(epochs), desc="SRM pretrain", unit="epoch", disable=not progress)
         for epoch in bar:
             self.head.train()
             order = rng.permutation(len(train))
