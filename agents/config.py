@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -46,15 +47,22 @@ class DataConfig:
     """Dataset specs (see ``experiments.datasets``) of the splits.
 
     ``train_subset`` keeps a seeded random subset of that many training images (the AlignSAM
-    protocol trains on 50 images per task). ``on_error``: ``raise`` stops at the first
-    unusable file, naming it; ``skip`` leaves such files out and lists them in the run's
-    summary (``--skip-bad`` on the command line).
+    protocol trains on 50 images per task). ``pool`` names further labelled images for larger
+    training sets, and ``train_size`` sets the size of the training set (a learning curve's
+    point): the first ``train_size`` of the ``train`` images, then of the ``pool`` images not
+    already in them, so every larger set holds every smaller one (``pool`` in its own order;
+    shuffled with the task's seed when ``train_subset`` draws the training images). No
+    training image may be scored: ``pool`` must not overlap ``val`` or ``test``.
+    ``on_error``: ``raise`` stops at the first unusable file, naming it; ``skip`` leaves such
+    files out and lists them in the run's summary (``--skip-bad`` on the command line).
     """
 
     train: str
     val: str | None = None
     test: str | None = None
     train_subset: PositiveInt | None = None
+    pool: str | None = None
+    train_size: PositiveInt | None = None
     on_error: Literal["raise", "skip"] = "raise"
 
     def __post_init__(self) -> None:
@@ -123,6 +131,9 @@ class TaskConfig:
             confident cells, exactly as at test time).
         srm: SRM settings (branch, text for the explicit branch, ...).
         srm_pretrain_epochs: Offline SRM pretraining on the train split before RL (0 = none).
+        srm_pretrain_steps: A budget of SRM optimizer steps instead (batches of 8 images):
+            the epochs become ``ceil(steps / batches per epoch)``, so training cost grows with
+            the steps, not with the number of images (a learning curve sets it per size).
         ppo: PPO settings.
         imitation: The imitation stage before PPO (:mod:`agents.imitation`; off unless
             ``rounds > 0``).
@@ -146,6 +157,7 @@ class TaskConfig:
     train_start: Literal["gt", "labeler"] = "labeler"
     srm: SRMConfig = field(default_factory=SRMConfig)
     srm_pretrain_epochs: NonNegativeInt = 30
+    srm_pretrain_steps: PositiveInt | None = None
     ppo: PPOConfig = field(default_factory=PPOConfig)
     imitation: ImitationConfig = field(default_factory=ImitationConfig)
     agent: Literal["ppo", "lookahead"] = "ppo"
@@ -154,6 +166,14 @@ class TaskConfig:
     eval_every: PositiveInt = 3_000
     checkpoint_every: PositiveInt = 1_500
     seed: NonNegativeInt = 0
+
+    def srm_epochs(self, n_images: int, batch_size: int = 8) -> int:
+        """SRM pretraining epochs over ``n_images``: ``srm_pretrain_epochs``, or the epochs
+        that ``srm_pretrain_steps`` optimizer steps take (at least 1)."""
+        if self.srm_pretrain_steps is None or self.srm_pretrain_epochs == 0:
+            return self.srm_pretrain_epochs
+        per_epoch = max(1, math.ceil(n_images / batch_size))
+        return max(1, math.ceil(self.srm_pretrain_steps / per_epoch))
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)

@@ -74,6 +74,9 @@ class LookaheadConfig:
         explore: Probability of a random candidate in the judge-training episodes.
         objective: The judge's LightGBM objective: ``lambdarank`` (the order of a state's
             candidates) or ``regression`` (their IoU).
+        judge_images: Judge-training episodes per round run on a seeded sample of this many
+            training images (a fresh sample each round), so the cost of a round does not grow
+            with the training set (``None``: every image).
         agreement: Weight of the SRM agreement (a candidate's soft Dice with the SRM map)
             added to the judge's score, both standardised over the step's candidates (0: the
             judge alone). A judge fitted on 50 images is noisy; the agreement is a second
@@ -90,12 +93,15 @@ class LookaheadConfig:
     explore: float = 0.3
     objective: Literal["regression", "lambdarank"] = "lambdarank"
     agreement: float = 0.0
+    judge_images: int | None = None
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.proposals < 1 or self.grid < 2:
             raise ValueError("lookahead: steps >= 0, proposals >= 1 and grid >= 2 needed")
         if self.folds < 2 or self.episodes < 1 or self.rounds < 1:
             raise ValueError("lookahead: folds >= 2, episodes >= 1 and rounds >= 1 needed")
+        if self.judge_images is not None and self.judge_images < 1:
+            raise ValueError(f"lookahead.judge_images must be >= 1, got {self.judge_images}")
         if not 0.0 <= self.explore <= 1.0:
             raise ValueError(f"lookahead.explore must lie in [0, 1], got {self.explore}")
         if self.agreement < 0:
@@ -206,7 +212,10 @@ class LookaheadAgent:
             rng: Generator of ``explore``.
             record: Keep each step's candidate features and true IoUs (``states``).
             score: Scores candidates' features instead of the judge (training rounds).
-            agreement: Weight of the SRM agreement beside the judge (default
+            judge_images: Judge-training episodes per round run on a seeded sample of this many
+            training images (a fresh sample each round), so the cost of a round does not grow
+            with the training set (``None``: every image).
+        agreement: Weight of the SRM agreement beside the judge (default
                 ``config.agreement``).
         """
         cfg = self.config

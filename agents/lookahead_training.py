@@ -158,9 +158,10 @@ def fit_judge(
         new = JudgeData.empty()
         finals = []
         chooser = "oracle" if judge is None else "judge"
-        bar = progress_bar(
-            range(len(items)), desc=f"judge round {r}", unit="img", disable=not progress
-        )
+        picked = range(len(items))
+        if config.judge_images is not None and config.judge_images < len(items):
+            picked = sorted(rng.choice(len(items), config.judge_images, replace=False).tolist())
+        bar = progress_bar(picked, desc=f"judge round {r}", unit="img", disable=not progress)
         for i in bar:
             emb, gt, load = items[i]
             for _ in range(config.episodes):

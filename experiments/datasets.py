@@ -13,6 +13,10 @@ Any spec may end in a Python slice, ``SPEC[a:b]``, to keep part of it in its (so
 e.g. ``camvid:train:car[:300]`` and ``camvid:train:car[300:]`` for disjoint training and
 validation frames.
 
+Specs joined by ``+`` are one dataset, in that order (ids must stay unique): the nested
+training sets of a learning curve are ``kvasir:train[:25]``, ``kvasir:train``,
+``kvasir:train+kvasir:pool[:50]``, ... (every larger set holds the smaller).
+
 And in an image shift, ``SPEC@SHIFT``, to test how a method copes with images unlike its
 training images (:data:`SHIFTS`): ``@down384`` (resized to 384 px wide, masks with them),
 ``@colour`` (hue, saturation and brightness moved, fixed per image), ``@blur`` (Gaussian blur,
@@ -132,6 +136,16 @@ class Shifted:
 
 def load_dataset(spec: str, on_error: D.OnError = "raise"):
     """Resolve a dataset spec (see module docstring) to a sequence of samples."""
+    if "+" in spec and not Path(spec).expanduser().exists():
+        parts = [p.strip() for p in spec.split("+")]
+        if not all(parts):
+            raise D.DataError(f"{spec}: an empty part around '+'; join specs as A+B")
+        loaded = [load_dataset(p, on_error) for p in parts]
+        return D.Dataset(
+            [s for part in loaded for s in part],
+            name="+".join(getattr(d, "name", p) for d, p in zip(loaded, parts, strict=True)),
+            skipped=[item for d in loaded for item in getattr(d, "skipped", [])],
+        )
     if "@" in spec and not Path(spec).expanduser().exists():
         base, _, shift = spec.rpartition("@")
         if shift not in SHIFTS:

@@ -159,7 +159,7 @@ def train_lookahead(
         srm = SemanticRecalibrationModule(task.srm, channels, device=task.device, features=features)
         srm.pretrain(
             items,
-            epochs=task.srm_pretrain_epochs,
+            epochs=task.srm_epochs(len(items)),
             rng=task.seed,
             val_items=val_items,
             mask_states=mask_states,
@@ -183,7 +183,7 @@ def train_lookahead(
             val_items,
             mask_states,
             folds=cfg.folds,
-            epochs=task.srm_pretrain_epochs,
+            epochs=task.srm_epochs(len(items) * (cfg.folds - 1) // cfg.folds),
             seed=task.seed,
             features=features,
             device=task.device,

@@ -14,7 +14,7 @@ import torch
 
 from agents.config import ConfigError, TaskConfig
 from envs.data import Dataset
-from experiments.datasets import load_readable
+from experiments.datasets import load_dataset, load_readable, readable
 
 __all__ = [
     "TASKS_DIR",
@@ -70,9 +70,10 @@ def load_split(task: TaskConfig, split: str) -> Dataset:
 
 def load_train_split(task: TaskConfig) -> Dataset:
     """The task's training images: its ``train`` spec, cut to the seeded ``train_subset``
-    (the 50 images of the AlignSAM protocol) when one is set. Training and every baseline that
-    learns from training images use exactly this list. A subset is drawn from the usable
-    images, after any skips."""
+    (the 50 images of the AlignSAM protocol) when one is set, then cut or extended to
+    ``train_size`` (a learning curve's point: the first images of that list, then of
+    ``data.pool``). Training and every baseline that learns from training images use exactly
+    this list. A subset is drawn from the usable images, after any skips."""
     train_set = load_split(task, "train")
     if task.data.train_subset and len(train_set) > task.data.train_subset:
         pick = np.random.default_rng(task.seed).choice(
@@ -83,7 +84,31 @@ def load_train_split(task: TaskConfig) -> Dataset:
             name=train_set.name,
             skipped=train_set.skipped,
         )
-    return train_set
+    size = task.data.train_size
+    if size is None:
+        return train_set
+    samples, skipped = list(train_set)[:size], list(train_set.skipped)
+    if size > len(train_set):
+        if not task.data.pool:
+            raise ConfigError(
+                f"task {task.name}: data.train_size {size} > the {len(train_set)} training "
+                "images, and data.pool names no further labelled images"
+            )
+        pool = load_dataset(task.data.pool, task.data.on_error)  # decoded below, as needed
+        have = {s.id for s in train_set}
+        extra = [s for s in pool if s.id not in have]
+        if task.data.train_subset:  # the training images were a random draw: so is the rest
+            order = np.random.default_rng([task.seed, 1]).permutation(len(extra))
+            extra = [extra[int(i)] for i in order]
+        if len(train_set) + len(extra) < size:
+            raise ConfigError(
+                f"task {task.name}: data.train_size {size} > the {len(train_set)} training "
+                f"+ {len(extra)} pool images ({task.data.pool})"
+            )
+        more = readable(extra[: size - len(train_set)], task.data.on_error, name=task.data.pool)
+        samples += list(more)
+        skipped += list(getattr(pool, "skipped", [])) + list(more.skipped)
+    return Dataset(samples, name=f"{train_set.name}[:{size}]", skipped=skipped)
 
 
 def skipped_by_split(train_set: Dataset | None, val_set: Dataset | None) -> dict[str, list]:

@@ -230,7 +230,7 @@ def train(
                     val_items = attach_semantic_maps(srm, val_items, val_set, progress=progress)
                 srm.pretrain(
                     items,
-                    epochs=task.srm_pretrain_epochs,
+                    epochs=task.srm_epochs(len(items)),
                     rng=task.seed,
                     val_items=val_items,
                     segmenter=segmenter,

@@ -96,7 +96,7 @@ class LineProgress(tqdm):
         values.update(bar_format=fmt, ncols=None)  # ncols=0 would drop bar_format
         if not values.get("prefix"):
             values["prefix"] = "progress"
-        line = self.format_meter(**values).strip()
+        line = " ".join(self.format_meter(**values).split()).replace("( ", "(")
         stream = self._stream or sys.stderr
         stream.write(line + "\n")
         stream.flush()

@@ -69,3 +69,33 @@ def test_the_report_names_the_dataset_a_benchmark_ran_on():
     )
     result.pop("dataset")  # results written before the dataset was recorded: the split
     assert "(test, 100 images," in render_markdown(result).splitlines()[0]
+
+
+def test_the_report_explains_its_star_once_for_both_tables_and_names_agents_in_a_legend(
+    tmp_path,
+):
+    import json
+    from pathlib import Path
+
+    from experiments.benchmark.report import render_markdown
+    from experiments.benchmark.runner import agent_names, render_legend
+
+    path = Path(__file__).parents[1] / "docs/results/lookahead_kvasir_test/results.json"
+    text = render_markdown(json.loads(path.read_text()))
+    assert text.count("paired bootstrap interval of the difference") == 1
+    assert "mIoU after k clicks" in text  # the second table the footnote covers
+    # Two agents: short names (task/kind) for the plots, the run folders in legend.md.
+    runs = []
+    for name, kind in (("kvasir_polyp", "lookahead"), ("kvasir_polyp", "ppo")):
+        run = tmp_path / f"{name}__{kind}__0__20261206-000000"
+        run.mkdir()
+        (run / "config.json").write_text(json.dumps({"name": name, "agent": kind, "seed": 0}))
+        runs.append(str(run))
+    assert agent_names(runs) == ["agent kvasir_polyp/lookahead", "agent kvasir_polyp/ppo"]
+    assert agent_names(runs[:1]) == ["agent"]
+    assert agent_names([runs[0], runs[0]]) == [
+        "agent kvasir_polyp/lookahead s0 #1",
+        "agent kvasir_polyp/lookahead s0 #2",
+    ]
+    legend = render_legend({"runs": runs})
+    assert f"| agent kvasir_polyp/ppo | `{runs[1]}` |" in legend

@@ -35,6 +35,8 @@ from envs.data import (
 )
 from envs.data import images as data_images
 
+REPO = Path(__file__).resolve().parents[1]
+
 # ----------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------
@@ -613,7 +615,7 @@ def test_real_kvasir_train():
         assert sample.mask.shape == read_image_size(sample.image_path)
         assert 0 < sample.mask.mean() < 1
     assert ds[0].load_image().shape[:2] == ds[0].mask.shape
-    with pytest.raises(DataError, match="available: test, test_rest, train, val"):
+    with pytest.raises(DataError, match="available: pool, test, test_rest, train, val"):
         kvasir_seg(root, "training")
 
 
@@ -644,3 +646,40 @@ def test_dataset_spec_slices():
     assert [s.id for s in load_dataset("synthetic:test[-2:]")] == [s.id for s in full[-2:]]
     with pytest.raises(DataError, match="keeps none"):
         load_dataset("synthetic:test[30:]")
+
+
+@pytest.mark.data
+@pytest.mark.parametrize(
+    "name", sorted(p.stem for p in (REPO / "experiments" / "tasks").glob("*.yaml"))
+)
+def test_no_training_image_is_scored_in_any_shipped_task_or_curve_point(name):
+    """For every shipped task and every learning-curve size up to its pool's end: the training
+    images (``train`` + the first of ``pool``) are in no split the task is scored on; and each
+    larger training set holds each smaller one."""
+    from experiments.curve import curve_task
+    from experiments.datasets import load_dataset
+    from experiments.runs import load_train_split, resolve_task
+
+    task = resolve_task(name)
+    root = _real_root()
+    if not task.data.train.startswith(("kvasir", "camvid")):
+        pytest.skip("no shared data behind this task")
+    if not (root / task.data.train.split(":")[0].replace("kvasir", "kvasir-seg")).is_dir():
+        pytest.skip("its data set is absent")
+    scored = set()
+    for spec in (task.data.val, task.data.test, *_scored_extras(task.data.test)):
+        scored |= {s.id for s in load_dataset(spec)}
+    n_pool = len(load_dataset(task.data.pool)) if task.data.pool else 0
+    sizes = [25, 50, 100, 200, 400]
+    previous: set[str] = set()
+    for size in [s for s in sizes if s <= n_pool] or [len(load_train_split(task))]:
+        ids = [s.id for s in load_train_split(curve_task(task, size))]
+        assert len(ids) == size and len(set(ids)) == size
+        assert not set(ids) & scored, (name, size, sorted(set(ids) & scored)[:5])
+        assert previous <= set(ids)
+        previous = set(ids)
+
+
+def _scored_extras(test_spec: str | None) -> list[str]:
+    """Other splits results are reported on (Kvasir's ``test_rest``)."""
+    return ["kvasir:test_rest"] if test_spec and test_spec.startswith("kvasir") else []

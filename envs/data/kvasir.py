@@ -21,7 +21,7 @@ def kvasir_seg(root: str | os.PathLike[str], split: str, *, on_error: OnError = 
 
     Args:
         root: The dataset folder.
-        split: A key of ``splits.json`` (``train``, ``val``, ``test``, ``test_rest``).
+        split: A key of ``splits.json`` (``train``, ``val``, ``test``, ``pool``, ``test_rest``).
         on_error: See :func:`folder_pairs`.
 
     Returns:

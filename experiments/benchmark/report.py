@@ -74,7 +74,8 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"Manual annotator (RITM protocol, {mc} clicks): mIoU {marks}; NoC@85 {m['noc@85']:.2f},"
         f" NoC@90 {m['noc@90']:.2f}.",
         "",
-        "`*`: the paired bootstrap interval of the difference excludes 0 (a real difference);"
+        "`*` (both tables): the paired bootstrap interval of the difference excludes 0 (a real"
+        " difference);"
         " without `*` the two methods are within noise. Clicks include the SRM's two start"
         " points. s/image: prompting and decoding with the embedding cached"
         + (f"; encoding costs {enc:.2f} s/image once, shared by all methods." if enc else "."),
@@ -157,8 +158,12 @@ def plot_examples(
     height: int = 240,
 ) -> None:
     """Best, median and worst images of the first agent, beside other methods on the same image."""
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, ImageFont
 
+    try:  # Pillow's own scalable font (FreeType); the small bitmap font where it is missing
+        font = ImageFont.load_default(size=12)
+    except (ImportError, OSError, TypeError):
+        font = ImageFont.load_default()
     ref = methods[0]
     by_name = {m.name: m for m in methods}
     cols = [ref] + [by_name[c] for c in columns if c in by_name]
@@ -178,8 +183,8 @@ def plot_examples(
             pil = pil.resize((max(1, round(pil.width * height / pil.height)), height))
             draw = ImageDraw.Draw(pil)
             for row, text in enumerate((f"{label} | IoU {iou:.2f}", m.name)):  # name: own line
-                draw.text((5, 5 + 12 * row), text, fill="black")
-                draw.text((4, 4 + 12 * row), text, fill="white")
+                draw.text((5, 5 + 14 * row), text, fill="black", font=font)
+                draw.text((4, 4 + 14 * row), text, fill="white", font=font)
             tiles.append(np.asarray(pil))
         rows.append(np.concatenate(tiles, axis=1))
     width = max(r.shape[1] for r in rows)

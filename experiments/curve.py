@@ -1,0 +1,384 @@
+"""``alignsam curve TASK --sizes 25 50 100 200 400 --out DIR``: how the agent and what a user
+would pick instead grow with the number of labelled images.
+
+For every size N (and seed) the task is trained on its first N labelled images
+(``data.train_size``: the ``train`` images, then ``pool``; every larger set holds every smaller
+one), each row an ordinary folder, then the existing benchmark scores every row on the same
+images of ``--split``. Layout of DIR::
+
+    DIR/n0025_s0/agent/       the task's agent (a run folder: ``alignsam train --resume`` works)
+    DIR/n0025_s0/ppo/         the paper's PPO agent (``--ppo-task``, at ``--ppo-sizes``)
+    DIR/n0025_s0/finetune/    the fine-tuned decoder (``alignsam finetune --level decoder``)
+    DIR/n0025_s0/benchmark/   ``alignsam benchmark`` of those on ``--split``
+    DIR/results.json, DIR/results.md, DIR/curve.png
+
+Every step is skipped when its output is complete (a run's ``summary.json``, a benchmark's
+``results.json``), so the same command after a kill resumes at the first unfinished step.
+Rows: the agent, the PPO agent, the SRM-confident heuristic and the fine-tuned decoder with the
+SRM's start points (all automatic), the lookahead ceiling (reads the ground truth), and the
+simulated annotator's @1 / @3 / @5 (reads the ground truth).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agents.config import TaskConfig
+from experiments.benchmark import agent_names, run_benchmark
+from experiments.benchmark.stats import bootstrap_ci, paired_diff_ci
+from experiments.finetune import run_finetune
+from experiments.runs import peak_memory_mb
+from experiments.train import train
+from segmenter import EmbeddingCache
+from segmenter.finetune import FinetuneConfig
+from segmenter.io import atomic_write
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CurveConfig", "ROWS", "curve_task", "render_curve_markdown", "run_curve"]
+
+#: The curve's rows: key -> (the benchmark's method name or a rule, the label in tables).
+ROWS: dict[str, str] = {
+    "agent": "the agent (the task's)",
+    "ppo": "PPO agent (the paper's)",
+    "srm_confident": "SRM-confident heuristic",
+    "finetuned_b": "fine-tuned decoder (b), SRM start",
+    "ceiling": "lookahead ceiling (reads GT)",
+}
+#: Benchmark method names of the fixed rows.
+_METHOD = {
+    "srm_confident": "SRM-confident",
+    "finetuned_b": "fine-tuned decoder (b) SRM start points",
+    "ceiling": "lookahead, true-IoU judge (ceiling: reads GT)",
+}
+#: The annotator's budgets drawn as horizontal lines.
+MANUAL_LINES = (1, 3, 5)
+
+
+@dataclass
+class CurveConfig:
+    """What ``alignsam curve`` trains and scores.
+
+    Attributes:
+        sizes: Labelled-image counts, ascending.
+        seeds: Seeds of every size ...
+        extra_seeds: ... and further seeds at the sizes up to ``extra_seeds_max_size``.
+        extra_seeds_max_size: The largest size with the extra seeds.
+        ppo_task: The paper's PPO agent's task (same data), ``None``: no PPO row.
+        ppo_sizes: The sizes with a PPO row (empty: every size).
+        finetune: Train and score the fine-tuned decoder row.
+        finetune_steps: The fine-tuning budget in images seen (epochs = steps / N, at least 2).
+        split: The split every row is scored on.
+        limit: Score only the first ``limit`` images of it.
+        manual_clicks: The simulated annotator's budget.
+    """
+
+    sizes: list[int]
+    seeds: list[int] = field(default_factory=lambda: [0])
+    extra_seeds: list[int] = field(default_factory=list)
+    extra_seeds_max_size: int = 50
+    ppo_task: TaskConfig | None = None
+    ppo_sizes: list[int] = field(default_factory=list)
+    finetune: bool = True
+    finetune_steps: int = 1000
+    split: str = "test"
+    limit: int | None = None
+    manual_clicks: int = 5
+
+    def points(self) -> list[tuple[int, int]]:
+        """Every ``(size, seed)`` of the curve, in training order."""
+        out = []
+        for size in self.sizes:
+            seeds = list(self.seeds)
+            if size <= self.extra_seeds_max_size:
+                seeds += [s for s in self.extra_seeds if s not in seeds]
+            out += [(size, seed) for seed in seeds]
+        return out
+
+
+def curve_task(task: TaskConfig, size: int, seed: int | None = None) -> TaskConfig:
+    """``task`` trained on its first ``size`` labelled images (``data.train_size``), with
+    ``seed`` when given."""
+    data = dataclasses.replace(task.data, train_size=int(size))
+    return dataclasses.replace(
+        task,
+        name=f"{task.name}_n{size}",
+        data=data,
+        seed=task.seed if seed is None else int(seed),
+    )
+
+
+def _train_row(task: TaskConfig, folder: Path, cache: str | None, progress: bool) -> dict:
+    """Train one row into ``folder`` (resuming an unfinished one); its ``summary.json``."""
+    summary = folder / "summary.json"
+    if summary.is_file():
+        return json.loads(summary.read_text())
+    resume = folder if (folder / "checkpoints").is_dir() and task.agent == "ppo" else None
+    out = train(
+        None if resume else task,
+        resume=resume,
+        cache_dir=cache,
+        progress=progress,
+        run_dir=None if resume else folder,
+    )
+    return out
+
+
+def _finetune_row(
+    task: TaskConfig, folder: Path, steps: int, cache: EmbeddingCache, progress: bool
+) -> dict:
+    summary = folder / "summary.json"
+    if summary.is_file():
+        return json.loads(summary.read_text())
+    n = task.data.train_size or 50
+    config = FinetuneConfig(level="decoder", epochs=max(2, round(steps / n)), seed=task.seed)
+    resume = (folder / "delta.pt").is_file()
+    return run_finetune(task, folder, config, cache=cache, resume=resume, progress=progress)
+
+
+def run_point(
+    task: TaskConfig,
+    config: CurveConfig,
+    size: int,
+    seed: int,
+    out: Path,
+    cache_dir: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train and benchmark every row of one ``(size, seed)``; returns the point's record."""
+    folder = out / f"n{size:04d}_s{seed}"
+    folder.mkdir(parents=True, exist_ok=True)
+    t_task = curve_task(task, size, seed)
+    cache = EmbeddingCache(cache_dir)
+    record: dict[str, Any] = {"size": size, "seed": seed, "folder": str(folder), "minutes": {}}
+    t0 = time.perf_counter()
+    summary = _train_row(t_task, folder / "agent", cache_dir, progress)
+    record["minutes"]["agent"] = summary.get("train_seconds_total", summary["wall_seconds"]) / 60
+    record["peak_memory_mb"] = {"agent": summary.get("peak_memory_mb")}
+    runs = [folder / "agent"]
+    if config.ppo_task is not None and (not config.ppo_sizes or size in config.ppo_sizes):
+        p_task = curve_task(config.ppo_task, size, seed)
+        p = _train_row(p_task, folder / "ppo", cache_dir, progress)
+        record["minutes"]["ppo"] = p.get("train_seconds_total", p["wall_seconds"]) / 60
+        runs.append(folder / "ppo")
+    deltas = []
+    if config.finetune:
+        f = _finetune_row(t_task, folder / "finetune", config.finetune_steps, cache, progress)
+        record["minutes"]["finetuned_b"] = f["wall_seconds"] / 60
+        deltas.append(folder / "finetune" / "delta.pt")
+    bench = folder / "benchmark"
+    if not (bench / "results.json").is_file():
+        methods = ["heuristics"]
+        if t_task.agent == "lookahead":
+            methods.append("lookahead_oracle")
+        run_benchmark(
+            t_task,
+            runs,
+            split=config.split,
+            limit=config.limit,
+            out=bench,
+            cache=cache,
+            manual_clicks=config.manual_clicks,
+            methods=methods,
+            progress=progress,
+            finetuned=deltas,
+        )
+    record["benchmark"] = str(bench)
+    record["seconds"] = time.perf_counter() - t0
+    return record
+
+
+def _rows_of(result: dict[str, Any]) -> dict[str, list[float]]:
+    """Per-image IoUs of each curve row in one benchmark's ``results.json`` (ids in order)."""
+    per = result["per_image"]
+    names = agent_names(result["runs"])
+    wanted = {"agent": names[0], **({"ppo": names[1]} if len(names) > 1 else {}), **_METHOD}
+    rows = {}
+    for key, method in wanted.items():
+        if method in per:
+            rows[key] = [float(r["iou"]) for r in per[method]]
+    for k in MANUAL_LINES:
+        if f"manual @{k}" in per:
+            rows[f"manual_{k}"] = [float(r["iou"]) for r in per[f"manual @{k}"]]
+    return rows
+
+
+def summarize(records: Sequence[dict[str, Any]], seed: int = 0) -> dict[str, Any]:
+    """The curve from its points' benchmarks: per size and row the mIoU over seeds (each
+    image's IoU averaged over the seeds, then a bootstrap interval over images) and the paired
+    interval of its difference to the agent."""
+    by_size: dict[int, list[dict[str, Any]]] = {}
+    for r in records:
+        by_size.setdefault(int(r["size"]), []).append(r)
+    sizes = []
+    for size in sorted(by_size):
+        recs = by_size[size]
+        per_seed = [
+            _rows_of(json.loads((Path(r["benchmark"]) / "results.json").read_text())) for r in recs
+        ]
+        keys = [k for k in per_seed[0] if all(k in p for p in per_seed)]
+        rows: dict[str, Any] = {}
+        agent = np.mean([p["agent"] for p in per_seed], axis=0)
+        for key in keys:
+            ious = np.mean([p[key] for p in per_seed], axis=0)
+            lo, hi = bootstrap_ci(ious, seed=seed)
+            row = {
+                "miou": float(ious.mean()),
+                "ci95": [lo, hi],
+                "per_seed": [float(np.mean(p[key])) for p in per_seed],
+            }
+            if key != "agent":
+                d, dlo, dhi = paired_diff_ci(ious, agent, seed=seed)
+                row["diff_vs_agent"] = [d, dlo, dhi]
+            minutes = [r["minutes"].get(key) for r in recs if r["minutes"].get(key) is not None]
+            if minutes:
+                row["train_minutes"] = float(np.mean(minutes))
+            rows[key] = row
+        memory = [r.get("peak_memory_mb", {}).get("agent") for r in recs]
+        sizes.append(
+            {
+                "size": size,
+                "seeds": [int(r["seed"]) for r in recs],
+                "n_images": len(per_seed[0]["agent"]),
+                "rows": rows,
+                "agent_peak_memory_mb": max((m for m in memory if m), default=None),
+                "benchmarks": [r["benchmark"] for r in recs],
+            }
+        )
+    return {"sizes": sizes}
+
+
+def render_curve_markdown(result: dict[str, Any]) -> str:
+    """``results.md``: mIoU [95 % CI] of every row at every size, training minutes."""
+    keys = [k for k in (*ROWS, *(f"manual_{k}" for k in MANUAL_LINES))]
+    keys = [k for k in keys if any(k in s["rows"] for s in result["sizes"])]
+    label = {**ROWS, **{f"manual_{k}": f"manual @{k} (reads GT)" for k in MANUAL_LINES}}
+    head = ["labelled images"] + [label[k] for k in keys] + ["agent training min"]
+    lines = [
+        f"# Learning curve: {result['task']} on {result['split']}"
+        f" ({result['sizes'][0]['n_images'] if result['sizes'] else 0} images)",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for s in result["sizes"]:
+        cells = [f"{s['size']} (seeds {', '.join(map(str, s['seeds']))})"]
+        for k in keys:
+            r = s["rows"].get(k)
+            if r is None:
+                cells.append("-")
+                continue
+            cell = f"{r['miou']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]"
+            if "diff_vs_agent" in r:
+                d, lo, hi = r["diff_vs_agent"]
+                cell += f" ({d:+.3f}{'' if lo <= 0 <= hi else '*'})"
+            cells.append(cell)
+        minutes = s["rows"].get("agent", {}).get("train_minutes")
+        cells.append("-" if minutes is None else f"{minutes:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "mIoU over the images [bootstrap 95 % interval]; with two seeds each image's IoU is the"
+        " mean of the seeds'. In brackets: the paired difference to the agent, `*` where its"
+        " interval excludes 0. Rows that read the ground truth are not automatic.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot_curve(result: dict[str, Any], path: Path) -> None:
+    """``curve.png``: mIoU against labelled images (log axis) with 95 % intervals, the
+    annotator's @k as horizontal lines, agent training minutes on a second axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = [s["size"] for s in result["sizes"]]
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
+    for key, label in ROWS.items():
+        pts = [(s["size"], s["rows"][key]) for s in result["sizes"] if key in s["rows"]]
+        if not pts:
+            continue
+        xs = [x for x, _ in pts]
+        ys = np.array([r["miou"] for _, r in pts])
+        lo = ys - np.array([r["ci95"][0] for _, r in pts])
+        hi = np.array([r["ci95"][1] for _, r in pts]) - ys
+        style = "--" if key == "ceiling" else "-"
+        ax.errorbar(xs, ys, yerr=[lo, hi], fmt=style + "o", ms=4, capsize=3, label=label)
+    for k, colour in zip(MANUAL_LINES, ("0.75", "0.5", "0.25"), strict=True):
+        vals = [
+            s["rows"][f"manual_{k}"]["miou"] for s in result["sizes"] if f"manual_{k}" in s["rows"]
+        ]
+        if vals:
+            ax.axhline(float(np.mean(vals)), color=colour, ls=":", lw=1.2)
+            ax.annotate(f"manual @{k}", (sizes[0], float(np.mean(vals))), fontsize=7, va="bottom")
+    ax.set_xscale("log")
+    ax.set_xticks(sizes, [str(s) for s in sizes])
+    ax.set_xlabel("labelled training images")
+    ax.set_ylabel(f"mIoU on {result['split']}")
+    ax.set_title(f"{result['task']}: learning curve")
+    ax.grid(alpha=0.3)
+    minutes = [s["rows"].get("agent", {}).get("train_minutes") for s in result["sizes"]]
+    if any(m is not None for m in minutes):
+        ax2 = ax.twinx()
+        ax2.bar(
+            sizes,
+            [m or 0 for m in minutes],
+            width=[s * 0.15 for s in sizes],
+            alpha=0.15,
+            color="k",
+            label="agent training (min)",
+        )
+        ax2.set_ylabel("agent training minutes")
+        ax2.set_zorder(ax.get_zorder() - 1)
+        ax.patch.set_visible(False)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def run_curve(
+    task: TaskConfig,
+    config: CurveConfig,
+    out: str | Path,
+    cache_dir: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Every point of the curve (resuming finished steps), then ``results.json``,
+    ``results.md`` and ``curve.png`` in ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    records = []
+    points = config.points()
+    for i, (size, seed) in enumerate(points):
+        logger.info(
+            "curve point %d/%d: %d labelled images, seed %d", i + 1, len(points), size, seed
+        )
+        records.append(run_point(task, config, size, seed, out, cache_dir, progress))
+    result = {
+        "task": task.name,
+        "agent": task.agent,
+        "split": config.split,
+        "limit": config.limit,
+        "train_spec": task.data.train,
+        "pool_spec": task.data.pool,
+        "points": records,
+        **summarize(records),
+        "seconds": time.perf_counter() - t0,
+        "peak_memory_mb": peak_memory_mb(),
+    }
+    atomic_write(out / "results.json", lambda fh: fh.write(json.dumps(result, indent=2).encode()))
+    (out / "results.md").write_text(render_curve_markdown(result))
+    plot_curve(result, out / "curve.png")
+    return result

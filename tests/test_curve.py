@@ -1,0 +1,99 @@
+"""``alignsam curve`` (issue 30): nested training sets, every row an ordinary folder, the
+curve's files, and a rerun that resumes instead of training again; on the tiny segmenter."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from experiments.curve import CurveConfig, curve_task
+from experiments.runs import load_train_split, resolve_task
+
+TASK = """\
+name: tiny_curve
+data: {train: "synthetic:train[:6]", pool: "synthetic:train[6:]", val: "synthetic:val[:4]",
+       test: "synthetic:test"}
+segmenter: tiny
+env: {max_steps: 2}
+srm_pretrain_epochs: 2
+agent: lookahead
+lookahead: {steps: 2, proposals: 2, folds: 2, episodes: 1, rounds: 1, judge_images: 4}
+"""
+PPO = """\
+name: tiny_curve_ppo
+data: {train: "synthetic:train[:6]", pool: "synthetic:train[6:]", val: "synthetic:val[:4]",
+       test: "synthetic:test"}
+segmenter: tiny
+env: {max_steps: 2}
+srm_pretrain_epochs: 2
+ppo: {n_steps: 16, batch_size: 16, n_epochs: 1, features_dim: 32, cnn_channels: 8}
+total_timesteps: 16
+eval_every: 16
+checkpoint_every: 16
+"""
+
+
+def _curve(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "ALIGNSAM_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1"}
+    args = ["curve", "task.yaml", "--sizes", "3", "10", "--extra-seeds", "1"]
+    args += ["--extra-seeds-max-size", "3", "--ppo-task", "ppo.yaml", "--ppo-sizes", "10"]
+    args += ["--finetune-steps", "10", "--limit", "3", "--manual-clicks", "3", "--out", "curve"]
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.cli", "--threads", "1", *args, *extra],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=900,
+    )
+
+
+def test_training_sets_are_nested_train_then_pool(tmp_path):
+    (tmp_path / "task.yaml").write_text(TASK)
+    task = resolve_task(str(tmp_path / "task.yaml"))
+    ids = {n: [s.id for s in load_train_split(curve_task(task, n))] for n in (3, 6, 10)}
+    train = [s.id for s in load_train_split(task)]
+    assert ids[3] == train[:3] and ids[6] == train
+    assert ids[10][:6] == train and len(set(ids[10])) == 10
+    assert CurveConfig(sizes=[3, 10], extra_seeds=[1], extra_seeds_max_size=3).points() == [
+        (3, 0),
+        (3, 1),
+        (10, 0),
+    ]
+
+
+def test_curve_writes_every_row_and_resumes(tmp_path):
+    (tmp_path / "task.yaml").write_text(TASK)
+    (tmp_path / "ppo.yaml").write_text(PPO)
+    proc = _curve(tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "curve"
+    result = json.loads((out / "results.json").read_text())
+    assert [s["size"] for s in result["sizes"]] == [3, 10]
+    assert result["sizes"][0]["seeds"] == [0, 1] and result["sizes"][1]["seeds"] == [0]
+    small, large = (s["rows"] for s in result["sizes"])
+    for rows in (small, large):
+        for key in ("agent", "srm_confident", "finetuned_b", "ceiling", "manual_1", "manual_3"):
+            lo, hi = rows[key]["ci95"]
+            assert 0 <= lo <= rows[key]["miou"] <= hi <= 1, (key, rows[key])
+        assert "diff_vs_agent" in rows["srm_confident"] and rows["agent"]["train_minutes"] > 0
+    assert "ppo" in large and "ppo" not in small
+    assert (out / "curve.png").stat().st_size > 10_000
+    assert "| 10 (seeds 0) |" in (out / "results.md").read_text()
+    # Each row is an ordinary folder: a run (config, checkpoints), a delta, a benchmark.
+    point = out / "n0010_s0"
+    assert (point / "agent" / "checkpoints" / "best" / "meta.json").is_file()
+    assert (point / "ppo" / "checkpoints" / "latest").exists()
+    assert (point / "finetune" / "delta.pt").is_file()
+    # Trained once on 10 images (train + pool), benchmarked on the same 3 test images.
+    assert json.loads((point / "agent" / "config.json").read_text())["data"]["train_size"] == 10
+    # A rerun after a lost benchmark redoes that step alone.
+    trained = (point / "agent" / "summary.json").stat().st_mtime_ns
+    (point / "benchmark" / "results.json").unlink()
+    again = _curve(tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (point / "agent" / "summary.json").stat().st_mtime_ns == trained
+    assert (point / "benchmark" / "results.json").is_file()
