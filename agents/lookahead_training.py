@@ -79,7 +79,13 @@ def cross_fitted_maps(
     folds = min(folds, n)
     order = np.random.default_rng(seed).permutation(n)
     maps: list[np.ndarray | None] = [None] * n
-    for f, held in enumerate(np.array_split(order, folds)):
+    bar = progress_bar(
+        list(enumerate(np.array_split(order, folds))),
+        desc="cross-fitted SRMs",
+        unit="fold",
+        disable=not progress,
+    )
+    for f, held in bar:
         keep = np.setdiff1d(np.arange(n), held)
         srm = SemanticRecalibrationModule(config, channels, device=device, features=features)
         srm.pretrain(
@@ -88,11 +94,11 @@ def cross_fitted_maps(
             rng=seed * 100 + f,
             val_items=val_items,
             mask_states=None if mask_states is None else [mask_states[i] for i in keep],
-            progress=progress,
+            progress=False,  # one line per fold set, not per fold
         )
         for i, m in zip(held, srm_maps(srm, [items[i] for i in held]), strict=True):
             maps[int(i)] = m
-        logger.info("cross-fitted SRM fold %d/%d: %d held-out maps", f + 1, folds, len(held))
+        logger.debug("cross-fitted SRM fold %d/%d: %d held-out maps", f + 1, folds, len(held))
     return [m for m in maps if m is not None]
 
 

@@ -95,14 +95,12 @@ class CurveConfig:
     manual_clicks: int = 5
 
     def points(self) -> list[tuple[int, int]]:
-        """Every ``(size, seed)`` of the curve, in training order."""
-        out = []
-        for size in self.sizes:
-            seeds = list(self.seeds)
-            if size <= self.extra_seeds_max_size:
-                seeds += [s for s in self.extra_seeds if s not in seeds]
-            out += [(size, seed) for seed in seeds]
-        return out
+        """Every ``(size, seed)`` of the curve, in training order: every size with the
+        ``seeds`` first, then the extra seeds (a curve cut short has every size once)."""
+        out = [(size, seed) for seed in self.seeds for size in self.sizes]
+        extra = [s for s in self.extra_seeds if s not in self.seeds]
+        small = [size for size in self.sizes if size <= self.extra_seeds_max_size]
+        return out + [(size, seed) for seed in extra for size in small]
 
 
 def curve_task(task: TaskConfig, size: int, seed: int | None = None) -> TaskConfig:
@@ -191,6 +189,7 @@ def run_point(
             methods=methods,
             progress=progress,
             finetuned=deltas,
+            finetuned_agent=False,
         )
     record["benchmark"] = str(bench)
     record["seconds"] = time.perf_counter() - t0
@@ -347,38 +346,135 @@ def plot_curve(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _config_dict(config: CurveConfig) -> dict[str, Any]:
+    """``config`` as plain data (a Ray trial rebuilds it with :func:`_config_from`)."""
+    d = dataclasses.asdict(config)
+    d["ppo_task"] = None if config.ppo_task is None else config.ppo_task.to_dict()
+    return d
+
+
+def _config_from(d: dict[str, Any]) -> CurveConfig:
+    ppo = d.get("ppo_task")
+    ppo_task = None if ppo is None else TaskConfig.from_dict(ppo, where="curve --ppo-task")
+    return CurveConfig(**{**d, "ppo_task": ppo_task})
+
+
+def _curve_trainable(trial: dict[str, Any]) -> None:
+    """One Ray Tune trial: one ``(size, seed)`` point, resumed from its folder."""
+    from ray import tune
+
+    from experiments.distributed import _threads
+
+    _threads(trial["threads"])
+    task = TaskConfig.from_dict(trial["task"], where="curve trial")
+    record = run_point(
+        task,
+        _config_from(trial["curve"]),
+        int(trial["point"][0]),
+        int(trial["point"][1]),
+        Path(trial["out"]),
+        trial["cache_dir"],
+        progress=False,
+    )
+    tune.report({"record": json.dumps(record)})
+
+
+def _points_on_ray(
+    task: TaskConfig,
+    config: CurveConfig,
+    out: Path,
+    cache_dir: str | None,
+    address: str,
+    threads: int,
+) -> list[dict[str, Any]]:
+    """Every point as a Ray Tune trial (a failed trial is retried from its folder)."""
+    from experiments.distributed import connect
+
+    connect(address)
+    from ray import tune
+
+    space = {
+        "point": tune.grid_search([list(p) for p in config.points()]),
+        "task": task.to_dict(),
+        "curve": _config_dict(config),
+        "out": str(out.resolve()),
+        "cache_dir": str(Path(cache_dir).resolve()) if cache_dir else None,
+        "threads": threads,
+    }
+    tuner = tune.Tuner(
+        tune.with_resources(_curve_trainable, {"cpu": threads}),
+        param_space=space,
+        run_config=tune.RunConfig(
+            name="curve",
+            storage_path=str(out.resolve() / "_tune"),
+            failure_config=tune.FailureConfig(max_failures=2),
+            verbose=0,
+        ),
+    )
+    records = []
+    for r in tuner.fit():
+        if r.error:
+            raise RuntimeError(f"curve point {r.config['point']} failed: {r.error}")
+        records.append(json.loads(r.metrics["record"]))
+    return sorted(records, key=lambda rec: (rec["size"], rec["seed"]))
+
+
+def _write(out: Path, result: dict[str, Any]) -> None:
+    data = json.dumps(result, indent=2).encode()
+    atomic_write(out / "results.json", lambda fh: fh.write(data))
+    (out / "results.md").write_text(render_curve_markdown(result))
+    plot_curve(result, out / "curve.png")
+
+
 def run_curve(
     task: TaskConfig,
     config: CurveConfig,
     out: str | Path,
     cache_dir: str | None = None,
     progress: bool = True,
+    ray_address: str | None = None,
+    threads_per_trial: int = 1,
 ) -> dict[str, Any]:
     """Every point of the curve (resuming finished steps), then ``results.json``,
-    ``results.md`` and ``curve.png`` in ``out``."""
+    ``results.md`` and ``curve.png`` in ``out`` (rewritten after every point). With
+    ``ray_address`` (``""``: a local Ray) the points run as Ray Tune trials."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    records = []
     points = config.points()
+    if ray_address is not None:
+        records = _points_on_ray(task, config, out, cache_dir, ray_address, threads_per_trial)
+        points = []  # done
+    else:
+        records = []
+    result: dict[str, Any] = {}
     for i, (size, seed) in enumerate(points):
         logger.info(
             "curve point %d/%d: %d labelled images, seed %d", i + 1, len(points), size, seed
         )
         records.append(run_point(task, config, size, seed, out, cache_dir, progress))
-    result = {
+        result = _result(task, config, records, t0)
+        _write(out, result)  # a curve stopped early shows what it has
+    if ray_address is not None:
+        result = _result(task, config, records, t0)
+        _write(out, result)
+    return result
+
+
+def _result(
+    task: TaskConfig, config: CurveConfig, records: list[dict[str, Any]], t0: float
+) -> dict[str, Any]:
+    return {
         "task": task.name,
         "agent": task.agent,
         "split": config.split,
         "limit": config.limit,
         "train_spec": task.data.train,
         "pool_spec": task.data.pool,
+        "points_done": len(records),
+        "points_planned": [list(p) for p in config.points()],
         "points": records,
         **summarize(records),
         "seconds": time.perf_counter() - t0,
         "peak_memory_mb": peak_memory_mb(),
     }
-    atomic_write(out / "results.json", lambda fh: fh.write(json.dumps(result, indent=2).encode()))
-    (out / "results.md").write_text(render_curve_markdown(result))
-    plot_curve(result, out / "curve.png")
-    return result

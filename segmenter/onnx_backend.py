@@ -296,7 +296,7 @@ def export_graph(module: nn.Module, args: tuple, path: Path, **kwargs: Any) -> P
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    logger.info("exported %s", path)
+    logger.debug("exported %s", path)
     return path
 
 

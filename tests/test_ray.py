@@ -177,3 +177,24 @@ def test_sweep_survives_a_killed_worker(cluster, tmp_path):
     assert int((victim / "worker.pid").read_text()) != killed  # a new worker finished it
     assert np.isfinite([r["best_val_miou"] for r in rows]).all()
     assert "tiny_a" in out and "TERMINATED" in out
+
+
+def test_curve_on_ray_gives_the_points_of_the_plain_path(cluster, tmp_path):
+    """``alignsam curve --ray``: each (size, seed) a Ray Tune trial; the same curve rows and
+    run folders as the plain path."""
+    from test_curve import TASK
+
+    (tmp_path / "task.yaml").write_text(TASK)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ALIGNSAM_HOME": str(tmp_path / "home")}
+    cmd = [sys.executable, "-m", "experiments.cli", "curve", "task.yaml", "--sizes", "3", "6"]
+    cmd += ["--extra-seeds", "--no-finetune", "--limit", "2", "--manual-clicks", "2"]
+    cmd += ["--cache", str(tmp_path / "emb"), "--out", "curve", "--ray", cluster.address]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "curve" / "results.json").read_text())
+    assert [s["size"] for s in result["sizes"]] == [3, 6]
+    assert result["points_done"] == 2
+    for s in result["sizes"]:
+        assert {"agent", "srm_confident", "ceiling", "manual_1"} <= set(s["rows"])
+    for point in ("n0003_s0", "n0006_s0"):
+        assert (tmp_path / "curve" / point / "agent" / "summary.json").is_file()

@@ -61,6 +61,7 @@ class MethodOptions:
     manual_clicks: int = 20
     abstain_margin: float | None = None
     finetuned: tuple[str, ...] = ()
+    finetuned_agent: bool = True  # the (c) row: the agent prompting each fine-tuned decoder
     amg_points_per_side: int = 32
     amg_tune_images: int = 10
     progress: bool = True
@@ -324,9 +325,10 @@ def _finetuned_delta(ctx: MethodContext, delta: str | Path) -> None:
         t0 = time.perf_counter()
         pred = tuned.decode(emb, np.zeros((0, 2)), np.zeros(0), return_full=True)
         no_prompt.add(s.id, pred.mask, s.mask, 0, time.perf_counter() - t0, 1)
+    ref = ctx.ref
     if level == "decoder":  # the SRM and policy read the embeddings, which are unchanged
-        ref = ctx.ref
         ctx.env_method(f"{label} (b) SRM start points", "random", ref.srm, 0, None, tuned)
+    if level == "decoder" and ctx.options.finetuned_agent:
         name = f"{label} (c) agent prompting it"
         if looks_ahead(ref):  # the same SRM, judge and settings, previewing on the tuned decoder
             from agents.lookahead import LookaheadAgent

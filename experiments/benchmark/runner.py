@@ -59,6 +59,7 @@ def run_benchmark(
     abstain_margin: float | None = None,
     skip_bad: bool = False,
     finetuned: Sequence[str | Path] = (),
+    finetuned_agent: bool = True,
     amg_points_per_side: int = 32,
     amg_tune_images: int = 10,
     ray_address: str | None = None,
@@ -87,6 +88,8 @@ def run_benchmark(
             (``skipped``) instead of stopping at the first (the task's ``data.on_error``).
         finetuned: Fine-tuning deltas (``alignsam finetune`` folders or ``delta.pt`` files) of
             this task's segmenter, each benchmarked as its automatic variants.
+        finetuned_agent: Also the (c) variant, the reference agent prompting each fine-tuned
+            decoder (the curve leaves it out: a second run of the agent per image).
         amg_points_per_side: Point grid side of the automatic mask generator (SAM: 32).
         amg_tune_images: ``val`` images on which the generator's two filter thresholds are
             chosen (0: SAM's defaults).
@@ -124,6 +127,7 @@ def run_benchmark(
         manual_clicks=manual_clicks,
         abstain_margin=abstain_margin,
         finetuned=tuple(str(Path(d).resolve()) for d in finetuned),
+        finetuned_agent=finetuned_agent,
         amg_points_per_side=amg_points_per_side,
         amg_tune_images=amg_tune_images,
         progress=progress,

@@ -10,6 +10,7 @@ from experiments.cli.common import (
     Subcommands,
     UsageError,
     add_cache_option,
+    add_ray_options,
     non_negative_int,
     positive_int,
     yaml_value,
@@ -95,6 +96,14 @@ def add(sub: Subcommands) -> None:
     )
     c.add_argument("--out", required=True, metavar="DIR", help="the curve's folder")
     add_cache_option(c)
+    add_ray_options(c, workers=False)
+    c.add_argument(
+        "--trial-threads",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="--ray: CPUs per point (each size and seed is a Ray Tune trial)",
+    )
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
     c.set_defaults(func=run)
 
@@ -141,7 +150,15 @@ def run(args: argparse.Namespace) -> int:
         limit=args.limit,
         manual_clicks=args.manual_clicks,
     )
-    result = run_curve(task, config, args.out, args.cache, progress=not args.no_progress)
+    result = run_curve(
+        task,
+        config,
+        args.out,
+        args.cache,
+        progress=not args.no_progress,
+        ray_address=args.ray,
+        threads_per_trial=args.trial_threads,
+    )
     out = Path(args.out)
     print((out / "results.md").read_text(), end="")
     minutes = result["seconds"] / 60

@@ -364,7 +364,7 @@ class TrainingMixin:
             logger.warning("SRM calibration diverged (%s, %s); keeping identity", scale, bias)
             scale, bias = 1.0, 0.0
         self.calibration = torch.tensor([scale, bias], device=self.device)
-        logger.info("SRM calibration: logit scale %.3f, bias %.3f", scale, bias)
+        logger.debug("SRM calibration: logit scale %.3f, bias %.3f", scale, bias)
         self._touch()
 
     def calibrate(
