@@ -141,8 +141,9 @@ def describe_run(summary: dict[str, Any]) -> str:
         stages = ", ".join(f"{k} {v:.0f} s" for k, v in summary.get("seconds", {}).items())
         steps = summary.get("val_mean_steps")
         at = "" if steps is None else f" at {steps:.1f} clicks"
+        rounds = len(summary.get("judge_rounds", []))
         return (
-            f"{head}lookahead agent, {len(summary.get('judge_rounds', []))} judge rounds "
+            f"{head}lookahead agent, {rounds} judge round{'' if rounds == 1 else 's'} "
             f"({summary.get('judge_decoder_calls', 0)} decoder calls) in "
             f"{summary['wall_seconds']:.0f} s ({stages}); val mIoU "
             f"{_score(summary.get('best_val_miou'))}{at}{tail}"

@@ -82,6 +82,8 @@ class LineProgress(tqdm):
         waited = time.monotonic() - self._line_t
         if not self.total:
             return waited >= UNKNOWN_TOTAL_INTERVAL
+        if self.n >= self.total:  # the closing line says it
+            return False
         return waited >= LINE_INTERVAL and (self.n - self._line_n) >= LINE_STEP * self.total
 
     def display(self, msg: str | None = None, pos: int | None = None) -> bool:

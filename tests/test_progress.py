@@ -52,7 +52,8 @@ def test_a_long_stage_prints_a_line_per_tenth_with_rate_and_time_left(monkeypatc
     bar.close()  # a second close prints nothing more
     lines = out.getvalue().splitlines()
     assert "\r" not in out.getvalue() and "\x1b" not in out.getvalue()
-    assert 10 <= len(lines) <= 11, lines  # ~every 10 %, then the closing line
+    assert len(lines) == 10, lines  # every 10 % but the last, then the closing line
+    assert not any("(100%)" in line for line in lines)
     assert re.fullmatch(r"PPO: 100/1000 step \(10%\), .*step/s, .* left", lines[0]), lines[0]
     assert lines[-1].startswith("PPO: 1000/1000 step in ")
 

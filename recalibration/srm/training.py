@@ -74,23 +74,36 @@ class TrainingMixin:
     ) -> None:
         """Fit the input projection (``config.reduce`` channels): a whitened PCA of the items'
         standardised features over their valid cells (at most ``max_cells`` of them, drawn
-        evenly from every image)."""
+        evenly from every image).
+
+        The moments are summed image by image (``C x C`` in float64), never the sampled cells
+        themselves: memory stays at one image's features whatever the number of images (the
+        cells stacked at once took ~8 GB for 1,656 channels)."""
         d = int(self.config.reduce)
         rng = np.random.default_rng(seed)
         per_image = max(1, max_cells // max(len(items), 1))
-        rows = []
+        total: torch.Tensor | None = None
+        outer: torch.Tensor | None = None
+        n = 0
         for emb, _, _ in items:
             vh, vw = emb.valid_shape(emb.grid_size)
             f = self.raw_features(emb)[0, :, :vh, :vw].detach().to("cpu", torch.float64)
             f = f.flatten(1).T
-            rows.append(f[rng.choice(len(f), min(len(f), per_image), replace=False)])
-        x = torch.cat(rows)
-        if d > x.shape[1]:
-            raise ValueError(f"reduce={d} exceeds the {x.shape[1]} feature channels")
-        mean = x.mean(0)
-        std = x.std(0).clamp_min(1e-3)
-        z = (x - mean) / std
-        values, vectors = torch.linalg.eigh(z.T @ z / max(len(z) - 1, 1))
+            rows = f[rng.choice(len(f), min(len(f), per_image), replace=False)]
+            if total is None or outer is None:
+                total = torch.zeros(rows.shape[1], dtype=torch.float64)
+                outer = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64)
+            total += rows.sum(0)
+            outer += rows.T @ rows
+            n += len(rows)
+        if total is None or outer is None:
+            raise ValueError("fit_reduction needs at least one item")
+        if d > total.shape[0]:
+            raise ValueError(f"reduce={d} exceeds the {total.shape[0]} feature channels")
+        mean = total / n
+        cov = (outer - n * torch.outer(mean, mean)) / max(n - 1, 1)  # unbiased, as Tensor.std
+        std = cov.diagonal().clamp_min(0.0).sqrt().clamp_min(1e-3)
+        values, vectors = torch.linalg.eigh(cov / torch.outer(std, std))
         top = torch.argsort(values, descending=True)[:d]
         matrix = vectors[:, top].T / values[top].clamp_min(1e-6).sqrt()[:, None]
         self.reduce_mean = mean.float().to(self.device)
