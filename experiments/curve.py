@@ -36,7 +36,7 @@ from agents.config import TaskConfig
 from experiments.benchmark import agent_names, run_benchmark
 from experiments.benchmark.stats import bootstrap_ci, paired_diff_ci
 from experiments.finetune import run_finetune
-from experiments.runs import peak_memory_mb
+from experiments.runs import describe_run, peak_memory_mb
 from experiments.train import train
 from segmenter import EmbeddingCache
 from segmenter.finetune import FinetuneConfig
@@ -128,6 +128,7 @@ def _train_row(task: TaskConfig, folder: Path, cache: str | None, progress: bool
         progress=progress,
         run_dir=None if resume else folder,
     )
+    logger.info(describe_run(out))
     return out
 
 

@@ -34,7 +34,7 @@ def _curve(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "ALIGNSAM_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1"}
     args = ["curve", "task.yaml", "--sizes", "3", "10", "--extra-seeds", "1"]
     args += ["--extra-seeds-max-size", "3", "--ppo-task", "ppo.yaml", "--ppo-sizes", "10"]
-    args += ["--finetune-steps", "10", "--limit", "3", "--manual-clicks", "3", "--out", "curve"]
+    args += ["--finetune-steps", "10", "--limit", "2", "--manual-clicks", "3", "--out", "curve"]
     return subprocess.run(
         [sys.executable, "-m", "experiments.cli", "--threads", "1", *args, *extra],
         capture_output=True,

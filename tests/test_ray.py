@@ -187,7 +187,7 @@ def test_curve_on_ray_gives_the_points_of_the_plain_path(cluster, tmp_path):
     (tmp_path / "task.yaml").write_text(TASK)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "ALIGNSAM_HOME": str(tmp_path / "home")}
     cmd = [sys.executable, "-m", "experiments.cli", "curve", "task.yaml", "--sizes", "3", "6"]
-    cmd += ["--extra-seeds", "--no-finetune", "--limit", "2", "--manual-clicks", "2"]
+    cmd += ["--extra-seeds", "--no-finetune", "--limit", "1", "--manual-clicks", "2"]
     cmd += ["--cache", str(tmp_path / "emb"), "--out", "curve", "--ray", cluster.address]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
