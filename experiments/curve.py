@@ -322,7 +322,9 @@ def plot_curve(result: dict[str, Any], path: Path) -> None:
             ax.axhline(float(np.mean(vals)), color=colour, ls=":", lw=1.2)
             ax.annotate(f"manual @{k}", (sizes[0], float(np.mean(vals))), fontsize=7, va="bottom")
     ax.set_xscale("log")
+    ax.minorticks_off()
     ax.set_xticks(sizes, [str(s) for s in sizes])
+    ax.set_xlim(min(sizes) / 1.4, max(sizes) * 1.4)
     ax.set_xlabel("labelled training images")
     ax.set_ylabel(f"mIoU on {result['split']}")
     ax.set_title(f"{result['task']}: learning curve")
@@ -330,17 +332,10 @@ def plot_curve(result: dict[str, Any], path: Path) -> None:
     minutes = [s["rows"].get("agent", {}).get("train_minutes") for s in result["sizes"]]
     if any(m is not None for m in minutes):
         ax2 = ax.twinx()
-        ax2.bar(
-            sizes,
-            [m or 0 for m in minutes],
-            width=[s * 0.15 for s in sizes],
-            alpha=0.15,
-            color="k",
-            label="agent training (min)",
-        )
-        ax2.set_ylabel("agent training minutes")
-        ax2.set_zorder(ax.get_zorder() - 1)
-        ax.patch.set_visible(False)
+        pts = [(x, m) for x, m in zip(sizes, minutes, strict=True) if m is not None]
+        ax2.plot(*zip(*pts, strict=True), "k^:", alpha=0.45, ms=5, label="agent training (min)")
+        ax2.set_ylabel("agent training minutes (triangles)")
+        ax2.set_ylim(0, max(m for _, m in pts) * 1.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path)
