@@ -321,6 +321,9 @@ def plot_curve(result: dict[str, Any], path: Path) -> None:
         if vals:
             ax.axhline(float(np.mean(vals)), color=colour, ls=":", lw=1.2)
             ax.annotate(f"manual @{k}", (sizes[0], float(np.mean(vals))), fontsize=7, va="bottom")
+    lines = [s["rows"][k]["miou"] for s in result["sizes"] for k in s["rows"] if "manual" in k]
+    if lines:  # room above the highest line for its label
+        ax.set_ylim(top=max(ax.get_ylim()[1], max(lines) + 0.04))
     ax.set_xscale("log")
     ax.minorticks_off()
     ax.set_xticks(sizes, [str(s) for s in sizes])
