@@ -33,7 +33,8 @@ from typing import Any
 import numpy as np
 
 from agents.config import TaskConfig
-from experiments.benchmark import agent_names, run_benchmark
+from agents.prompt_agent import latest_checkpoint
+from experiments.benchmark import run_benchmark
 from experiments.benchmark.stats import bootstrap_ci, paired_diff_ci
 from experiments.finetune import run_finetune
 from experiments.runs import describe_run, peak_memory_mb
@@ -120,7 +121,7 @@ def _train_row(task: TaskConfig, folder: Path, cache: str | None, progress: bool
     summary = folder / "summary.json"
     if summary.is_file():
         return json.loads(summary.read_text())
-    resume = folder if (folder / "checkpoints").is_dir() and task.agent == "ppo" else None
+    resume = folder if task.agent == "ppo" and latest_checkpoint(folder) is not None else None
     out = train(
         None if resume else task,
         resume=resume,
@@ -200,7 +201,7 @@ def run_point(
 def _rows_of(result: dict[str, Any]) -> dict[str, list[float]]:
     """Per-image IoUs of each curve row in one benchmark's ``results.json`` (ids in order)."""
     per = result["per_image"]
-    names = agent_names(result["runs"])
+    names = [m["method"] for m in result["methods"][: len(result["runs"])]]  # agents come first
     wanted = {"agent": names[0], **({"ppo": names[1]} if len(names) > 1 else {}), **_METHOD}
     rows = {}
     for key, method in wanted.items():
