@@ -1,13 +1,18 @@
 """Process-level tuning applied by the command line (never by the library on import): glibc's
-allocator, and the thread pools of torch (OpenMP) and ONNX Runtime."""
+allocator, the thread pools of torch (OpenMP) and ONNX Runtime, and a Ctrl-C that sticks."""
 
 from __future__ import annotations
 
+import _thread
+import contextlib
 import ctypes
 import ctypes.util
 import logging
 import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 
 logger = logging.getLogger(__name__)
 
@@ -115,3 +120,52 @@ def tune_threads(threads: int = 0) -> dict[str, str | int]:
     }
     logger.debug("threads: %s", applied)
     return applied
+
+
+#: Seconds between two re-deliveries of a Ctrl-C that the running command has not ended on.
+CTRL_C_REPEAT = 2.0
+
+
+@contextlib.contextmanager
+def sticky_ctrl_c(every: float = CTRL_C_REPEAT) -> Iterator[None]:
+    """Within the block, Ctrl-C raises :class:`KeyboardInterrupt` as usual and, should the code
+    inside lose it, raises it again every ``every`` seconds until the block is left.
+
+    Python raises the interrupt wherever the main thread happens to be; when that is a
+    finalizer (a ``__del__`` run by the garbage collector or at a refcount drop, such as NumPy's
+    ``NpzFile.__del__`` after each cached embedding read) or a library's broad ``except``, it is
+    printed as "Exception ignored" and lost, and a training run goes on as if nothing was
+    pressed. A daemon thread started by the first Ctrl-C re-delivers it
+    (``_thread.interrupt_main``) until the block ends, however it ends. Does nothing outside the
+    main thread or when SIGINT does not have Python's default handler (ignored, or a program's
+    own handler).
+    """
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield
+        return
+    left = threading.Event()
+    lock = threading.Lock()  # no re-delivery once the block is being left
+
+    def repeat() -> None:
+        while not left.wait(every):
+            with lock:
+                if not left.is_set():
+                    _thread.interrupt_main()
+
+    repeater = threading.Thread(target=repeat, name="alignsam-ctrl-c", daemon=True)
+
+    def on_ctrl_c(signum: int, frame: object) -> None:
+        if not repeater.is_alive() and not left.is_set():
+            repeater.start()
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_ctrl_c)
+    try:
+        yield
+    finally:
+        with lock:
+            left.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -129,3 +131,53 @@ def _busy_loops_left() -> bool:
         except OSError:
             continue
     return False
+
+
+LOST_CTRL_C = """
+import os, signal, sys, threading, time
+from experiments.runtime import sticky_ctrl_c
+
+class Closes:
+    def __del__(self):  # a finalizer, like NumPy's NpzFile.__del__: Ctrl-C lands in it
+        time.sleep(1.0)
+
+def train():
+    threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+    Closes()  # Python prints "Exception ignored in ... __del__" and goes on
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 8:
+        sum(range(1000))
+    return "finished"
+
+try:
+    if sys.argv[1] == "sticky":
+        with sticky_ctrl_c(every=0.2):
+            print(train())
+    else:
+        print(train())
+except KeyboardInterrupt:
+    print("interrupted")
+time.sleep(0.6)  # no interrupt arrives after the block
+print("default handler back:", signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+"""
+
+
+def _lost_ctrl_c(mode: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", LOST_CTRL_C, mode],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        # a shell's background job inherits SIGINT ignored: start as a terminal's process does
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+
+
+def test_a_ctrl_c_lost_in_a_finalizer_is_raised_again():
+    plain = _lost_ctrl_c("plain")  # the failure this guards against: the run goes on
+    assert "Exception ignored" in plain.stderr and "KeyboardInterrupt" in plain.stderr
+    assert plain.stdout.split() == ["finished", "default", "handler", "back:", "True"]
+    t0 = time.monotonic()
+    sticky = _lost_ctrl_c("sticky")
+    assert sticky.stdout.split() == ["interrupted", "default", "handler", "back:", "True"]
+    assert time.monotonic() - t0 < 6, sticky.stderr  # well before the 8 s loop ends

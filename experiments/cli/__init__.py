@@ -33,7 +33,7 @@ from experiments.cli.common import (
     non_negative_int,
     setup,
 )
-from experiments.runtime import tune_malloc, tune_threads
+from experiments.runtime import sticky_ctrl_c, tune_malloc, tune_threads
 
 __all__ = ["build_parser", "main"]
 
@@ -151,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     tune_threads(args.threads)  # before any command imports torch: OpenMP reads it once
     setup(args)
     try:
-        return int(args.func(args) or 0)
+        with sticky_ctrl_c():
+            return int(args.func(args) or 0)
     except (Exception, KeyboardInterrupt) as exc:
         code = exit_code(exc)
         if args.verbose:
