@@ -131,6 +131,7 @@ class PromptSession:
         self.points = np.zeros((0, 2), np.float32)
         self.labels = np.zeros((0,), np.int64)
         self.outcome: Outcome | None = None
+        self._history: list[tuple[np.ndarray, np.ndarray, Outcome | None]] = []
 
     @property
     def logits(self) -> torch.Tensor | None:
@@ -165,12 +166,12 @@ class PromptSession:
     def _mask_input(self) -> torch.Tensor | None:
         return self.logits if self.use_mask_input else None
 
-    def _decode(self, points: np.ndarray, labels: np.ndarray) -> Outcome:
+    def _decode(self, points: np.ndarray, labels: np.ndarray, mask_input: bool = True) -> Outcome:
         pred = self.segmenter.decode(
             self.embedding,
             points,
             labels,
-            mask_input=self._mask_input(),
+            mask_input=self._mask_input() if mask_input else None,
             multimask=self.multimask_single_click and len(points) == 1,
         )
         self.decoder_calls += 1
@@ -188,12 +189,13 @@ class PromptSession:
         labels = np.concatenate([self.labels, [label]]).astype(np.int64)
         return points, labels
 
-    def prompt(self, points: np.ndarray, labels: np.ndarray) -> Outcome:
+    def prompt(self, points: np.ndarray, labels: np.ndarray, mask_input: bool = True) -> Outcome:
         """Replace the prompt set by ``points`` / ``labels`` and decode it (one decoder call,
-        the current mask as mask input); commits and returns the outcome."""
+        the current mask as mask input unless ``mask_input`` is False); commits and returns
+        the outcome."""
         points = np.asarray(points, np.float32).reshape(-1, 2)
         labels = np.asarray(labels, np.int64).reshape(-1)
-        return self.commit(self._decode(points, labels))
+        return self.commit(self._decode(points, labels, mask_input))
 
     def click(self, x: float, y: float, label: int) -> Outcome:
         """Add one click at original pixel ``(x, y)`` with ``label`` and decode (one decoder
@@ -221,10 +223,59 @@ class PromptSession:
 
     def commit(self, outcome: Outcome) -> Outcome:
         """Adopt ``outcome`` (from :meth:`preview` of this state, or a decode) as the current
-        prompts and mask, with no decoder call."""
+        prompts and mask, with no decoder call (:meth:`undo` goes back)."""
+        self._history.append((self.points, self.labels, self.outcome))
         self.points, self.labels = outcome.points, outcome.labels
         self.outcome = outcome
         return outcome
+
+    @property
+    def can_undo(self) -> bool:
+        """Whether :meth:`undo` has a state to go back to."""
+        return bool(self._history)
+
+    def undo(self) -> Outcome | None:
+        """Go back to the state before the last commit (a click, a prompt set, a candidate
+        choice, :meth:`drop_prompts`), with no decoder call; returns the restored outcome
+        (``None``: no mask).
+
+        Raises:
+            IndexError: Nothing to undo.
+        """
+        if not self._history:
+            raise IndexError("nothing to undo: the session is at its first state")
+        self.points, self.labels, self.outcome = self._history.pop()
+        return self.outcome
+
+    def drop_prompts(self, keep: np.ndarray | None = None) -> None:
+        """Drop prompts (all, or those where ``keep`` is False) and keep the current mask as
+        the next decode's mask input: a person continuing from a mask without its clicks. No
+        decoder call; :meth:`undo` restores them."""
+        keep = np.zeros(len(self.points), bool) if keep is None else np.asarray(keep, bool)
+        if keep.shape != (len(self.points),):
+            raise ValueError(f"keep must have one entry per prompt ({len(self.points)})")
+        self._history.append((self.points, self.labels, self.outcome))
+        self.points, self.labels = self.points[keep], self.labels[keep]
+
+    def fork(self, segmenter: Segmenter | None = None, commits: int | None = None) -> PromptSession:
+        """A new session at this one's state (prompts, mask, target; no history, no calls
+        counted), e.g. one per way of continuing; ``segmenter`` decodes its next prompts
+        (default: this session's; it must read the same embedding). With ``commits``, at the
+        state after the first ``commits`` commits instead (0: before any; e.g. 1: an agent's
+        start points, before its clicks)."""
+        states = [*self._history, (self.points, self.labels, self.outcome)]
+        if commits is not None and not 0 <= commits < len(states):
+            raise ValueError(f"commits must be in 0..{len(states) - 1}, got {commits}")
+        points, labels, outcome = states[-1 if commits is None else commits]
+        other = PromptSession(
+            segmenter or self.segmenter,
+            self.embedding,
+            self.target,
+            use_mask_input=self.use_mask_input,
+            multimask_single_click=self.multimask_single_click,
+        )
+        other.points, other.labels, other.outcome = points, labels, outcome
+        return other
 
     def select_candidate(self, index: int) -> Outcome:
         """Make candidate ``index`` of the current multimask prediction the current mask (e.g.

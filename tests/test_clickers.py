@@ -530,3 +530,60 @@ def test_synthetic_task_rewards_click_placement(mobile_sam, tmp_path):
         for policy in ("random", "srm_confident")
     }
     assert final["srm_confident"] > 0.85 and final["srm_confident"] - final["random"] > 0.3, final
+
+
+# --------------------------------------------------------------------------------------------
+# The annotator taking over an automatic method's final state
+# --------------------------------------------------------------------------------------------
+
+
+def _agent_state(seg, size=(60, 60)):
+    """A session that ended on ``seg``'s mask after a right and a wrong foreground click."""
+    from segmenter.session import PromptSession
+
+    s = PromptSession(seg, fake_embedding(size))
+    s.prompt(np.array([[20.5, 20.5], [55.5, 55.5]]), np.array([1, 1]))
+    return s
+
+
+@pytest.mark.parametrize(
+    ("handover", "first_points"),
+    [
+        ("keep", [[20.5, 20.5], [55.5, 55.5]]),
+        ("mask", []),
+        ("prune", [[20.5, 20.5]]),  # the foreground click outside the object is dropped
+    ],
+)
+def test_corrections_hand_over_the_methods_prompts_and_mask(handover, first_points):
+    size = (60, 60)
+    gt = square(size, 10, 40, 10, 40)
+    seg = FakeSegmenter(square(size, 10, 40, 10, 30))  # misses the right third of the object
+    start = _agent_state(seg, size)
+    start_logits = start.logits.clone()
+    seg.calls.clear()
+    trace = SimulatedAnnotator(seg, max_clicks=2).correct(start, gt, "a", handover=handover)
+    first = seg.calls[0]
+    click = trace.points[0].tolist()
+    assert first["points"].tolist() == [*first_points, click]
+    assert torch.equal(first["mask_input"], start_logits)  # the method's mask goes on
+    assert first["multimask"] is False
+    assert trace.labels[0] == 1 and gt[int(click[1]), int(click[0])]  # a click in the miss
+    assert trace.info["start_iou"] == pytest.approx(600 / 900)
+    assert trace.info["dropped"] == {"keep": 0, "mask": 2, "prune": 1}[handover]
+    assert start.points.tolist() == [[20.5, 20.5], [55.5, 55.5]]  # the start is not changed
+    assert len(trace.ious) == 2 == trace.decoder_calls
+
+
+def test_corrections_stop_at_once_when_the_start_is_good_enough():
+    size = (60, 60)
+    gt = square(size, 10, 40, 10, 40)
+    seg = FakeSegmenter(gt)
+    trace = SimulatedAnnotator(seg, max_clicks=5).correct(_agent_state(seg, size), gt, stop_iou=0.9)
+    assert trace.n_clicks == 0 and trace.info["start_iou"] == 1.0
+    from agents.clickers import noc_from
+
+    assert noc_from(1.0, [], 0.9) == 0
+    assert noc_from(0.5, [0.6, 0.95], 0.9) == 2
+    assert noc_from(0.5, [0.6, 0.7], 0.9, max_clicks=20) == 20
+    with pytest.raises(ValueError, match="handover"):
+        SimulatedAnnotator(seg).correct(_agent_state(seg, size), gt, handover="drop")

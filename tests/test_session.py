@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from segmenter import geometry
 from segmenter.session import PromptSession, Target
@@ -99,3 +100,40 @@ def test_batched_preview_matches_single_decodes_on_both_paths(image_and_gt):
             single = seg.decode(emb, out.points, out.labels, mask_input=s.logits)
             assert np.allclose(out.logits.numpy(), single.low_res_logits.numpy(), atol=1e-4)
             assert out.points[-1].tolist() == [x, y] and out.labels[-1] == lab
+
+
+def test_undo_goes_back_without_decoding_and_fork_and_drop_prompts_keep_the_mask(
+    tiny_segmenter, image_and_gt
+):
+    img, _ = image_and_gt
+    s = PromptSession(tiny_segmenter, tiny_segmenter.encode(img))
+    assert not s.can_undo
+    s.prompt(np.array([[50.0, 40.0]]), np.array([1]))
+    first = s.logits.clone()
+    s.click(70.0, 50.0, 0)
+    calls = s.decoder_calls
+    back = s.undo()
+    assert s.decoder_calls == calls and torch.equal(back.logits, first)
+    assert s.points.tolist() == [[50.0, 40.0]] and s.labels.tolist() == [1]
+    s.undo()
+    assert s.outcome is None and len(s.points) == 0 and not s.can_undo
+    with pytest.raises(IndexError, match="nothing to undo"):
+        s.undo()
+    s.prompt(np.array([[50.0, 40.0], [5.0, 5.0]]), np.array([1, 0]))
+    s.click(20.0, 20.0, 1)
+    start = s.fork(commits=1)  # the state after the start prompt, before the click
+    assert start.points.tolist() == [[50.0, 40.0], [5.0, 5.0]] and start.outcome is not None
+    assert s.fork(commits=0).outcome is None and len(s.fork().points) == 3
+    with pytest.raises(ValueError, match="commits"):
+        s.fork(commits=3)
+    s.undo()
+    other = s.fork()
+    other.drop_prompts(np.array([True, False]))
+    assert other.points.tolist() == [[50.0, 40.0]] and torch.equal(other.logits, s.logits)
+    assert len(s.points) == 2  # the fork's edits stay in the fork
+    other.click(60.0, 30.0, 1)  # decodes with the kept mask as input
+    bare = tiny_segmenter.decode(other.embedding, other.points, other.labels, mask_input=s.logits)
+    assert np.allclose(bare.low_res_logits.numpy(), other.logits.numpy())
+    other.undo()
+    other.undo()
+    assert len(other.points) == 2  # drop_prompts is undone too

@@ -25,7 +25,14 @@ Layout: traces and metrics (:mod:`~agents.clickers.trace`), the annotator
 (:mod:`~agents.clickers.policies`), the one-shot baseline (:mod:`~agents.clickers.oneshot`).
 """
 
-from agents.clickers.annotator import SELECTIONS, Selection, SimulatedAnnotator, deepest_point
+from agents.clickers.annotator import (
+    HANDOVERS,
+    SELECTIONS,
+    Handover,
+    Selection,
+    SimulatedAnnotator,
+    deepest_point,
+)
 from agents.clickers.oneshot import OneShotSimilarity, grid_to_pixel
 from agents.clickers.policies import (
     CLICK_POLICIES,
@@ -38,15 +45,17 @@ from agents.clickers.policies import (
     spiral_order,
     srm_confident_score,
 )
-from agents.clickers.trace import ClickTrace, miou_at_k, noc, summarize
+from agents.clickers.trace import ClickTrace, miou_at_k, noc, noc_from, summarize
 
 __all__ = [
     "CLICK_POLICIES",
+    "HANDOVERS",
     "POLICIES",
     "SELECTIONS",
     "ClickPolicy",
     "ClickTrace",
     "EnvClicker",
+    "Handover",
     "OneShotSimilarity",
     "PolicyFn",
     "Selection",
@@ -56,6 +65,7 @@ __all__ = [
     "grid_to_pixel",
     "miou_at_k",
     "noc",
+    "noc_from",
     "register_click_policy",
     "spiral_order",
     "srm_confident_score",

@@ -23,6 +23,11 @@ logger = logging.getLogger(__name__)
 Selection = Literal["single", "score", "oracle"]
 SELECTIONS: tuple[str, ...] = ("single", "score", "oracle")
 
+Handover = Literal["keep", "mask", "prune"]
+#: How the simulated annotator takes over an automatic method's final state
+#: (:meth:`SimulatedAnnotator.correct`).
+HANDOVERS: tuple[str, ...] = ("keep", "mask", "prune")
+
 
 def _padded_edt(region: np.ndarray) -> np.ndarray:
     """Euclidean distance of each ``region`` pixel to the nearest non-region pixel.
@@ -168,8 +173,10 @@ class SimulatedAnnotator:
         gt: np.ndarray,
         sample_id: str = "",
         keep_masks: Sequence[int] = (),
+        stop_iou: float | None = None,
     ) -> ClickTrace:
-        """Click until ``max_clicks`` or an empty error region.
+        """Click until ``max_clicks``, an empty error region or (with ``stop_iou``) an IoU of at
+        least ``stop_iou`` (RITM's evaluation stops at its highest NoC threshold).
 
         Args:
             embedding: The cached embedding of the image.
@@ -177,6 +184,7 @@ class SimulatedAnnotator:
             sample_id: Recorded in the trace.
             keep_masks: Click counts ``k`` whose masks are kept in ``info["masks"][k]`` (a trace
                 that stopped before ``k`` clicks keeps its last mask there).
+            stop_iou: Stop once the IoU reaches it (``None``: click on).
 
         Returns:
             The trace; ``ious[i]`` is the full-resolution IoU after click ``i + 1`` and
@@ -218,6 +226,9 @@ class SimulatedAnnotator:
             seconds_at.append(time.perf_counter() - t0)
             if len(session.points) in keep_masks:
                 kept[len(session.points)] = pred_mask
+            if stop_iou is not None and ious[-1] >= stop_iou:
+                stop = "reached"
+                break
         for k in keep_masks:
             kept.setdefault(int(k), pred_mask)
         seconds = time.perf_counter() - t0
@@ -243,6 +254,102 @@ class SimulatedAnnotator:
                 "first_candidate": first_candidate,
                 "masks": kept,
                 "seconds_at": seconds_at,
+            },
+        )
+
+    def correct(
+        self,
+        start: PromptSession,
+        gt: np.ndarray,
+        sample_id: str = "",
+        handover: Handover = "keep",
+        stop_iou: float | None = None,
+    ) -> ClickTrace:
+        """Continue from an automatic method's final state with corrective clicks (RITM's click
+        rule on the remaining error), up to ``max_clicks`` of the annotator's own.
+
+        Handovers (the method's prompts and mask are in ``start``, which is not changed):
+
+        * ``keep``: the method's prompts stay; each corrective click is added to them and the
+          current mask is the mask input (what a person gets in a tool that keeps the agent's
+          clicks on screen);
+        * ``mask``: only the method's mask, as the mask input of the first corrective click;
+          its prompts are dropped;
+        * ``prune``: as ``keep``, but at the first corrective click the annotator also removes
+          the method's clicks that the ground truth contradicts (foreground clicks outside the
+          object, background clicks inside it).
+
+        Args:
+            start: The method's session (its embedding, prompts and current mask), e.g.
+                ``agent.segment(..., return_session=True)[2]``; decoding goes on with
+                ``start.segmenter``.
+            gt: ``(H, W)`` bool ground truth.
+            sample_id: Recorded in the trace.
+            handover: One of :data:`HANDOVERS`.
+            stop_iou: Stop once the IoU reaches it, the start's included (``None``: click on
+                to ``max_clicks``).
+
+        Returns:
+            A trace of the annotator's clicks only (``points``, ``labels``, ``ious`` after each
+            of them); ``info["start_iou"]`` is the IoU of the method's mask (0 clicks),
+            ``info["dropped"]`` the method's prompts the handover removed.
+        """
+        if handover not in HANDOVERS:
+            raise ValueError(f"handover must be one of {', '.join(HANDOVERS)}, got {handover!r}")
+        t0 = time.perf_counter()
+        gt = check_gt(gt, start.embedding)
+        session = start.fork()
+        session.multimask_single_click = False  # the mask input disambiguates a lone click
+        pred_mask = session.current_mask()
+        start_iou = mask_iou(pred_mask, gt)
+        h, w = gt.shape
+        # The method's clicks as pixels: not clicked again, and read against the ground truth.
+        px = np.clip(session.points[:, 0].astype(int), 0, w - 1)
+        py = np.clip(session.points[:, 1].astype(int), 0, h - 1)
+        clicked = np.zeros(gt.shape, bool)
+        clicked[py, px] = True
+        dropped = 0
+        if handover == "mask":
+            dropped = len(session.points)
+            session.drop_prompts()
+        ious: list[float] = []
+        points: list[tuple[float, float]] = []
+        labels: list[int] = []
+        stop = "max_clicks"
+        for k in range(self.max_clicks):
+            if stop_iou is not None and (ious[-1] if ious else start_iou) >= stop_iou:
+                stop = "reached"
+                break
+            click = self.next_click(gt, pred_mask, clicked)
+            if click is None:
+                stop = "empty_error"
+                break
+            row, col, label = click
+            clicked[row, col] = True
+            if k == 0 and handover == "prune" and len(session.points):
+                keep = gt[py, px] == (session.labels == 1)
+                dropped = int((~keep).sum())
+                if dropped:
+                    session.drop_prompts(keep)
+            session.click(col + 0.5, row + 0.5, label)
+            pred_mask = session.current_mask()
+            ious.append(mask_iou(pred_mask, gt))
+            points.append((col + 0.5, row + 0.5))
+            labels.append(label)
+        return ClickTrace(
+            sample_id=sample_id,
+            points=np.asarray(points, np.float32).reshape(-1, 2),
+            labels=np.asarray(labels, np.int64),
+            ious=ious,
+            final_mask=pred_mask,
+            decoder_calls=session.decoder_calls,
+            seconds=time.perf_counter() - t0,
+            info={
+                "stop": stop,
+                "handover": handover,
+                "start_iou": start_iou,
+                "start_prompts": int(len(start.points)),
+                "dropped": dropped,
             },
         )
 

@@ -81,6 +81,14 @@ def noc(ious: Sequence[float], threshold: float, max_clicks: int = 20) -> int:
     return max_clicks
 
 
+def noc_from(
+    start_iou: float, ious: Sequence[float], threshold: float, max_clicks: int = 20
+) -> int:
+    """NoC counted from a start mask (an automatic method's output): ``0`` when the start
+    already reaches ``threshold``, else :func:`noc` of the corrective clicks' ``ious``."""
+    return 0 if start_iou >= threshold else noc(ious, threshold, max_clicks)
+
+
 def _iou_at(ious: Sequence[float], k: int) -> float:
     if not len(ious):
         raise ValueError("a trace without IoUs (no ground truth or no clicks) has no mIoU@k")
