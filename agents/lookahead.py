@@ -33,21 +33,31 @@ import numpy as np
 from agents.clickers import ClickTrace, srm_confident_score
 from envs.data import rgb_array
 from recalibration.judge import JUDGE_FEATURES, MaskJudge, candidate_features
-from recalibration.labelers import EpisodeState
+from recalibration.presence import PRESENCE_TOP, PresenceGate, initial_srm_map, presence_score
 from recalibration.srm import SemanticRecalibrationModule
-from segmenter.base import ImageEmbedding, Segmenter, mask_iou, small_torch_ops
+from segmenter.base import ImageEmbedding, Segmenter, mask_iou
 from segmenter.geometry import action_centres, to_grid
 from segmenter.session import Outcome, PromptSession, Target
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CHOOSERS", "LookaheadAgent", "LookaheadConfig", "LookaheadEpisode"]
+__all__ = [
+    "CHOOSERS",
+    "KEEPS",
+    "LookaheadAgent",
+    "LookaheadConfig",
+    "LookaheadEpisode",
+    "answers",
+    "srm_embedding",
+]
 
 Chooser = Literal["judge", "oracle", "agreement", "heuristic"]
 #: What picks among a step's candidates: the judge (the agent), the true IoU (a ceiling that
 #: reads the ground truth), the soft Dice with the SRM map (a judge without learning) or the
 #: SRM-confident heuristic (the first proposed cell with the SRM's label; never stops).
 CHOOSERS: tuple[str, ...] = ("judge", "oracle", "agreement", "heuristic")
+#: Which state of an episode is its answer (:attr:`LookaheadConfig.keep`).
+KEEPS: tuple[str, ...] = ("last", "best_predicted")
 _DICE = JUDGE_FEATURES.index("soft_dice")
 _MAP_AT_CLICK = JUDGE_FEATURES.index("map_at_click")
 
@@ -77,6 +87,10 @@ class LookaheadConfig:
         judge_images: Judge-training episodes per round run on a seeded sample of this many
             training images (a fresh sample each round), so the cost of a round does not grow
             with the training set (``None``: every image).
+        keep: Which of the episode's states is the answer: ``last`` (the mask after the last
+            click) or ``best_predicted`` (the state, the start included, whose mask the frozen
+            decoder itself predicts the highest IoU for: a click that the decoder judges to
+            have made the mask worse is undone).
         agreement: Weight of the SRM agreement (a candidate's soft Dice with the SRM map)
             added to the judge's score, both standardised over the step's candidates (0: the
             judge alone). A judge fitted on 50 images is noisy; the agreement is a second
@@ -94,6 +108,7 @@ class LookaheadConfig:
     objective: Literal["regression", "lambdarank"] = "lambdarank"
     agreement: float = 0.0
     judge_images: int | None = None
+    keep: Literal["last", "best_predicted"] = "last"
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.proposals < 1 or self.grid < 2:
@@ -106,6 +121,8 @@ class LookaheadConfig:
             raise ValueError(f"lookahead.explore must lie in [0, 1], got {self.explore}")
         if self.agreement < 0:
             raise ValueError(f"lookahead.agreement must be >= 0, got {self.agreement}")
+        if self.keep not in KEEPS:
+            raise ValueError(f"lookahead.keep must be one of {KEEPS}, got {self.keep!r}")
 
 
 @dataclass
@@ -123,8 +140,12 @@ class LookaheadEpisode:
         decoder_calls: Decoder calls of the episode (previews included).
         stopped: Steps taken before the stop rule ended the episode (``None``: ran all T).
         path: The start's outcome and each committed one, in order.
+        kept: The index in ``path`` of the answer (``final``; the last unless ``keep`` undid
+            clicks).
         states: Per step, ``(features (1 + 2k, F), true IoUs or None, IoU before)`` when
             recorded; row 0 is staying with the current mask.
+        session: The prompting session the episode ended in (a person or the simulated
+            annotator can go on clicking in it).
     """
 
     final: Outcome
@@ -136,7 +157,41 @@ class LookaheadEpisode:
     decoder_calls: int
     stopped: int | None
     path: list[Outcome] = field(default_factory=list)
+    kept: int = -1
     states: list[tuple[np.ndarray, np.ndarray | None, float]] = field(default_factory=list)
+    session: PromptSession | None = field(default=None, repr=False)
+
+
+def srm_embedding(
+    srm: SemanticRecalibrationModule, segmenter: Segmenter, cache: Any, image: np.ndarray
+) -> tuple[ImageEmbedding, float]:
+    """``image``'s embedding as ``srm`` reads it (with the encoder's stages when its feature
+    set wants them: one encoder pass for both), through ``cache`` when given; with the
+    encoding's seconds (0 when the cache had it)."""
+    t0 = time.perf_counter()
+    hits = cache.hits if cache is not None else 0
+    features = srm.feature_set
+    stages = features is not None and features.wants_stages
+    if cache is not None:
+        emb = cache.get_or_encode(segmenter, image, stages=stages)
+    else:
+        emb = segmenter.encode(image, stages=stages)
+    cached = cache is not None and cache.hits > hits
+    return emb, 0.0 if cached else time.perf_counter() - t0
+
+
+def answers(path: list[Outcome], keep: str) -> list[int]:
+    """For each ``k``, the index in ``path`` of the episode's answer had it ended after ``k``
+    clicks: ``k`` itself (``last``), or the state among the first ``k + 1`` whose mask the
+    decoder predicts the highest IoU for (``best_predicted``; the earliest on ties)."""
+    if keep == "last":
+        return list(range(len(path)))
+    out, best = [], 0
+    for k, o in enumerate(path):
+        if o.prediction.score > path[best].prediction.score:
+            best = k
+        out.append(best)
+    return out
 
 
 class LookaheadAgent:
@@ -170,16 +225,15 @@ class LookaheadAgent:
         self.segmenter, self.srm, self.judge = segmenter, srm, judge
         self.config = config or LookaheadConfig()
         self.task, self.cache = task, cache
+        #: The run's "nothing here" threshold (``presence.json``), ``None`` when it has none.
+        self.presence: PresenceGate | None = None
 
     # -- one episode ---------------------------------------------------------------------------
     def srm_map(
         self, emb: ImageEmbedding, load_image: Callable[[], np.ndarray] | None = None
     ) -> np.ndarray:
         """``(He, We)`` SRM foreground map of the image before any click (0 on padding)."""
-        state = EpisodeState("image", emb, np.zeros(emb.grid_size, np.float32))
-        state.load_image = load_image
-        with small_torch_ops(self.segmenter):
-            return self.srm.predict(state)
+        return initial_srm_map(self.srm, self.segmenter, emb, load_image)
 
     def episode(
         self,
@@ -196,6 +250,7 @@ class LookaheadAgent:
         record: bool = False,
         score: Callable[[np.ndarray], np.ndarray] | None = None,
         agreement: float | None = None,
+        keep: str | None = None,
     ) -> LookaheadEpisode:
         """Run one episode on ``emb``'s image.
 
@@ -217,11 +272,15 @@ class LookaheadAgent:
             with the training set (``None``: every image).
         agreement: Weight of the SRM agreement beside the judge (default
                 ``config.agreement``).
+            keep: Which state is the answer (default ``config.keep``; :data:`KEEPS`).
         """
         cfg = self.config
         steps = cfg.steps if steps is None else int(steps)
         stop = cfg.stop if stop is None else stop
         agreement = cfg.agreement if agreement is None else float(agreement)
+        keep = cfg.keep if keep is None else keep
+        if keep not in KEEPS:
+            raise ValueError(f"keep must be one of {KEEPS}, got {keep!r}")
         if chooser not in CHOOSERS:
             raise ValueError(f"chooser must be one of {CHOOSERS}, got {chooser!r}")
         if chooser == "judge" and score is None:
@@ -307,6 +366,9 @@ class LookaheadAgent:
             last_click, last_map = (x, y, lab), float(s_map[emb.cell_at(x, y)])
             if target is not None:
                 ious.append(session.iou)
+        kept = answers(path, keep)[-1]
+        for _ in range(len(path) - 1 - kept):  # back to the kept state: no decoder call
+            session.undo()
         clicks_arr = np.concatenate(
             [session.points, session.labels[:, None].astype(np.float32)], axis=1
         )
@@ -315,49 +377,53 @@ class LookaheadAgent:
             last=session.outcome,
             clicks=clicks_arr,
             ious=ious,
-            final_iou=ious[-1] if ious else None,
+            final_iou=ious[kept] if ious else None,
             scores=scores,
             decoder_calls=session.decoder_calls,
             stopped=stopped,
             path=path,
+            kept=kept,
             states=states,
+            session=session,
         )
 
     # -- what users call -----------------------------------------------------------------------
     def _embedding(self, image: np.ndarray) -> tuple[ImageEmbedding, float]:
-        t0 = time.perf_counter()
-        hits = self.cache.hits if self.cache is not None else 0
-        features = self.srm.feature_set
-        stages = features is not None and features.wants_stages  # one encoder pass for both
-        if self.cache is not None:
-            emb = self.cache.get_or_encode(self.segmenter, image, stages=stages)
-        else:
-            emb = self.segmenter.encode(image, stages=stages)
-        cached = self.cache is not None and self.cache.hits > hits
-        return emb, 0.0 if cached else time.perf_counter() - t0
+        return srm_embedding(self.srm, self.segmenter, self.cache, image)
 
-    def segment(self, image: Any, steps: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def segment(
+        self, image: Any, steps: int | None = None, return_session: bool = False
+    ) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, PromptSession]:
         """Segment one image (an ``(H, W, 3)`` uint8 RGB array, a PIL image or a path) with no
         human input: ``(H, W)`` bool mask and ``(N, 3)`` clicks ``(x, y, label)`` (the two start
-        points first)."""
+        points first); with ``return_session`` also the
+        :class:`~segmenter.session.PromptSession` it ended in, where a person's clicks
+        (``click(x, y, label)``, ``undo()``) continue from the agent's prompts and mask."""
         out = self.segment_detailed(image, steps)
+        if return_session:
+            return out["mask"], out["clicks"], out["session"]
         return out["mask"], out["clicks"]
 
     def segment_detailed(self, image: Any, steps: int | None = None) -> dict[str, Any]:
         """:meth:`segment` plus ``score`` (the judge's score of the final mask),
-        ``encode_seconds`` and ``decoder_calls``."""
+        ``presence`` (:func:`~recalibration.presence.presence_score`), ``encode_seconds``,
+        ``decoder_calls`` and ``session``."""
         image = rgb_array(image)
         if steps is not None and steps < 0:
             raise ValueError(f"steps must be >= 0 (agent clicks), got {steps}")
         emb, encode_seconds = self._embedding(image)
-        ep = self.episode(emb, lambda: image, steps=steps)
+        s_map = self.srm_map(emb, lambda: image)
+        top = self.presence.top if self.presence is not None else PRESENCE_TOP
+        ep = self.episode(emb, lambda: image, steps=steps, srm_map=s_map)
         return {
             "mask": self.segmenter.upscale(emb, ep.final.logits),
             "clicks": ep.clicks,
             "score": float(ep.scores[-1]) if ep.scores else 0.0,
+            "presence": presence_score(s_map, emb.valid_shape(emb.grid_size), top),
             "encode_seconds": encode_seconds,
             "decoder_calls": ep.decoder_calls,
             "stopped": ep.stopped,
+            "session": ep.session,
         }
 
     def trace(
@@ -380,6 +446,7 @@ class LookaheadAgent:
         final_mask = self.segmenter.upscale(emb, ep.final.logits)
         final_iou = mask_iou(final_mask, gt)
         path = [mask_iou(self.segmenter.upscale(emb, o.logits), gt) for o in ep.path]
+        path = [path[i] for i in answers(ep.path, self.config.keep)]  # the answer after k clicks
         ious = [path[0]] * 2 + path[1:]
         ious += [final_iou] * (steps + 2 - len(ious))  # stopped early: the mask stays
         points, labels = ep.clicks[:, :2], ep.clicks[:, 2].astype(np.int64)

@@ -26,10 +26,12 @@ from agents.lookahead import LookaheadAgent, LookaheadConfig
 from envs import EnvConfig, PointPromptEnv
 from envs.data import rgb_array
 from recalibration.judge import JudgeError, MaskJudge
+from recalibration.presence import PRESENCE_TOP, PresenceGate, initial_srm_map, presence_score
 from recalibration.srm import SemanticRecalibrationModule, SRMLoadError
 from segmenter import EmbeddingCache, Segmenter, build_segmenter, onnx_backend
 from segmenter.base import small_torch_ops
 from segmenter.io import atomic_folder, atomic_write
+from segmenter.session import PromptSession
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +137,30 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
         logger.warning("%s %s; using %s", pointer, why, steps[-1])
         return steps[-1]
     return None
+
+
+def checkpoint_of(path: Path, which: str = "best") -> Path:
+    """The checkpoint folder :meth:`PromptAgent.load` reads for ``path``: ``path`` itself when
+    it is a checkpoint folder, else the run's ``best`` (``which="best"``, when it has one) or
+    its ``latest``."""
+    path = Path(path)
+    if which not in ("best", "latest"):
+        raise ValueError(f"which must be 'best' or 'latest', got {which!r}")
+    if not path.is_dir():
+        raise AgentLoadError(
+            f"{path}: no such run folder (give a run folder made by alignsam train)"
+        )
+    if (path / "meta.json").is_file():
+        return path
+    if which == "best" and (path / "checkpoints" / "best" / "meta.json").is_file():
+        return path / "checkpoints" / "best"
+    ckpt = latest_checkpoint(path)
+    if ckpt is None:
+        raise AgentLoadError(
+            f"{path} holds no alignsam checkpoint (expected meta.json, or a run folder with "
+            "checkpoints/best or checkpoints/latest): pass a run folder made by alignsam train"
+        )
+    return ckpt
 
 
 def checkpoint_fix(ckpt: Path) -> str:
@@ -262,6 +288,8 @@ class PromptAgent:
         self.cache = cache
         self.maskable = task.ppo.maskable
         self._fast_policy: Any = None
+        #: The run's "nothing here" threshold (``presence.json``), ``None`` when it has none.
+        self.presence: PresenceGate | None = None
 
     def use_fast_policy(self, on: bool = True) -> bool:
         """Deterministic actions through ONNX Runtime (:mod:`agents.fast_policy`), checked
@@ -293,23 +321,7 @@ class PromptAgent:
         A run of ``agent: lookahead`` loads as a :class:`~agents.lookahead.LookaheadAgent`
         (the same ``segment`` / ``segment_detailed`` / ``srm`` / ``task`` interface)."""
         path = Path(path)
-        if which not in ("best", "latest"):
-            raise ValueError(f"which must be 'best' or 'latest', got {which!r}")
-        if not path.is_dir():
-            raise AgentLoadError(
-                f"{path}: no such run folder (give a run folder made by alignsam train)"
-            )
-        if (path / "meta.json").is_file():
-            ckpt = path
-        elif which == "best" and (path / "checkpoints" / "best" / "meta.json").is_file():
-            ckpt = path / "checkpoints" / "best"
-        else:
-            ckpt = latest_checkpoint(path)
-        if ckpt is None:
-            raise AgentLoadError(
-                f"{path} holds no alignsam checkpoint (expected meta.json, or a run folder with "
-                "checkpoints/best or checkpoints/latest): pass a run folder made by alignsam train"
-            )
+        ckpt = checkpoint_of(path, which)
         meta = read_meta(ckpt)
         task = TaskConfig.from_dict(meta["task"], where=f"{ckpt}/meta.json")
         device = device or task.device
@@ -337,10 +349,15 @@ class PromptAgent:
         fast = getattr(segmenter, "backend", None) == "onnx"
         srm.use_fast_head(fast)  # frozen: inference
         if meta.get("agent") == "lookahead":
-            return _lookahead_agent(ckpt, srm, task, segmenter, cache)
-        model = load_policy(ckpt, task.ppo.maskable, device=device)
-        agent = cls(model, srm, task, segmenter, cache)
-        agent.use_fast_policy(fast and model.device.type == "cpu")
+            agent = _lookahead_agent(ckpt, srm, task, segmenter, cache)
+        else:
+            model = load_policy(ckpt, task.ppo.maskable, device=device)
+            agent = cls(model, srm, task, segmenter, cache)
+            agent.use_fast_policy(fast and model.device.type == "cpu")
+        try:
+            agent.presence = PresenceGate.load(path) or PresenceGate.load(ckpt)
+        except ValueError as exc:  # a broken presence.json: a bad run folder, not a crash
+            raise AgentLoadError(str(exc)) from exc
         return agent
 
     def eval_config(self, **changes: Any) -> EnvConfig:
@@ -395,28 +412,39 @@ class PromptAgent:
         return info
 
     def segment(
-        self, image: np.ndarray | Image.Image | str | os.PathLike[str], steps: int | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
+        self,
+        image: np.ndarray | Image.Image | str | os.PathLike[str],
+        steps: int | None = None,
+        return_session: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, PromptSession]:
         """Segment one image with no human input.
 
         Args:
             image: ``(H, W, 3)`` uint8 RGB array, a PIL image or an image file's path (read
                 as :func:`envs.data.rgb_array` does: EXIF orientation, alpha dropped, ...).
             steps: Agent clicks (default T of the task; 0: the SRM's start points only).
+            return_session: Also return the :class:`~segmenter.session.PromptSession` the
+                agent ended in: a person's clicks go on from the agent's prompts and mask
+                (``session.click(x, y, label)``, ``session.undo()``, ``session.current_mask()``),
+                one decoder call each on the image's embedding.
 
         Returns:
             ``mask`` ``(H, W)`` bool and ``clicks`` ``(N, 3)`` float array of ``(x, y, label)``
-            (the two SRM initial points first, then the agent's clicks).
+            (the two SRM initial points first, then the agent's clicks); with
+            ``return_session``, the session third.
         """
         out = self.segment_detailed(image, steps)
+        if return_session:
+            return out["mask"], out["clicks"], out["session"]
         return out["mask"], out["clicks"]
 
     def segment_detailed(
         self, image: np.ndarray | Image.Image | str | os.PathLike[str], steps: int | None = None
     ) -> dict[str, Any]:
         """:meth:`segment` plus ``score`` (mean decoder foreground probability inside the
-        mask), ``encode_seconds`` (0 when the embedding came from the cache) and
-        ``decoder_calls``."""
+        mask), ``presence`` (:func:`~recalibration.presence.presence_score`),
+        ``encode_seconds`` (0 when the embedding came from the cache), ``decoder_calls`` and
+        ``session`` (see :meth:`segment`)."""
         image = rgb_array(image)
         if steps is not None and steps < 0:
             raise ValueError(f"steps must be >= 0 (agent clicks), got {steps}")
@@ -434,12 +462,16 @@ class PromptAgent:
             [_InMemory("image", image)], self.segmenter, self.srm, self.eval_config(), _Encoded(emb)
         )
         info = self.run_episode(env, 0, steps)
+        s_map = initial_srm_map(self.srm, self.segmenter, emb, lambda: image)
+        top = self.presence.top if self.presence is not None else PRESENCE_TOP
         return {
             "mask": env.current_mask(),
             "clicks": np.array(info["prompts"], np.float32).reshape(-1, 3),
             "score": env.mask_score(),
+            "presence": presence_score(s_map, emb.valid_shape(emb.grid_size), top),
             "encode_seconds": encode_seconds,
             "decoder_calls": int(getattr(self.segmenter, "decoder_calls", 0) - calls),
+            "session": env.session,
         }
 
 

@@ -20,7 +20,15 @@ training sets of a learning curve are ``kvasir:train[:25]``, ``kvasir:train``,
 And in an image shift, ``SPEC@SHIFT``, to test how a method copes with images unlike its
 training images (:data:`SHIFTS`): ``@down384`` (resized to 384 px wide, masks with them),
 ``@colour`` (hue, saturation and brightness moved, fixed per image), ``@blur`` (Gaussian blur,
-sigma 2.5 px); e.g. ``kvasir:test@down384``.
+sigma 2.5 px), ``@hue`` (hue rotated by 30-90 degrees either way), ``@jpeg20`` (JPEG at quality
+20), ``@border`` (a black endoscope border around an elliptic field of view, vignetted towards
+it; the target outside the field is no longer target), ``@crop256`` (a 256-px square cut
+around a point of the target); e.g. ``kvasir:test@down384``.
+
+``SPEC@negative`` holds images without the target: each image cut to its largest part away
+from the target (the target's box widened by a margin; at least 128 px a side, at most 2:1),
+with an empty mask; images without such a part are left out. ``kvasir:val@negative`` are
+endoscopy views without a polyp.
 """
 
 from __future__ import annotations
@@ -96,12 +104,111 @@ def _blur(image: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, Any]:
     return np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(2.5))), mask
 
 
+def _hue(image: np.ndarray, mask: np.ndarray | None, seed: int) -> tuple[np.ndarray, Any]:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    degrees = float(rng.uniform(30, 90)) * (1 if rng.random() < 0.5 else -1)
+    hsv = np.asarray(Image.fromarray(image).convert("HSV")).astype(np.int16)
+    hsv[..., 0] = (hsv[..., 0] + round(degrees * 256 / 360)) % 256
+    return np.asarray(Image.fromarray(hsv.astype(np.uint8), "HSV").convert("RGB")), mask
+
+
+def _jpeg(image: np.ndarray, mask: np.ndarray | None, quality: int) -> tuple[np.ndarray, Any]:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG", quality=quality)
+    return np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")), mask
+
+
+def _border(image: np.ndarray, mask: np.ndarray | None, seed: int) -> tuple[np.ndarray, Any]:
+    rng = np.random.default_rng(seed)
+    h, w = image.shape[:2]
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    cy, cx = h / 2 + rng.uniform(-0.03, 0.03) * h, w / 2 + rng.uniform(-0.03, 0.03) * w
+    ry, rx = (h / 2) * rng.uniform(0.92, 1.0), (w / 2) * rng.uniform(0.85, 0.95)
+    r = np.sqrt(((y - cy) / ry) ** 2 + ((x - cx) / rx) ** 2)  # 1 on the field's edge
+    light = np.clip(1.0 - 0.6 * r**2, 0.0, 1.0) * (r <= 1.0)
+    out = (image.astype(np.float32) * light[..., None]).round().astype(np.uint8)
+    return out, None if mask is None else np.asarray(mask, bool) & (r <= 1.0)
+
+
+def _crop256(image: np.ndarray, mask: np.ndarray | None, seed: int) -> tuple[np.ndarray, Any]:
+    h, w = image.shape[:2]
+    size = min(256, h, w)
+    rng = np.random.default_rng(seed)
+    if mask is not None and np.asarray(mask).any():
+        ys, xs = np.nonzero(mask)
+        k = int(rng.integers(len(ys)))  # a target pixel, somewhere in the crop
+        y0 = int(np.clip(ys[k] - rng.integers(size // 4, 3 * size // 4 + 1), 0, h - size))
+        x0 = int(np.clip(xs[k] - rng.integers(size // 4, 3 * size // 4 + 1), 0, w - size))
+    else:
+        y0, x0 = (h - size) // 2, (w - size) // 2
+    box = (slice(y0, y0 + size), slice(x0, x0 + size))
+    return image[box], None if mask is None else np.asarray(mask)[box]
+
+
+#: Smallest side, in pixels, of a ``@negative`` cut; its margin around the target's box as a
+#: share of the image's shorter side.
+NEGATIVE_MIN_SIDE = 128
+NEGATIVE_MARGIN = 0.05
+
+
+def negative_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    """``(y0, y1, x0, x1)``: the largest strip of the image beside the target's box (widened by
+    :data:`NEGATIVE_MARGIN`), cut to at most 2:1 around its centre, or ``None`` when no strip
+    is :data:`NEGATIVE_MIN_SIDE` px a side."""
+    mask = np.asarray(mask, bool)
+    h, w = mask.shape
+    if not mask.any():
+        return (0, h, 0, w)
+    ys, xs = np.nonzero(mask)
+    m = round(NEGATIVE_MARGIN * min(h, w))
+    by0, by1 = max(0, int(ys.min()) - m), min(h, int(ys.max()) + 1 + m)
+    bx0, bx1 = max(0, int(xs.min()) - m), min(w, int(xs.max()) + 1 + m)
+    strips = [(0, h, 0, bx0), (0, h, bx1, w), (0, by0, 0, w), (by1, h, 0, w)]
+    best = None
+    for y0, y1, x0, x1 in strips:
+        sh, sw = y1 - y0, x1 - x0
+        if min(sh, sw) < NEGATIVE_MIN_SIDE:
+            continue
+        if sh > 2 * sw:
+            y0 += (sh - 2 * sw) // 2
+            y1 = y0 + 2 * sw
+        elif sw > 2 * sh:
+            x0 += (sw - 2 * sh) // 2
+            x1 = x0 + 2 * sh
+        if best is None or (y1 - y0) * (x1 - x0) > (best[1] - best[0]) * (best[3] - best[2]):
+            best = (y0, y1, x0, x1)
+    return best
+
+
+def _negative(image: np.ndarray, mask: np.ndarray | None, seed: int) -> tuple[np.ndarray, Any]:
+    if mask is None:
+        raise D.DataError("@negative needs the target's mask to cut away from it")
+    box = negative_box(mask)
+    if box is None:
+        raise D.DataError(f"@negative: no part of {NEGATIVE_MIN_SIDE} px beside the target")
+    y0, y1, x0, x1 = box
+    return np.ascontiguousarray(image[y0:y1, x0:x1]), np.zeros((y1 - y0, x1 - x0), bool)
+
+
 #: Image shifts of ``SPEC@SHIFT``: ``(image, mask, seed) -> (image, mask)``.
 SHIFTS: dict[str, Any] = {
     "down384": lambda image, mask, seed: _down384(image, mask),
     "colour": _colour,
     "blur": lambda image, mask, seed: _blur(image, mask),
+    "hue": _hue,
+    "jpeg20": lambda image, mask, seed: _jpeg(image, mask, 20),
+    "border": _border,
+    "crop256": _crop256,
+    "negative": _negative,
 }
+#: The shifts that change the mask (its size or its pixels); the others keep the sample's.
+MASK_SHIFTS = ("down384", "border", "crop256", "negative")
 
 
 @dataclass(frozen=True)
@@ -124,13 +231,14 @@ class Shifted:
     @property
     def mask(self) -> np.ndarray | None:
         inner = getattr(self.inner, "mask", None)
-        if inner is None or self.shift != "down384":
+        if inner is None or self.shift not in MASK_SHIFTS:
             return inner
         h, w = inner.shape
-        return _down384(np.zeros((h, w, 3), np.uint8), inner)[1]
+        return SHIFTS[self.shift](np.zeros((h, w, 3), np.uint8), inner, self.seed)[1]
 
     def load_image(self) -> np.ndarray:
-        image, _ = SHIFTS[self.shift](self.inner.load_image(), None, self.seed)
+        inner = getattr(self.inner, "mask", None) if self.shift in MASK_SHIFTS else None
+        image, _ = SHIFTS[self.shift](self.inner.load_image(), inner, self.seed)
         return np.ascontiguousarray(image)
 
 
@@ -151,6 +259,8 @@ def load_dataset(spec: str, on_error: D.OnError = "raise"):
         if shift not in SHIFTS:
             raise D.DataError(f"{spec}: unknown image shift {shift!r}; use {', '.join(SHIFTS)}")
         samples = load_dataset(base, on_error)
+        if shift == "negative":  # only the images with room beside the target
+            samples = [s for s in samples if s.mask is not None and negative_box(s.mask)]
         return D.Dataset(
             [Shifted(s, shift, i) for i, s in enumerate(samples)],
             name=f"{getattr(samples, 'name', base)}@{shift}",

@@ -125,11 +125,17 @@ def train_lookahead(
     if tuple(task.srm.features) != ("sam",):
         features = FeatureSet(task.srm.features, segmenter, cache)
     t0 = time.perf_counter()
-    kw = {"progress": progress, "features": features}
+    # The SRM's features stay in the cache, not in memory (read back per use): memory grows
+    # by the embedding and the projected features per image, not the 1,656 raw channels.
+    kw = {"progress": progress, "features": features, "keep_features": False}
     items = collect_items(train_set, segmenter, cache, desc="train", **kw)
     val_items = collect_items(val_set, segmenter, cache, desc="val", **kw) if val_set else None
     first = items[0][0]
-    channels = int(first.extras.get("srm_features", first.features).shape[1])
+    channels = (
+        int(first.features.shape[1])
+        if features is None
+        else features.channels(first, train_set[0].load_image)
+    )
     timings["features"] = time.perf_counter() - t0
 
     # 1. The SRM (and the decoder mask states every SRM of this run trains under).

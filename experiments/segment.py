@@ -10,9 +10,13 @@ final mask. Writes, under ``--out``:
   pycocotools, ``categories``), loadable with ``pycocotools.coco.COCO``. ``images[].file_name``
   is the input's path relative to the folder or dataset it came from, with its extension
   (absolute for a file given by name), plus ``mask_file`` and ``source`` (the input argument);
-  each annotation also carries ``score`` (mean decoder foreground probability inside the mask)
-  and its ``clicks``;
-- ``summary.json``: counts, skipped files with the reason, seconds and images/s.
+  each annotation also carries ``score`` (mean decoder foreground probability inside the mask),
+  ``presence`` (how sure the SRM is that the target is in the image at all,
+  :mod:`recalibration.presence`), ``no_target`` and its ``clicks``;
+- ``summary.json``: counts, skipped files with the reason, seconds and images/s, and
+  ``no_target``: the images whose presence score fell below the run's threshold
+  (``presence.json``, from ``alignsam presence RUN --choose``, or ``presence_threshold``): their
+  mask is empty.
 
 All or nothing: every input is found and decoded before the first mask is written, and every
 unusable file is named in one error (or, with ``skip_bad``, listed under ``skipped`` and
@@ -61,6 +65,8 @@ class SegmentReport:
     decoder_calls: int = 0
     clicks_per_image: float = 0.0
     mean_iou: float | None = None
+    presence_threshold: float | None = None
+    no_target: list[str] = field(default_factory=list)
 
     @property
     def images_per_s(self) -> float:
@@ -252,6 +258,7 @@ def segment_images(
     overwrite: bool = False,
     checked: bool = False,
     progress: bool = True,
+    presence_threshold: float | None = None,
 ) -> SegmentReport:
     """Segment ``samples`` with ``agent`` and write masks, overlays, COCO RLE and a summary.
 
@@ -271,17 +278,26 @@ def segment_images(
         overwrite: Replace a non-empty ``out``.
         checked: ``samples`` come from :func:`check_inputs` already (not decoded again here).
         progress: Progress bar.
+        presence_threshold: Images whose presence score is below it get an empty mask and are
+            listed as ``no_target`` (default: the run's ``presence.json``, none without one;
+            0 turns the gate off).
 
     Returns:
         The :class:`SegmentReport` (also written to ``out/summary.json``).
     """
     if steps is not None and steps < 0:
         raise ValueError(f"steps must be >= 0 (agent clicks per image), got {steps}")
+    if presence_threshold is None and getattr(agent, "presence", None) is not None:
+        presence_threshold = agent.presence.threshold
+    if presence_threshold is not None and not 0.0 <= presence_threshold <= 1.0:
+        raise ValueError(f"presence threshold must lie in [0, 1], got {presence_threshold}")
     out = check_out(out, overwrite)
     if not checked:
         samples = check_inputs(samples, "skip" if skip_bad else "raise")
     with _staged(out) as tmp:
-        report = _segment_into(agent, samples, tmp, steps, overlays, skip_bad, progress)
+        report = _segment_into(
+            agent, samples, tmp, steps, overlays, skip_bad, progress, presence_threshold
+        )
         report.out = str(out)
         summary = json.dumps(report.to_dict(), indent=2)
         atomic_write(tmp / "summary.json", lambda fh: fh.write(summary.encode()))
@@ -296,6 +312,7 @@ def _segment_into(
     overlays: bool,
     skip_bad: bool,
     progress: bool,
+    presence_threshold: float | None = None,
 ) -> SegmentReport:
     """:func:`segment_images`'s work, written into ``out`` (all but ``summary.json``)."""
     from segmenter.base import mask_iou
@@ -303,7 +320,7 @@ def _segment_into(
     (out / "masks").mkdir()
     if overlays:
         (out / "overlays").mkdir()
-    report = SegmentReport(out=str(out))
+    report = SegmentReport(out=str(out), presence_threshold=presence_threshold)
     report.skipped = [{"id": f, "reason": r} for f, r in getattr(samples, "skipped", [])]
     images, annotations, ious, clicks_used = [], [], [], []
     seg = agent.segmenter
@@ -322,6 +339,10 @@ def _segment_into(
         result = agent.segment_detailed(image, steps)
         report.encode_seconds += result["encode_seconds"]
         mask, clicks = result["mask"], result["clicks"]
+        no_target = presence_threshold is not None and result["presence"] < presence_threshold
+        if no_target:  # "nothing here": no mask, no clicks to show
+            mask, clicks = np.zeros_like(mask), clicks[:0]
+            report.no_target.append(str(s.id))
         _write_png(out / "masks" / f"{s.id}.png", mask.astype(np.uint8) * 255)
         if overlays:
             gt = getattr(s, "mask", None)
@@ -357,6 +378,8 @@ def _segment_into(
                 "bbox": bbox,
                 "iscrowd": 0,
                 "score": result["score"],
+                "presence": result["presence"],
+                "no_target": bool(no_target),
                 "clicks": clicks.tolist(),
                 "seconds": time.perf_counter() - t0,
             }

@@ -97,5 +97,31 @@ def test_the_report_explains_its_star_once_for_both_tables_and_names_agents_in_a
         "agent kvasir_polyp/lookahead s0 #1",
         "agent kvasir_polyp/lookahead s0 #2",
     ]
+    adapted = Path(runs[0]).with_name("adapted")
+    adapted.mkdir()
+    (adapted / "config.json").write_text((Path(runs[0]) / "config.json").read_text())
+    (adapted / "adapted.json").write_text("{}")
+    assert agent_names([runs[0], str(adapted)]) == [
+        "agent kvasir_polyp/lookahead",
+        "agent kvasir_polyp/lookahead adapted",
+    ]
     legend = render_legend({"runs": runs})
     assert f"| agent kvasir_polyp/ppo | `{runs[1]}` |" in legend
+
+
+def test_summary_counts_the_images_a_method_leaves_worse_than_its_own_start():
+    from experiments.benchmark.results import MethodResult
+
+    m = MethodResult("agent", "automatic", start_clicks=2)
+    gt = np.zeros((4, 4), bool)
+    gt[:2] = True
+    for i, curve in enumerate([[0.5, 0.5, 0.7], [0.8, 0.8, 0.6], [0.9, 0.9, 0.9]]):
+        m.add(f"im{i}", gt, gt, clicks=3, seconds=0.1, calls=2)
+        m.curve.append(curve)
+    out = m.summary()
+    assert out["worse_than_start"] == pytest.approx(1 / 3)  # only im1 ends below its start
+    assert out["start_iou"] == pytest.approx((0.5 + 0.8 + 0.9) / 3)
+    no_start = MethodResult("grid", "automatic")
+    no_start.add("im0", gt, gt, clicks=1, seconds=0.1, calls=1)
+    no_start.curve.append([0.4])
+    assert "worse_than_start" not in no_start.summary()

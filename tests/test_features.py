@@ -121,3 +121,32 @@ def test_bench_perf_reports_each_sources_extra_time_and_cache_bytes(
     assert out["sources"]["efficientnet_lite0"]["extra_s"] > 0
     text = perf.render_feature_sources(out)
     assert "efficientnet_lite0: +" in text and "MiB cached" in text
+
+
+def test_items_that_leave_their_features_in_the_cache_train_the_same_srm(tiny_segmenter, tmp_path):
+    from envs.synthetic import synthetic_task
+    from recalibration.items import collect_items
+
+    cache = EmbeddingCache(tmp_path / "emb")
+    samples = synthetic_task("val", 3)
+    config = SRMConfig(features=("sam", "sam_stages"), hidden=16, reduce=12)
+    states = []
+    for keep in (True, False):
+        fs = FeatureSet(["sam", "sam_stages"], tiny_segmenter, cache, keep=0)
+        items = collect_items(
+            samples, tiny_segmenter, cache, progress=False, features=fs, keep_features=keep
+        )
+        assert ("srm_features" in items[0][0].extras) is keep
+        torch.manual_seed(0)
+        srm = SemanticRecalibrationModule(config, 80, features=fs)
+        srm.pretrain(items, epochs=2, rng=0, progress=False)
+        states.append(srm.state_dict())
+
+    def flat(state):
+        head = {f"head.{k}": v for k, v in state["head"].items()}
+        return {k: v for k, v in {**state, **head}.items() if isinstance(v, torch.Tensor)}
+
+    a, b = flat(states[0]), flat(states[1])
+    assert "reduce_matrix" in a and any(k.startswith("head.") for k in a)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

@@ -128,6 +128,12 @@ def test_training_run_writes_a_loadable_agent(lookahead_run):
     image = np.random.default_rng(0).integers(0, 255, (70, 90, 3), dtype=np.uint8)
     mask, clicks = agent.segment(image)
     assert mask.shape == (70, 90) and 2 <= len(clicks) <= 4
+    # the presence score reads the SRM map the episode starts from
+    from recalibration.presence import presence_score
+
+    emb, _ = agent._embedding(image)
+    expected = presence_score(agent.srm_map(emb, lambda: image), emb.valid_shape(emb.grid_size))
+    assert agent.segment_detailed(image)["presence"] == pytest.approx(expected)
 
 
 def test_training_resumes_from_its_stages(lookahead_run):
@@ -217,3 +223,39 @@ def test_srm_eval_reports_the_map_and_the_judge_of_a_run(lookahead_run, tmp_path
     assert res["episodes_miou"]["oracle"] >= res["episodes_miou"]["heuristic"] - 1e-9
     for name in ("states_judge", "states_oracle"):
         assert -1.0 <= res[name]["spearman"] <= 1.0 and res[name]["states"] > 0
+
+
+def test_answers_follow_the_decoders_best_predicted_state_so_far():
+    from types import SimpleNamespace
+
+    from agents.lookahead import answers
+
+    path = [SimpleNamespace(prediction=SimpleNamespace(score=v)) for v in (0.8, 0.7, 0.9, 0.9, 0.6)]
+    assert answers(path, "last") == [0, 1, 2, 3, 4]
+    assert answers(path, "best_predicted") == [0, 0, 2, 2, 2]  # the earliest on ties
+    with pytest.raises(ValueError, match="keep"):
+        LookaheadConfig(keep="best")
+
+
+def test_best_predicted_ends_the_session_in_the_kept_state(lookahead_run, tmp_path):
+    from experiments.adapt import adapt_run
+    from experiments.datasets import load_dataset
+
+    summary, cache = lookahead_run
+    agent = PromptAgent.load(summary["run_dir"], cache=EmbeddingCache(cache))
+    for s in load_dataset("synthetic:val")[:6]:
+        image = s.load_image()
+        emb, _ = agent._embedding(image)
+        last = agent.episode(emb, lambda image=image: image, keep="last")
+        best = agent.episode(emb, lambda image=image: image, keep="best_predicted")
+        scores = [o.prediction.score for o in best.path]
+        assert best.kept == int(np.argmax(scores)) and last.kept == len(last.path) - 1
+        assert best.session.outcome is best.path[best.kept] and best.final is best.path[best.kept]
+        assert len(best.clicks) == 2 + best.kept  # the start points and the kept clicks
+        assert best.final.prediction.score >= last.final.prediction.score
+    # an adapted lookahead run answers with the best predicted state
+    adapt_run(summary["run_dir"], ["synthetic:val"], tmp_path / "a", cache=EmbeddingCache(cache),
+              progress=False)  # fmt: skip
+    adapted = PromptAgent.load(tmp_path / "a", cache=EmbeddingCache(cache))
+    assert adapted.config.keep == "best_predicted" and agent.config.keep == "last"
+    assert json.loads((tmp_path / "a" / "adapted.json").read_text())["keep"] == "best_predicted"

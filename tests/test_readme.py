@@ -55,7 +55,9 @@ def test_readme_observation_size_is_the_default_envs(tiny_segmenter):
 
     env = envs.make_env(synthetic_task("val")[:1], tiny_segmenter, OracleLabeler())
     floats = sum(int(np.prod(space.shape)) for space in env.observation_space.spaces.values())
-    assert floats == 6801 and f"{floats:,} floats ({4 * floats / 1000:.1f}" in TEXT
+    assert floats == 6801 and f"{floats:,} floats per step" in TEXT
+    arch = (README.parent / "docs" / "architecture.md").read_text()
+    assert f"{floats:,} floats\n({4 * floats / 1000:.1f} kB) per step" in arch
 
 
 @pytest.mark.slow

@@ -208,6 +208,8 @@ def test_benchmark_runs_every_method(first_run, tmp_path):
         segmenter=agent.segmenter,
         manual_clicks=5,
         progress=False,
+        amg_points_per_side=8,  # the generator itself is tested in test_finetune.py
+        amg_tune_images=1,
     )
     rows = {r["method"]: r for r in res["methods"]}
     assert list(rows)[0] == "agent" and "diff_vs_agent" not in rows["agent"]

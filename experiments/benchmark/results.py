@@ -82,6 +82,12 @@ class MethodResult:
         for key in (*METRICS, "clicks", "seconds", "decoder_calls"):
             out[key] = float(np.mean(self.values(key)))
         out["iou_ci95"] = bootstrap_ci(self.values("iou"), seed=seed)
+        if self.start_clicks > 0 and len(self.curve) == len(self.per_image) and self.curve:
+            # the method's own start (its start prompts decoded together) against its end
+            start = np.array([c[self.start_clicks - 1] for c in self.curve], np.float64)
+            final = np.array([c[-1] for c in self.curve], np.float64)
+            out["start_iou"] = float(start.mean())
+            out["worse_than_start"] = float(np.mean(final < start - 1e-6))
         out["train_seconds"] = self.train_seconds
         out["trainable_params"] = self.trainable_params
         return out

@@ -192,6 +192,7 @@ def agent_names(run_dirs: Sequence[str | Path]) -> list[str]:
     configs = [config(r) for r in run_dirs]
     names = [
         f"agent {c.get('name', Path(r).name.split('__')[0])}/{c.get('agent', 'ppo')}"
+        + (" adapted" if (Path(r) / "adapted.json").is_file() else "")  # alignsam adapt
         for c, r in zip(configs, run_dirs, strict=True)
     ]
     if len(set(names)) < len(names):

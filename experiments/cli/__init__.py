@@ -10,6 +10,7 @@ import sys
 import traceback
 
 from experiments.cli import (
+    adapt,
     bench,
     benchmark,
     ceiling,
@@ -19,6 +20,7 @@ from experiments.cli import (
     embed,
     finetune,
     oneclick,
+    presence,
     review,
     segment,
     srm_eval,
@@ -48,6 +50,8 @@ COMMANDS = (
     train,
     ceiling,
     segment,
+    adapt,
+    presence,
     review,
     finetune,
     benchmark,

@@ -10,6 +10,7 @@ from experiments.cli.common import (
     UsageError,
     add_cache_option,
     add_deprecated_alias,
+    fraction,
     non_negative_int,
 )
 
@@ -59,6 +60,14 @@ def add(sub: Subcommands) -> None:
     sg.add_argument(
         "--skip-bad", action="store_true", help="skip unusable images and list them in the summary"
     )
+    sg.add_argument(
+        "--presence-threshold",
+        type=fraction,
+        default=None,
+        metavar="P",
+        help="images whose presence score is below P get an empty mask and are listed as "
+        "no_target (default: the run's presence.json from alignsam presence --choose; 0: off)",
+    )
     sg.add_argument("--no-progress", action="store_true", help="no progress bar")
     sg.set_defaults(func=run)
 
@@ -92,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         checked=True,
         progress=not args.no_progress,
+        presence_threshold=args.presence_threshold,
     )
     iou = f", mean IoU vs ground truth {rep.mean_iou:.4f}" if rep.mean_iou is not None else ""
     print(
@@ -101,5 +111,10 @@ def run(args: argparse.Namespace) -> int:
     )
     for s in rep.skipped:
         print(f"  skipped {s['id']}: {s['reason']}")
+    if rep.presence_threshold is not None:
+        print(
+            f"nothing here (presence < {rep.presence_threshold:.3f}, empty mask): "
+            f"{len(rep.no_target)} of {rep.images} images"
+        )
     print(f"masks, overlays, results.json (COCO RLE), summary.json in {rep.out}")
     return 0

@@ -10,9 +10,9 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -22,9 +22,10 @@ from recalibration.srm.config import SRMTrainItem
 from recalibration.srm.heads import dihedral
 from recalibration.srm.losses import dice_bce_loss, valid_mask
 from recalibration.srm.mask_states import simulate_mask_states, synthetic_mask_state
+from segmenter.memory import trim_heap
 
 if TYPE_CHECKING:
-    from segmenter.base import Segmenter
+    from segmenter.base import ImageEmbedding, Segmenter
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ class TrainingMixin:
                     mask_states=list(mask_states[i]) if mask_states is not None else [],
                 )
             )
+            trim_heap()  # the raw features were short-lived: no heap growth per image
         return out
 
     def fit_reduction(
@@ -96,6 +98,7 @@ class TrainingMixin:
             total += rows.sum(0)
             outer += rows.T @ rows
             n += len(rows)
+            trim_heap()
         if total is None or outer is None:
             raise ValueError("fit_reduction needs at least one item")
         if d > total.shape[0]:
@@ -113,22 +116,104 @@ class TrainingMixin:
 
     def fit_normalization(self, items: Sequence[SRMTrainItem]) -> None:
         """Set the per-channel mean/std (``normalize="dataset"``) from the items' valid cells."""
-        total = torch.zeros(self.head_channels, dtype=torch.float64)
-        total_sq = torch.zeros(self.head_channels, dtype=torch.float64)
-        count = 0
-        for emb, _, _ in items:
-            he, we = emb.grid_size
-            vh, vw = emb.valid_shape((he, we))
-            f = self.input_features(emb)[0, :, :vh, :vw].detach().to("cpu", torch.float64)
-            f = f.flatten(1)
+        mean, std, _, _ = self._channel_moments(
+            ((emb, None) for emb, _, _ in items), self.input_features, self.head_channels
+        )
+        self.channel_mean = mean.float().to(self.device)
+        self.channel_std = std.float().to(self.device)
+        self._touch()
+
+    @staticmethod
+    def _channel_moments(
+        images: Iterable[tuple[ImageEmbedding, Callable[[], np.ndarray] | None]],
+        read: Callable[..., torch.Tensor],
+        channels: int,
+        dark: float | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        """Per-channel mean and spread (floored at 1e-3) of ``read(emb, load_image)`` over the
+        valid cells of every image, summed image by image in float64; with the number of cells
+        and images. With ``dark``, cells whose mean pixel value (0-1) is below it are left out
+        (an endoscope's black border, letterboxing: they say nothing of the images' domain)."""
+        total = torch.zeros(channels, dtype=torch.float64)
+        total_sq = torch.zeros(channels, dtype=torch.float64)
+        count = n_images = 0
+        for emb, load_image in images:
+            vh, vw = emb.valid_shape(emb.grid_size)
+            f = read(emb, load_image)[0, :, :vh, :vw].detach().to("cpu", torch.float64).flatten(1)
+            if dark is not None and load_image is not None:
+                pixels = np.asarray(load_image(), np.float32).mean(axis=-1) / 255.0
+                light = emb.to_frame(pixels, emb.grid_size)[:vh, :vw].reshape(-1) >= dark
+                if light.any():
+                    f = f[:, torch.from_numpy(light)]
             total += f.sum(1)
             total_sq += (f * f).sum(1)
             count += f.shape[1]
+            n_images += 1
+            trim_heap()
         mean = total / max(count, 1)
         std = (total_sq / max(count, 1) - mean * mean).clamp_min(1e-8).sqrt()
-        self.channel_mean = mean.float().to(self.device)
-        self.channel_std = std.float().clamp_min(1e-3).to(self.device)
+        return mean, std.clamp_min(1e-3), count, n_images
+
+    def adapt_statistics(
+        self,
+        images: Iterable[tuple[ImageEmbedding, Callable[[], np.ndarray] | None]],
+        mix: float = 1.0,
+        dark: float | None = None,
+    ) -> dict[str, Any]:
+        """Re-estimate the input statistics on the images to be segmented (no labels needed):
+        the per-channel mean and spread the SRM standardises its raw features with before the
+        projection (``reduce``), else those of the head's inputs (``normalize="dataset"``).
+
+        The head, the projection and the calibration stay as trained: the images are brought
+        back to the statistics the head saw in training (the batch-norm re-estimation of Li et
+        al., "Revisiting batch normalization for practical domain adaptation", 2016, applied to
+        the SRM's one normalisation). ``images`` are ``(embedding, load_image)`` pairs; ``mix``
+        is the target's share of the new statistics (1: the target's alone; 0.5: the mean and
+        second moment halfway between the training images' and the target's); ``dark`` leaves
+        out cells darker than it (mean pixel value, 0-1). Returns what was re-estimated, on how
+        many images and cells, and the mix.
+
+        Raises:
+            ValueError: No image, or an SRM with no dataset statistics to re-estimate
+                (``normalize="image"`` without ``reduce`` standardises every image by itself).
+        """
+        raw = bool(self.config.reduce)
+        if not raw and self.config.normalize != "dataset":
+            raise ValueError(
+                "this SRM standardises each image by itself (normalize='image', no reduce): "
+                "there are no training statistics to re-estimate"
+            )
+        if not 0.0 <= mix <= 1.0:
+            raise ValueError(f"mix must lie in [0, 1], got {mix}")
+        read = self.raw_features if raw else self.input_features
+        channels = self.embed_channels if raw else self.head_channels
+        mean, std, cells, n_images = self._channel_moments(images, read, channels, dark)
+        if not n_images:
+            raise ValueError("adapt_statistics needs at least one image")
+        old_mean, old_std = (
+            (self.reduce_mean, self.reduce_std) if raw else (self.channel_mean, self.channel_std)
+        )
+        if mix < 1.0:  # pool first and second moments
+            m0, s0 = (
+                old_mean.detach().to("cpu", torch.float64),
+                old_std.detach().to("cpu", torch.float64),
+            )
+            second = (1 - mix) * (s0**2 + m0**2) + mix * (std**2 + mean**2)
+            mean = (1 - mix) * m0 + mix * mean
+            std = (second - mean**2).clamp_min(1e-8).sqrt().clamp_min(1e-3)
+        if raw:
+            self.reduce_mean = mean.float().to(self.device)
+            self.reduce_std = std.float().to(self.device)
+        else:
+            self.channel_mean = mean.float().to(self.device)
+            self.channel_std = std.float().to(self.device)
         self._touch()
+        return {
+            "statistics": "raw features (before the projection)" if raw else "head inputs",
+            "images": n_images,
+            "cells": cells,
+            "mix": mix,
+        }
 
     def _batch(
         self,

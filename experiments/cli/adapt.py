@@ -1,0 +1,82 @@
+"""``alignsam adapt``: fit a run to unlabelled images before segmenting them
+(:mod:`experiments.adapt`)."""
+
+from __future__ import annotations
+
+import argparse
+
+from experiments.cli.common import Subcommands, add_cache_option, fraction
+
+
+def add(sub: Subcommands) -> None:
+    a = sub.add_parser(
+        "adapt",
+        help="fit a run to the (unlabelled) images it will segment",
+        description="Re-estimate the SRM's feature statistics on the INPUT images (no labels "
+        "read), keep every weight, and write the adapted run into --out: an ordinary run folder "
+        "for segment, review, benchmark and corrections, with adapted.json saying what it was "
+        "adapted on. Adapt on the images you segment (a few dozen are enough to estimate means "
+        "and spreads).",
+    )
+    a.add_argument("run", metavar="RUN", help="run folder made by alignsam train")
+    a.add_argument(
+        "inputs", nargs="+", metavar="INPUT", help="image files, folders of images, dataset specs"
+    )
+    a.add_argument("--out", required=True, metavar="RUN2", help="the adapted run folder")
+    a.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    a.add_argument(
+        "--which", choices=["best", "latest"], default="best", help="checkpoint of RUN to adapt"
+    )
+    a.add_argument(
+        "--keep",
+        choices=["best_predicted", "last", "source"],
+        default="best_predicted",
+        help="a lookahead agent's answer: the state its decoder predicts best, the start "
+        "included (default: a click judged to make the mask worse is undone), the last, or "
+        "the source run's setting",
+    )
+    a.add_argument(
+        "--mix",
+        type=fraction,
+        default=1.0,
+        metavar="F",
+        help="the target images' share of the new statistics (1: theirs alone)",
+    )
+    a.add_argument(
+        "--dark",
+        type=fraction,
+        default=0.06,
+        metavar="V",
+        help="leave cells darker than V (mean pixel value, 0-1; an endoscope's black border) "
+        "out of the statistics; 0: keep every cell (default 0.06)",
+    )
+    add_cache_option(a)
+    a.add_argument("--skip-bad", action="store_true", help="skip unusable images and list them")
+    a.add_argument("--no-progress", action="store_true", help="no progress bar")
+    a.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from experiments.adapt import adapt_run
+    from segmenter import EmbeddingCache
+
+    r = adapt_run(
+        args.run,
+        args.inputs,
+        args.out,
+        which=args.which,
+        keep=None if args.keep == "source" else args.keep,
+        mix=args.mix,
+        dark=args.dark or None,
+        cache=EmbeddingCache(args.cache),
+        skip_bad=args.skip_bad,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    print(
+        f"adapted {args.run} on {r['images']} images ({r['re_estimated']} re-estimated, "
+        f"{r['seconds']:.1f} s): {args.out}"
+    )
+    if r.get("note"):
+        print(f"note: {r['note']}")
+    return 0

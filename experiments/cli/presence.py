@@ -1,0 +1,59 @@
+"""``alignsam presence``: the run's "nothing here" score on images with and without the target,
+and its threshold (:mod:`experiments.presence`)."""
+
+from __future__ import annotations
+
+import argparse
+
+from experiments.cli.common import Subcommands, add_cache_option, fraction
+
+
+def add(sub: Subcommands) -> None:
+    p = sub.add_parser(
+        "presence",
+        help='choose or measure the "nothing here" threshold of a run',
+        description="Score images with the target (--positives) and without (--negatives, e.g. "
+        "kvasir:val@negative) with the run's presence score (the SRM's map before any click). "
+        "With --choose, the threshold that keeps all but --max-recall-loss of the positives is "
+        "written into RUN (presence.json) and alignsam segment uses it; without, the run's "
+        "threshold is measured on these images. Choose on val, measure on test.",
+    )
+    p.add_argument("run", metavar="RUN", help="run folder of the agent (alignsam train)")
+    p.add_argument("--positives", required=True, metavar="SPEC", help="images with the target")
+    p.add_argument("--negatives", required=True, metavar="SPEC", help="images without it")
+    p.add_argument("--choose", action="store_true", help="choose the threshold here, save it")
+    p.add_argument(
+        "--max-recall-loss",
+        type=fraction,
+        default=0.02,
+        metavar="F",
+        help="share of the positives the chosen threshold may call empty (default 0.02)",
+    )
+    p.add_argument("--out", default="presence", metavar="DIR", help="output folder")
+    add_cache_option(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from experiments.presence import run_presence
+    from segmenter import EmbeddingCache
+
+    r = run_presence(
+        args.run,
+        args.positives,
+        args.negatives,
+        args.out,
+        choose=args.choose,
+        max_recall_loss=args.max_recall_loss,
+        cache=EmbeddingCache(args.cache),
+        progress=not args.no_progress,
+    )
+    what = "chosen and saved in the run" if r["chosen_here"] else "the run's"
+    print(
+        f"threshold {r['threshold']:.4f} ({what}): recall {r['recall']:.3f} on "
+        f"{r['n_positives']} images with the target, false-positive rate "
+        f"{r['false_positive_rate']:.3f} on {r['n_negatives']} without; AUC {r['auc']:.3f}"
+    )
+    print(f"results.json, results.md in {args.out}")
+    return 0

@@ -1,0 +1,92 @@
+"""Adaptation without labels (issue 31): ``alignsam adapt`` re-estimates the SRM's feature
+statistics on the images to be segmented and writes an ordinary, loadable run folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from agents.prompt_agent import PromptAgent
+from segmenter import EmbeddingCache
+
+
+def test_adapting_on_the_training_images_gives_back_the_trained_statistics(first_run, tmp_path):
+    from experiments.adapt import adapt_run
+
+    summary, cache = first_run
+    run = Path(summary["run_dir"])
+    source = PromptAgent.load(run, cache=EmbeddingCache(cache))
+    # the tiny task trains on synthetic:val: the same images give the same statistics
+    record = adapt_run(run, ["synthetic:val"], tmp_path / "same", cache=EmbeddingCache(cache),
+                       dark=None, progress=False)  # every cell, as in training  # fmt: skip
+    same = PromptAgent.load(tmp_path / "same", cache=EmbeddingCache(cache))
+    assert torch.allclose(same.srm.channel_mean, source.srm.channel_mean, atol=1e-4)
+    assert torch.allclose(same.srm.channel_std, source.srm.channel_std, rtol=1e-3)
+    assert record["re_estimated"] == "head inputs" and record["images"] == 12
+
+
+def test_adapted_run_is_an_ordinary_run_that_records_its_images(first_run, tmp_path):
+    from experiments.adapt import adapt_run
+    from experiments.segment import gather_inputs, segment_images
+
+    summary, cache = first_run
+    run = Path(summary["run_dir"])
+    srm_bytes = (run / "checkpoints" / "best" / "srm.pt").read_bytes()
+    adapt_run(run, ["synthetic:val@colour"], tmp_path / "a", cache=EmbeddingCache(cache),
+              progress=False)  # fmt: skip
+    assert (run / "checkpoints" / "best" / "srm.pt").read_bytes() == srm_bytes  # untouched
+    record = json.loads((tmp_path / "a" / "adapted.json").read_text())
+    assert record["source_run"] == str(run.resolve()) and record["inputs"] == [
+        "synthetic:val@colour"
+    ]
+    assert len(record["image_ids"]) == record["images"] == 12
+    adapted = PromptAgent.load(tmp_path / "a", cache=EmbeddingCache(cache))
+    source = PromptAgent.load(run, cache=EmbeddingCache(cache))
+    assert not torch.allclose(adapted.srm.channel_mean, source.srm.channel_mean)
+    for key, value in source.model.policy.state_dict().items():  # only the statistics moved
+        assert torch.equal(adapted.model.policy.state_dict()[key], value)
+    rep = segment_images(adapted, gather_inputs(["synthetic:val[:2]@colour"]), tmp_path / "seg",
+                         progress=False)  # fmt: skip
+    assert rep.images == 2
+    # an existing --out is kept unless told
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        adapt_run(run, ["synthetic:val"], tmp_path / "a", cache=EmbeddingCache(cache),
+                  progress=False)  # fmt: skip
+
+
+def test_an_srm_that_standardises_each_image_has_nothing_to_adapt():
+    from recalibration.srm import SemanticRecalibrationModule, SRMConfig
+
+    srm = SemanticRecalibrationModule(SRMConfig(normalize="image"), embed_channels=8)
+    with pytest.raises(ValueError, match="no training statistics to re-estimate"):
+        srm.adapt_statistics([])
+    dataset = SemanticRecalibrationModule(SRMConfig(), embed_channels=8)
+    with pytest.raises(ValueError, match="at least one image"):
+        dataset.adapt_statistics(iter(()))
+    assert np.isfinite(dataset.channel_mean.numpy()).all()
+
+
+def test_dark_cells_are_left_out_of_the_statistics_and_mix_pools_them(tiny_segmenter):
+    from recalibration.srm import SemanticRecalibrationModule, SRMConfig
+
+    seg = tiny_segmenter
+    image = np.random.default_rng(0).integers(60, 220, (96, 128, 3), dtype=np.uint8)
+    image[:, :64] = 0  # an endoscope's black border: half the image
+    emb = seg.encode(image)
+    srm = SemanticRecalibrationModule(SRMConfig(), embed_channels=int(seg.embedding_shape[0]))
+    every = srm.adapt_statistics([(emb, lambda: image)])
+    full_mean = srm.channel_mean.clone()
+    light = srm.adapt_statistics([(emb, lambda: image)], dark=0.06)
+    assert 0.3 * every["cells"] < light["cells"] < 0.7 * every["cells"]
+    light_mean = srm.channel_mean.clone()
+    assert not torch.allclose(light_mean, full_mean)
+    # mix: the mean halfway between the statistics held and the new ones
+    srm.channel_mean = full_mean.clone()
+    srm.adapt_statistics([(emb, lambda: image)], mix=0.5, dark=0.06)
+    assert torch.allclose(srm.channel_mean, (full_mean + light_mean) / 2, atol=1e-5)
+    with pytest.raises(ValueError, match="mix"):
+        srm.adapt_statistics([(emb, lambda: image)], mix=1.5)

@@ -1,0 +1,134 @@
+"""'Nothing here' (issue 31): the presence score, its threshold chosen on images with and
+without the target, and ``segment`` writing an empty mask below it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from recalibration.presence import (
+    PresenceGate,
+    choose_threshold,
+    presence_score,
+    separation,
+)
+
+
+def test_presence_is_the_mean_of_the_most_confident_cells_inside_the_valid_part():
+    srm_map = np.zeros((10, 10))
+    srm_map[0, :2] = [0.9, 0.7]  # valid
+    srm_map[9, 9] = 1.0  # padding: not read
+    assert presence_score(srm_map, (8, 8), top=2 / 64) == pytest.approx(0.8)
+    assert presence_score(srm_map, (8, 8), top=0.0) == pytest.approx(0.9)  # one cell at least
+
+
+def test_threshold_keeps_all_but_the_allowed_share_of_positives():
+    positives = np.linspace(0.5, 1.0, 100)
+    negatives = np.linspace(0.0, 0.6, 50)
+    chosen = choose_threshold(positives, negatives, max_recall_loss=0.02)
+    assert chosen["recall"] == pytest.approx(0.98)
+    assert chosen["threshold"] == pytest.approx(positives[2])
+    assert chosen["false_positive_rate"] == pytest.approx(np.mean(negatives >= positives[2]))
+    assert choose_threshold(positives, negatives, 0.0)["recall"] == 1.0
+    assert separation([1, 2], [0, 2]) == pytest.approx(2.5 / 4)  # the tie (2, 2) counts half
+    with pytest.raises(ValueError, match="with and without"):
+        choose_threshold(positives, [], 0.02)
+
+
+def test_gate_round_trips_and_a_broken_file_says_how_to_fix_it(tmp_path):
+    assert PresenceGate.load(tmp_path) is None
+    PresenceGate(0.42, chosen_on={"positives": "kvasir:val"}).save(tmp_path)
+    assert PresenceGate.load(tmp_path) == PresenceGate(0.42, chosen_on={"positives": "kvasir:val"})
+    (tmp_path / "presence.json").write_text("{")
+    with pytest.raises(ValueError, match="--choose, or delete the file"):
+        PresenceGate.load(tmp_path)
+
+
+def test_a_run_with_a_broken_gate_fails_to_load_as_a_bad_run_folder(first_run):
+    from agents.prompt_agent import AgentLoadError, PromptAgent
+
+    run = Path(first_run[0]["run_dir"])
+    (run / "presence.json").write_text('{"threshold": "high"}')
+    try:
+        with pytest.raises(AgentLoadError, match="presence.json: not a presence gate"):
+            PromptAgent.load(run)
+    finally:
+        (run / "presence.json").unlink()
+
+
+def test_segment_writes_an_empty_mask_below_the_threshold_and_lists_it(first_run, tmp_path):
+    from PIL import Image
+
+    from agents.prompt_agent import PromptAgent
+    from experiments.segment import gather_inputs, segment_images
+
+    summary, _ = first_run
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(2)
+    for name in ("a", "b"):
+        Image.fromarray(rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)).save(
+            folder / f"{name}.png"
+        )
+    agent = PromptAgent.load(summary["run_dir"])
+    samples = gather_inputs([str(folder)])
+    rep = segment_images(agent, samples, tmp_path / "all", progress=False)
+    assert rep.presence_threshold is None and rep.no_target == []  # the run has no gate
+    anns = json.loads((tmp_path / "all" / "results.json").read_text())["annotations"]
+    scores = [a["presence"] for a in anns]
+    assert all(0.0 <= v <= 1.0 for v in scores) and not any(a["no_target"] for a in anns)
+    # a gate between the two scores empties exactly the lower one
+    low = int(np.argmin(scores))
+    cut = float(np.mean(scores)) if scores[0] != scores[1] else scores[0] + 1e-6
+    run = Path(summary["run_dir"])
+    PresenceGate(cut).save(run)
+    try:
+        gated = PromptAgent.load(run)
+        rep = segment_images(gated, samples, tmp_path / "gated", progress=False)
+    finally:
+        (run / "presence.json").unlink()
+    assert rep.presence_threshold == pytest.approx(cut)
+    assert rep.no_target == [["a", "b"][low]] or (
+        scores[0] == scores[1] and len(rep.no_target) == 2
+    )
+    empty = np.asarray(Image.open(tmp_path / "gated" / "masks" / f"{rep.no_target[0]}.png"))
+    assert not empty.any()
+    summary_json = json.loads((tmp_path / "gated" / "summary.json").read_text())
+    assert summary_json["no_target"] == rep.no_target
+    anns = json.loads((tmp_path / "gated" / "results.json").read_text())["annotations"]
+    assert [a["no_target"] for a in anns] == [i in rep.no_target for i in ("a", "b")]
+    assert all(a["clicks"] == [] for a in anns if a["no_target"])
+    # 0 turns the gate off
+    rep = segment_images(gated, samples, tmp_path / "off", progress=False, presence_threshold=0.0)
+    assert rep.no_target == []
+
+
+def test_presence_command_chooses_on_one_set_and_measures_on_another(first_run, tmp_path):
+    from experiments.presence import run_presence
+
+    summary, cache = first_run
+    run = Path(summary["run_dir"])
+    from segmenter import EmbeddingCache
+
+    try:
+        with pytest.raises(ValueError, match="--choose"):
+            run_presence(run, "synthetic:val", "synthetic:val@negative", tmp_path / "m0",
+                         cache=EmbeddingCache(cache), progress=False)  # fmt: skip
+        chosen = run_presence(run, "synthetic:val", "synthetic:val@negative", tmp_path / "c",
+                              choose=True, max_recall_loss=0.1, cache=EmbeddingCache(cache),
+                              progress=False)  # fmt: skip
+        gate = PresenceGate.load(run)
+        assert gate.threshold == chosen["threshold"] and chosen["recall"] >= 0.9
+        measured = run_presence(run, "synthetic:val", "synthetic:val@negative", tmp_path / "m",
+                                cache=EmbeddingCache(cache), progress=False)  # fmt: skip
+        assert not measured["chosen_here"] and measured["threshold"] == gate.threshold
+        assert measured["false_positive_rate"] == chosen["false_positive_rate"]
+        assert "| threshold | recall |" in (tmp_path / "m" / "results.md").read_text()
+        with pytest.raises(ValueError, match="hold the target"):
+            run_presence(run, "synthetic:val", "synthetic:val", tmp_path / "x",
+                         cache=EmbeddingCache(cache), progress=False)  # fmt: skip
+    finally:
+        (run / "presence.json").unlink(missing_ok=True)
