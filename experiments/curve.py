@@ -154,12 +154,25 @@ def run_point(
     cache_dir: str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Train and benchmark every row of one ``(size, seed)``; returns the point's record."""
+    """Train and benchmark every row of one ``(size, seed)``; returns the point's record.
+
+    A finished point keeps its record in ``point.json`` next to ``benchmark/``: the next run
+    reads it back and trains nothing, so a curve stays whole when the heavy row folders
+    (agents, deltas, embeddings) of its finished points are deleted or never copied."""
     folder = out / f"n{size:04d}_s{seed}"
+    done = _finished_point(folder)
+    if done is not None:
+        return done
     folder.mkdir(parents=True, exist_ok=True)
     t_task = curve_task(task, size, seed)
     cache = EmbeddingCache(cache_dir)
-    record: dict[str, Any] = {"size": size, "seed": seed, "folder": str(folder), "minutes": {}}
+    record: dict[str, Any] = {
+        "size": size,
+        "seed": seed,
+        "folder": str(folder),
+        "minutes": {},
+        "budgets": _budgets(t_task, size),
+    }
     t0 = time.perf_counter()
     summary = _train_row(t_task, folder / "agent", cache_dir, progress)
     record["minutes"]["agent"] = summary.get("train_seconds_total", summary["wall_seconds"]) / 60
@@ -195,6 +208,32 @@ def run_point(
         )
     record["benchmark"] = str(bench)
     record["seconds"] = time.perf_counter() - t0
+    text = json.dumps(record, indent=2).encode()
+    atomic_write(folder / POINT_FILE, lambda fh: fh.write(text))
+    return record
+
+
+def _budgets(task: TaskConfig, size: int) -> dict[str, Any]:
+    """The agent's training budgets at ``size`` images, as the record states them."""
+    return {
+        "srm_pretrain_steps": task.srm_pretrain_steps,
+        "srm_epochs": task.srm_epochs(size),
+        "judge_images": task.lookahead.judge_images if task.agent == "lookahead" else None,
+    }
+
+
+#: A finished point's record, written last.
+POINT_FILE = "point.json"
+
+
+def _finished_point(folder: Path) -> dict[str, Any] | None:
+    """The record of a point whose ``point.json`` and benchmark are both there, else ``None``
+    (its benchmark path re-read from where the folder is now)."""
+    bench = folder / "benchmark"
+    if not ((folder / POINT_FILE).is_file() and (bench / "results.json").is_file()):
+        return None
+    record = json.loads((folder / POINT_FILE).read_text())
+    record["folder"], record["benchmark"] = str(folder), str(bench)
     return record
 
 
@@ -252,6 +291,7 @@ def summarize(records: Sequence[dict[str, Any]], seed: int = 0) -> dict[str, Any
                 "n_images": len(per_seed[0]["agent"]),
                 "rows": rows,
                 "agent_peak_memory_mb": max((m for m in memory if m), default=None),
+                "budgets": recs[0].get("budgets"),
                 "benchmarks": [r["benchmark"] for r in recs],
             }
         )
@@ -292,6 +332,18 @@ def render_curve_markdown(result: dict[str, Any]) -> str:
         " mean of the seeds'. In brackets: the paired difference to the agent, `*` where its"
         " interval excludes 0. Rows that read the ground truth are not automatic.",
     ]
+    budgets = [(s["size"], s.get("budgets")) for s in result["sizes"]]
+    if any(b for _, b in budgets):
+        lines += ["", "Agent training budgets per size (SRM pretraining; judge-training images):"]
+        for size, b in budgets:
+            if not b:
+                lines.append(f"- {size}: not recorded")
+                continue
+            srm = f"{b['srm_epochs']} SRM epochs"
+            if b.get("srm_pretrain_steps"):
+                srm += f" ({b['srm_pretrain_steps']} steps)"
+            judge = b.get("judge_images")
+            lines.append(f"- {size}: {srm}; judge on {judge or 'all'} images per round")
     return "\n".join(lines) + "\n"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -91,3 +92,12 @@ def test_curve_writes_every_row_and_resumes(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert (point / "agent" / "summary.json").stat().st_mtime_ns == trained
     assert (point / "benchmark" / "results.json").is_file()
+    # A finished point keeps its record: with its heavy row folders deleted it is not retrained.
+    before = json.loads((out / "results.json").read_text())["sizes"]
+    for row in ("agent", "ppo", "finetune"):
+        shutil.rmtree(point / row)
+    third = _curve(tmp_path)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert not (point / "agent").exists() and (point / "point.json").is_file()
+    after = json.loads((out / "results.json").read_text())["sizes"]
+    assert [s["rows"] for s in after] == [s["rows"] for s in before]
