@@ -10,10 +10,12 @@ images of ``--split``. Layout of DIR::
     DIR/n0025_s0/ppo/         the paper's PPO agent (``--ppo-task``, at ``--ppo-sizes``)
     DIR/n0025_s0/finetune/    the fine-tuned decoder (``alignsam finetune --level decoder``)
     DIR/n0025_s0/benchmark/   ``alignsam benchmark`` of those on ``--split``
+    DIR/n0025_s0/point.json   the finished point's record (its rows' minutes, memory, budgets)
     DIR/results.json, DIR/results.md, DIR/curve.png
 
 Every step is skipped when its output is complete (a run's ``summary.json``, a benchmark's
-``results.json``), so the same command after a kill resumes at the first unfinished step.
+``results.json``, a point's ``point.json``), so the same command after a kill resumes at the
+first unfinished step.
 Rows: the agent, the PPO agent, the SRM-confident heuristic and the fine-tuned decoder with the
 SRM's start points (all automatic), the lookahead ceiling (reads the ground truth), and the
 simulated annotator's @1 / @3 / @5 (reads the ground truth).
