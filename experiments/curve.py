@@ -142,9 +142,18 @@ def run_point(
     reads it back and trains nothing, so a curve stays whole when the heavy row folders
     (agents, deltas, embeddings) of its finished points are deleted or never copied."""
     folder = out / f"n{size:04d}_s{seed}"
+    wanted = {"agent"}
+    if config.ppo_task is not None and (not config.ppo_sizes or size in config.ppo_sizes):
+        wanted.add("ppo")
+    if config.finetune:
+        wanted.add("finetuned_b")
     done = _finished_point(folder)
-    if done is not None:
+    if done is not None and wanted <= set(done["minutes"]):
         return done
+    if done is not None:  # a row was added since: the benchmark must score it with the others
+        logger.info("%s: adding %s", folder, ", ".join(sorted(wanted - set(done["minutes"]))))
+        bench = folder / "benchmark"
+        (bench / "results.json").replace(bench / "results.before.json")
     folder.mkdir(parents=True, exist_ok=True)
     t_task = curve_task(task, size, seed)
     cache = EmbeddingCache(cache_dir)
@@ -160,7 +169,7 @@ def run_point(
     record["minutes"]["agent"] = summary.get("train_seconds_total", summary["wall_seconds"]) / 60
     record["peak_memory_mb"] = {"agent": summary.get("peak_memory_mb")}
     runs = [folder / "agent"]
-    if config.ppo_task is not None and (not config.ppo_sizes or size in config.ppo_sizes):
+    if "ppo" in wanted:
         p_task = curve_task(config.ppo_task, size, seed)
         p = _train_row(p_task, folder / "ppo", cache_dir, progress)
         record["minutes"]["ppo"] = p.get("train_seconds_total", p["wall_seconds"]) / 60

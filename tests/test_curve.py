@@ -101,3 +101,8 @@ def test_curve_writes_every_row_and_resumes(tmp_path):
     assert not (point / "agent").exists() and (point / "point.json").is_file()
     after = json.loads((out / "results.json").read_text())["sizes"]
     assert [s["rows"] for s in after] == [s["rows"] for s in before]
+    # A row asked for later (PPO at 3 images too) is trained and scored with the others.
+    fourth = _curve(tmp_path, "--ppo-sizes", "3", "10")
+    assert fourth.returncode == 0, fourth.stderr[-3000:]
+    small = json.loads((out / "results.json").read_text())["sizes"][0]["rows"]
+    assert "ppo" in small and (out / "n0003_s0" / "benchmark" / "results.before.json").is_file()
