@@ -95,6 +95,11 @@ class LookaheadConfig:
             added to the judge's score, both standardised over the step's candidates (0: the
             judge alone). A judge fitted on 50 images is noisy; the agreement is a second
             opinion with errors of another kind.
+        clicks: The clicks the agent takes after the start when it segments (``None``:
+            ``steps``). The judge trains, and the ceiling rows run, on ``steps``.
+        choose_clicks: Training sets ``clicks`` to the number of clicks (0 to ``steps``) whose
+            answers score best on ``val`` (the fewest on ties): the judge's last clicks may
+            hurt more than they help, and how many help changes with the training set.
     """
 
     steps: int = 8
@@ -109,6 +114,8 @@ class LookaheadConfig:
     agreement: float = 0.0
     judge_images: int | None = None
     keep: Literal["last", "best_predicted"] = "last"
+    clicks: int | None = None
+    choose_clicks: bool = False
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.proposals < 1 or self.grid < 2:
@@ -123,6 +130,15 @@ class LookaheadConfig:
             raise ValueError(f"lookahead.agreement must be >= 0, got {self.agreement}")
         if self.keep not in KEEPS:
             raise ValueError(f"lookahead.keep must be one of {KEEPS}, got {self.keep!r}")
+        if self.clicks is not None and not 0 <= self.clicks <= self.steps:
+            raise ValueError(
+                f"lookahead.clicks must lie in [0, steps={self.steps}], got {self.clicks}"
+            )
+
+    def default_steps(self, chooser: str = "judge") -> int:
+        """Clicks of an episode with ``chooser`` when none are asked for: ``clicks`` for the
+        agent's own judge, ``steps`` for the others (the ceilings keep the full budget)."""
+        return self.clicks if chooser == "judge" and self.clicks is not None else self.steps
 
 
 @dataclass
@@ -261,7 +277,7 @@ class LookaheadAgent:
                 needs it.
             chooser: One of :data:`CHOOSERS`.
             srm_map: A given SRM map instead of the agent's (cross-fitted maps in training).
-            steps: T (default ``config.steps``).
+            steps: T (default :meth:`LookaheadConfig.default_steps` of ``chooser``).
             stop: Apply the stop rule (default ``config.stop``; not on an exploring step).
             explore: Probability of committing a random candidate instead (training).
             rng: Generator of ``explore``.
@@ -275,7 +291,7 @@ class LookaheadAgent:
             keep: Which state is the answer (default ``config.keep``; :data:`KEEPS`).
         """
         cfg = self.config
-        steps = cfg.steps if steps is None else int(steps)
+        steps = cfg.default_steps(chooser) if steps is None else int(steps)
         stop = cfg.stop if stop is None else stop
         agreement = cfg.agreement if agreement is None else float(agreement)
         keep = cfg.keep if keep is None else keep
@@ -442,7 +458,7 @@ class LookaheadAgent:
         stopped early (``stop``: the stop rule, default ``config.stop``)."""
         t0 = time.perf_counter()
         ep = self.episode(emb, load_image, gt, chooser=chooser, steps=steps, stop=stop)
-        steps = self.config.steps if steps is None else int(steps)
+        steps = self.config.default_steps(chooser) if steps is None else int(steps)
         final_mask = self.segmenter.upscale(emb, ep.final.logits)
         final_iou = mask_iou(final_mask, gt)
         path = [mask_iou(self.segmenter.upscale(emb, o.logits), gt) for o in ep.path]

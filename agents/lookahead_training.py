@@ -177,6 +177,7 @@ def fit_judge(
                     gt,
                     chooser=chooser,
                     srm_map=maps[i],
+                    steps=config.steps,
                     explore=config.explore,
                     rng=rng,
                     record=True,
@@ -254,7 +255,9 @@ def evaluate_judge(
         finals[chooser] = []
         bar = progress_bar(items, desc=f"judge eval ({chooser})", unit="img", disable=not progress)
         for emb, gt, load in bar:
-            ep = agent.episode(emb, load, gt, chooser=chooser, record=chooser in states)
+            ep = agent.episode(
+                emb, load, gt, chooser=chooser, steps=agent.config.steps, record=chooser in states
+            )
             full = agent.segmenter.upscale(emb, ep.final.logits)
             finals[chooser].append(mask_iou(full, gt))
             if chooser in states:

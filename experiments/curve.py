@@ -36,6 +36,7 @@ from agents.prompt_agent import latest_checkpoint
 from experiments.benchmark import run_benchmark
 from experiments.curve_report import ROWS, plot_curve, render_curve_markdown, summarize
 from experiments.finetune import run_finetune
+from experiments.lookahead import choose_clicks
 from experiments.runs import describe_run, peak_memory_mb
 from experiments.train import train
 from segmenter import EmbeddingCache
@@ -147,15 +148,21 @@ def run_point(
         wanted.add("ppo")
     if config.finetune:
         wanted.add("finetuned_b")
+    t_task = curve_task(task, size, seed)
+    choose = t_task.agent == "lookahead" and t_task.lookahead.choose_clicks
     done = _finished_point(folder)
-    if done is not None and wanted <= set(done["minutes"]):
+    # An agent trained before its task chose its clicks on val gets them chosen (one val pass)
+    # when its folder is still there; a point whose agent is gone keeps its record.
+    stale = done is not None and choose and done.get("agent_clicks") is None
+    stale = stale and (folder / "agent" / "summary.json").is_file()
+    if done is not None and wanted <= set(done["minutes"]) and not stale:
         return done
     if done is not None:  # a row was added since: the benchmark must score it with the others
-        logger.info("%s: adding %s", folder, ", ".join(sorted(wanted - set(done["minutes"]))))
+        added = sorted(wanted - set(done["minutes"])) + (["clicks chosen on val"] if stale else [])
+        logger.info("%s: adding %s", folder, ", ".join(added))
         bench = folder / "benchmark"
         (bench / "results.json").replace(bench / "results.before.json")
     folder.mkdir(parents=True, exist_ok=True)
-    t_task = curve_task(task, size, seed)
     cache = EmbeddingCache(cache_dir)
     record: dict[str, Any] = {
         "size": size,
@@ -166,6 +173,10 @@ def run_point(
     }
     t0 = time.perf_counter()
     summary = _train_row(t_task, folder / "agent", cache_dir, progress)
+    if choose and "clicks" not in summary:  # trained before the task chose its clicks
+        summary = choose_clicks(folder / "agent", cache_dir, progress)
+    if "clicks" in summary:
+        record["agent_clicks"] = summary["clicks"]
     record["minutes"]["agent"] = summary.get("train_seconds_total", summary["wall_seconds"]) / 60
     record["peak_memory_mb"] = {"agent": summary.get("peak_memory_mb")}
     runs = [folder / "agent"]

@@ -87,6 +87,7 @@ def summarize(records: Sequence[dict[str, Any]], seed: int = 0) -> dict[str, Any
                 "rows": rows,
                 "agent_peak_memory_mb": max((m for m in memory if m), default=None),
                 "budgets": recs[0].get("budgets"),
+                "agent_clicks": [r.get("agent_clicks") for r in recs],
                 "benchmarks": [r["benchmark"] for r in recs],
             }
         )
@@ -128,6 +129,7 @@ def render_curve_markdown(result: dict[str, Any]) -> str:
         " interval excludes 0. Rows that read the ground truth are not automatic.",
     ]
     budgets = [(s["size"], s.get("budgets")) for s in result["sizes"]]
+    clicks = {s["size"]: s.get("agent_clicks") for s in result["sizes"]}
     if any(b for _, b in budgets):
         lines += ["", "Agent training budgets per size (SRM pretraining; judge-training images):"]
         for size, b in budgets:
@@ -138,8 +140,18 @@ def render_curve_markdown(result: dict[str, Any]) -> str:
             if b.get("srm_pretrain_steps"):
                 srm += f" ({b['srm_pretrain_steps']} steps)"
             judge = b.get("judge_images")
-            lines.append(f"- {size}: {srm}; judge on {judge or 'all'} images per round")
+            line = f"- {size}: {srm}; judge on {judge or 'all'} images per round"
+            lines.append(line + _clicks_text(clicks.get(size)))
     return "\n".join(lines) + "\n"
+
+
+def _clicks_text(clicks: list[int | None] | None) -> str:
+    """The agent's clicks at one size: chosen on val per seed, or every step of its task."""
+    if not clicks or all(c is None for c in clicks):
+        return "; the agent takes all its steps"
+    said = ", ".join("all" if c is None else str(c) for c in clicks)
+    per_seed = ", per seed" if len(clicks) > 1 else ""
+    return f"; the agent takes {said} clicks (chosen on val{per_seed})"
 
 
 def plot_curve(result: dict[str, Any], path: Path) -> None:

@@ -26,7 +26,7 @@ import numpy as np
 from torch.utils.tensorboard import SummaryWriter
 
 from agents.config import TaskConfig
-from agents.lookahead import LookaheadAgent
+from agents.lookahead import LookaheadAgent, answers
 from agents.lookahead_training import cross_fitted_maps, fit_judge
 from agents.prompt_agent import AgentLoadError, write_meta
 from experiments.runs import (
@@ -46,14 +46,16 @@ from segmenter.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["evaluate_lookahead", "train_lookahead"]
+__all__ = ["best_clicks", "choose_clicks", "evaluate_lookahead", "train_lookahead"]
 
 
 def evaluate_lookahead(
     agent: LookaheadAgent, samples: Any, progress: bool = True, chooser: str = "judge"
 ) -> dict[str, Any]:
-    """Full-resolution mIoU of the agent's final masks on ``samples`` (with ground truth)."""
-    ious, steps = [], []
+    """Full-resolution mIoU of the agent's final masks on ``samples`` (with ground truth), and
+    ``by_click``: the mIoU of the answer had the episode ended after ``k`` clicks, ``k = 0``
+    (the start) to the episode's length (an episode that stopped early keeps its mask)."""
+    ious, steps, paths = [], [], []
     for s in progress_bar(
         samples, desc=f"lookahead eval ({chooser})", unit="img", disable=not progress
     ):
@@ -66,8 +68,71 @@ def evaluate_lookahead(
         gt = np.asarray(s.mask, bool)
         ep = agent.episode(emb, lambda image=image: image, gt, chooser=chooser)
         ious.append(mask_iou(agent.segmenter.upscale(emb, ep.final.logits), gt))
-        steps.append(agent.config.steps if ep.stopped is None else ep.stopped)
-    return {"miou": float(np.mean(ious)), "per_image": ious, "mean_steps": float(np.mean(steps))}
+        path = [mask_iou(agent.segmenter.upscale(emb, o.logits), gt) for o in ep.path]
+        paths.append([path[i] for i in answers(ep.path, agent.config.keep)])
+        steps.append(len(ep.path) - 1)
+    longest = max((len(p) for p in paths), default=0)
+    by_click = np.array([p + [p[-1]] * (longest - len(p)) for p in paths], np.float64)
+    return {
+        "miou": float(np.mean(ious)),
+        "per_image": ious,
+        "mean_steps": float(np.mean(steps)),
+        "by_click": by_click.mean(0).tolist() if len(paths) else [],
+    }
+
+
+def best_clicks(by_click: list[float]) -> int:
+    """The number of clicks whose answers score best (the fewest on ties)."""
+    return int(np.argmax(np.round(np.asarray(by_click, np.float64), 6)))
+
+
+def choose_clicks(
+    run: str | Path, cache_dir: str | None = None, progress: bool = True
+) -> dict[str, Any]:
+    """Set a finished lookahead run's ``clicks`` to the count that scores best on its task's
+    ``val`` images (:func:`best_clicks`, the episodes run the full ``steps``), in its
+    ``checkpoints/best/lookahead.json``; the choice is recorded in ``summary.json``
+    (``val_by_click``, ``clicks``). Training does the same when ``lookahead.choose_clicks``;
+    this is for runs trained before. Returns the updated summary."""
+    from agents.prompt_agent import PromptAgent, checkpoint_of
+
+    run = Path(run)
+    summary_file = run / "summary.json"
+    if not summary_file.is_file():
+        raise AgentLoadError(f"{run}: no summary.json; finish training the run first")
+    summary = json.loads(summary_file.read_text())
+    ckpt = checkpoint_of(run)
+    agent = PromptAgent.load(ckpt, cache=EmbeddingCache(cache_dir))
+    if not isinstance(agent, LookaheadAgent) or not agent.task.data.val:
+        raise AgentLoadError(f"{run}: clicks are chosen for lookahead runs with a val split")
+    agent.config.clicks = None
+    t0 = time.perf_counter()
+    val = evaluate_lookahead(agent, load_split(agent.task, "val"), progress)
+    k = best_clicks(val["by_click"])
+    settings = json.loads((ckpt / "lookahead.json").read_text())
+    settings["clicks"] = k
+    text = json.dumps(settings, indent=2).encode()
+    atomic_write(ckpt / "lookahead.json", lambda fh: fh.write(text))
+    summary.update(_chosen(val, k))
+    summary.setdefault("seconds", {})["choose_clicks"] = time.perf_counter() - t0
+    text = json.dumps(summary, indent=2).encode()
+    atomic_write(summary_file, lambda fh: fh.write(text))
+    logger.info("%s: %d clicks chosen on val (%s)", run, k, _by_click_text(val["by_click"]))
+    return summary
+
+
+def _chosen(val: dict[str, Any], k: int) -> dict[str, Any]:
+    """The summary's record of a choice of ``k`` clicks on ``val``."""
+    return {
+        "clicks": k,
+        "val_by_click": val["by_click"],
+        "val_miou_all_steps": val["miou"],
+        "best_val_miou": val["by_click"][k],
+    }
+
+
+def _by_click_text(by_click: list[float]) -> str:
+    return ", ".join(f"{k}: {v:.3f}" for k, v in enumerate(by_click))
 
 
 def _save_best(run_dir: Path, agent: LookaheadAgent, task: TaskConfig, extra: dict) -> Path:
@@ -219,11 +284,19 @@ def train_lookahead(
 
     # 4. Val, the checkpoint, the summary.
     t0 = time.perf_counter()
+    if cfg.choose_clicks:
+        agent.config.clicks = None  # val runs every step; the count is chosen from them
     val = evaluate_lookahead(agent, val_set, progress) if val_set else None
     timings["val"] = time.perf_counter() - t0
+    chosen: dict[str, Any] = {}
     if val is not None:
         writer.add_scalar("eval/miou", val["miou"], 0)
         logger.info("lookahead agent: val mIoU %.4f (%.1f steps)", val["miou"], val["mean_steps"])
+        logger.info("val mIoU after k clicks: %s", _by_click_text(val["by_click"]))
+        if cfg.choose_clicks:
+            agent.config.clicks = best_clicks(val["by_click"])
+            chosen = _chosen(val, agent.config.clicks)
+            logger.info("%d clicks chosen on val", agent.config.clicks)
     elapsed = time.perf_counter() - t_start
     extra = {"val_miou": None if val is None else val["miou"], "elapsed_seconds": elapsed}
     best = _save_best(run_dir, agent, task, extra)
@@ -236,6 +309,8 @@ def train_lookahead(
         "start_step": 0,
         "best_val_miou": None if val is None else val["miou"],
         "val_mean_steps": None if val is None else val["mean_steps"],
+        "val_by_click": None if val is None else val["by_click"],
+        **chosen,
         "judge_rounds": history,
         "judge_decoder_calls": judge_calls,
         "seconds": timings,

@@ -139,8 +139,9 @@ def describe_run(summary: dict[str, Any]) -> str:
     tail = "" if memory is None else f"; peak memory {memory / 1024:.2f} GiB"
     if summary.get("agent") == "lookahead":
         stages = ", ".join(f"{k} {v:.0f} s" for k, v in summary.get("seconds", {}).items())
-        steps = summary.get("val_mean_steps")
-        at = "" if steps is None else f" at {steps:.1f} clicks"
+        steps = summary.get("clicks", summary.get("val_mean_steps"))
+        chosen = " (chosen on val)" if "clicks" in summary else ""
+        at = "" if steps is None else f" at {steps:.1f} clicks{chosen}"
         rounds = len(summary.get("judge_rounds", []))
         return (
             f"{head}lookahead agent, {rounds} judge round{'' if rounds == 1 else 's'} "

@@ -101,8 +101,15 @@ def test_curve_writes_every_row_and_resumes(tmp_path):
     assert not (point / "agent").exists() and (point / "point.json").is_file()
     after = json.loads((out / "results.json").read_text())["sizes"]
     assert [s["rows"] for s in after] == [s["rows"] for s in before]
-    # A row asked for later (PPO at 3 images too) is trained and scored with the others.
-    fourth = _curve(tmp_path, "--ppo-sizes", "3", "10")
+    # A row asked for later (PPO at 3 images too) is trained and scored with the others, and
+    # agents trained before the task chose its clicks on val get them chosen and re-scored.
+    fourth = _curve(tmp_path, "--ppo-sizes", "3", "10", "--set", "lookahead.choose_clicks=true")
     assert fourth.returncode == 0, fourth.stderr[-3000:]
-    small = json.loads((out / "results.json").read_text())["sizes"][0]["rows"]
-    assert "ppo" in small and (out / "n0003_s0" / "benchmark" / "results.before.json").is_file()
+    result = json.loads((out / "results.json").read_text())
+    assert "ppo" in result["sizes"][0]["rows"]
+    small, large = result["sizes"]
+    assert all(c in (0, 1, 2) for c in small["agent_clicks"]), small["agent_clicks"]
+    assert (out / "n0003_s0" / "benchmark" / "results.before.json").is_file()
+    # the point of 10, its agent deleted above, keeps its record rather than train again
+    assert large["agent_clicks"] == [None] and not (point / "agent").exists()
+    assert "clicks (chosen on val, per seed)" in (out / "results.md").read_text()

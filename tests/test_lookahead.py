@@ -259,3 +259,60 @@ def test_best_predicted_ends_the_session_in_the_kept_state(lookahead_run, tmp_pa
     adapted = PromptAgent.load(tmp_path / "a", cache=EmbeddingCache(cache))
     assert adapted.config.keep == "best_predicted" and agent.config.keep == "last"
     assert json.loads((tmp_path / "a" / "adapted.json").read_text())["keep"] == "best_predicted"
+
+
+def test_best_clicks_takes_the_fewest_clicks_among_the_best():
+    from experiments.lookahead import best_clicks
+
+    assert best_clicks([0.60, 0.71, 0.74, 0.74, 0.72]) == 2
+    assert best_clicks([0.70, 0.65, 0.69]) == 0
+    with pytest.raises(ValueError, match="clicks must lie"):
+        LookaheadConfig(steps=2, clicks=3)
+
+
+def test_training_chooses_the_clicks_on_val_when_asked(tiny_task, tmp_path):
+    from experiments.train import train
+
+    task = dataclasses.replace(
+        tiny_task(0),
+        name="tinychoose",
+        agent="lookahead",
+        lookahead=LookaheadConfig(steps=3, proposals=2, folds=2, episodes=1, choose_clicks=True),
+    )
+    summary = train(task, runs=tmp_path, cache_dir=str(tmp_path / "emb"), progress=False)
+    k, by_click = summary["clicks"], summary["val_by_click"]
+    assert len(by_click) == 4 and by_click[k] == max(by_click)
+    best = __import__("pathlib").Path(summary["checkpoint"])
+    assert json.loads((best / "lookahead.json").read_text())["clicks"] == k
+
+
+def test_clicks_chosen_on_val_bound_the_agent_not_the_ceiling(lookahead_run, tmp_path):
+    """A run trained before choosing: ``choose_clicks`` scores every count on val, writes the
+    best into the checkpoint and the summary; the agent then takes that many clicks, while the
+    oracle chooser (the ceiling rows) keeps the full ``steps``."""
+    import shutil
+    from pathlib import Path
+
+    from experiments.lookahead import choose_clicks
+    from experiments.train import load_split
+
+    summary, cache = lookahead_run
+    run = tmp_path / "run"
+    shutil.copytree(summary["run_dir"], run)
+    out = choose_clicks(run, cache, progress=False)
+    k, by_click = out["clicks"], out["val_by_click"]
+    assert len(by_click) == 3 and by_click[k] == max(by_click) == out["best_val_miou"]
+    assert json.loads((run / "summary.json").read_text())["clicks"] == k
+    agent = PromptAgent.load(run, cache=EmbeddingCache(cache))
+    assert agent.config.clicks == k and agent.config.steps == 2
+    # pin a count below the budget to see the two defaults apart
+    agent.config.clicks = 1
+    image = load_split(agent.task, "val")[0].load_image()
+    emb, _ = agent._embedding(image)
+    assert len(agent.episode(emb, lambda: image).path) == 2
+    gt = np.zeros(image.shape[:2], bool)
+    gt[10:40, 10:40] = True
+    assert len(agent.episode(emb, lambda: image, gt, chooser="oracle", stop=False).path) == 3
+    assert len(agent.segment(image)[1]) == 2 + 1
+    with pytest.raises(Exception, match="summary.json"):
+        choose_clicks(Path(tmp_path / "nowhere"))
