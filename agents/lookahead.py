@@ -33,7 +33,7 @@ import numpy as np
 from agents.clickers import ClickTrace, srm_confident_score
 from envs.data import rgb_array
 from recalibration.judge import JUDGE_FEATURES, MaskJudge, candidate_features
-from recalibration.presence import PRESENCE_TOP, PresenceGate, initial_srm_map, presence_score
+from recalibration.presence import PresenceGate, image_presence, initial_srm_map, nothing_here
 from recalibration.srm import SemanticRecalibrationModule
 from segmenter.base import ImageEmbedding, Segmenter, mask_iou
 from segmenter.geometry import action_centres, to_grid
@@ -420,22 +420,29 @@ class LookaheadAgent:
             return out["mask"], out["clicks"], out["session"]
         return out["mask"], out["clicks"]
 
-    def segment_detailed(self, image: Any, steps: int | None = None) -> dict[str, Any]:
+    def segment_detailed(
+        self, image: Any, steps: int | None = None, presence_threshold: float | None = None
+    ) -> dict[str, Any]:
         """:meth:`segment` plus ``score`` (the judge's score of the final mask),
-        ``presence`` (:func:`~recalibration.presence.presence_score`), ``encode_seconds``,
-        ``decoder_calls`` and ``session``."""
+        ``presence`` (:func:`~recalibration.presence.presence_score`), ``no_target``,
+        ``encode_seconds``, ``decoder_calls`` and ``session``. An image whose presence score
+        is below ``presence_threshold`` gets an empty mask and no clicks without an episode
+        (:func:`~recalibration.presence.nothing_here`)."""
         image = rgb_array(image)
         if steps is not None and steps < 0:
             raise ValueError(f"steps must be >= 0 (agent clicks), got {steps}")
         emb, encode_seconds = self._embedding(image)
         s_map = self.srm_map(emb, lambda: image)
-        top = self.presence.top if self.presence is not None else PRESENCE_TOP
+        presence = image_presence(self.presence, s_map, emb)
+        if presence_threshold is not None and presence < presence_threshold:
+            return nothing_here(image.shape[:2], presence, encode_seconds)
         ep = self.episode(emb, lambda: image, steps=steps, srm_map=s_map)
         return {
             "mask": self.segmenter.upscale(emb, ep.final.logits),
             "clicks": ep.clicks,
             "score": float(ep.scores[-1]) if ep.scores else 0.0,
-            "presence": presence_score(s_map, emb.valid_shape(emb.grid_size), top),
+            "presence": presence,
+            "no_target": False,
             "encode_seconds": encode_seconds,
             "decoder_calls": ep.decoder_calls,
             "stopped": ep.stopped,

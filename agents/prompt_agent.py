@@ -26,7 +26,7 @@ from agents.lookahead import LookaheadAgent, LookaheadConfig
 from envs import EnvConfig, PointPromptEnv
 from envs.data import rgb_array
 from recalibration.judge import JudgeError, MaskJudge
-from recalibration.presence import PRESENCE_TOP, PresenceGate, initial_srm_map, presence_score
+from recalibration.presence import PresenceGate, image_presence, initial_srm_map, nothing_here
 from recalibration.srm import SemanticRecalibrationModule, SRMLoadError
 from segmenter import EmbeddingCache, Segmenter, build_segmenter, onnx_backend
 from segmenter.base import small_torch_ops
@@ -439,12 +439,16 @@ class PromptAgent:
         return out["mask"], out["clicks"]
 
     def segment_detailed(
-        self, image: np.ndarray | Image.Image | str | os.PathLike[str], steps: int | None = None
+        self,
+        image: np.ndarray | Image.Image | str | os.PathLike[str],
+        steps: int | None = None,
+        presence_threshold: float | None = None,
     ) -> dict[str, Any]:
         """:meth:`segment` plus ``score`` (mean decoder foreground probability inside the
-        mask), ``presence`` (:func:`~recalibration.presence.presence_score`),
+        mask), ``presence`` (:func:`~recalibration.presence.presence_score`), ``no_target``,
         ``encode_seconds`` (0 when the embedding came from the cache), ``decoder_calls`` and
-        ``session`` (see :meth:`segment`)."""
+        ``session`` (see :meth:`segment`). An image whose presence score is below
+        ``presence_threshold`` gets an empty mask and no clicks without an episode."""
         image = rgb_array(image)
         if steps is not None and steps < 0:
             raise ValueError(f"steps must be >= 0 (agent clicks), got {steps}")
@@ -457,18 +461,21 @@ class PromptAgent:
         )
         cached = self.cache is not None and self.cache.hits > hits
         encode_seconds = 0.0 if cached else time.perf_counter() - t0
+        s_map = initial_srm_map(self.srm, self.segmenter, emb, lambda: image)
+        presence = image_presence(self.presence, s_map, emb)
+        if presence_threshold is not None and presence < presence_threshold:
+            return nothing_here(image.shape[:2], presence, encode_seconds)
         calls = getattr(self.segmenter, "decoder_calls", 0)
         env = PointPromptEnv(
             [_InMemory("image", image)], self.segmenter, self.srm, self.eval_config(), _Encoded(emb)
         )
         info = self.run_episode(env, 0, steps)
-        s_map = initial_srm_map(self.srm, self.segmenter, emb, lambda: image)
-        top = self.presence.top if self.presence is not None else PRESENCE_TOP
         return {
             "mask": env.current_mask(),
             "clicks": np.array(info["prompts"], np.float32).reshape(-1, 3),
             "score": env.mask_score(),
-            "presence": presence_score(s_map, emb.valid_shape(emb.grid_size), top),
+            "presence": presence,
+            "no_target": False,
             "encode_seconds": encode_seconds,
             "decoder_calls": int(getattr(self.segmenter, "decoder_calls", 0) - calls),
             "session": env.session,

@@ -336,12 +336,11 @@ def _segment_into(
             logger.warning("skipped %s: %s", s.id, exc)
             continue
         t0 = time.perf_counter()
-        result = agent.segment_detailed(image, steps)
+        result = agent.segment_detailed(image, steps, presence_threshold)
         report.encode_seconds += result["encode_seconds"]
         mask, clicks = result["mask"], result["clicks"]
-        no_target = presence_threshold is not None and result["presence"] < presence_threshold
-        if no_target:  # "nothing here": no mask, no clicks to show
-            mask, clicks = np.zeros_like(mask), clicks[:0]
+        no_target = result["no_target"]  # "nothing here": an empty mask, no episode run
+        if no_target:
             report.no_target.append(str(s.id))
         _write_png(out / "masks" / f"{s.id}.png", mask.astype(np.uint8) * 255)
         if overlays:

@@ -31,6 +31,8 @@ __all__ = [
     "PRESENCE_TOP",
     "PresenceGate",
     "choose_threshold",
+    "image_presence",
+    "nothing_here",
     "presence_score",
     "separation",
 ]
@@ -121,6 +123,29 @@ class PresenceGate:
                 f"{path}: not a presence gate ({exc}); choose it again with alignsam presence "
                 f"{run} --choose, or delete the file"
             ) from exc
+
+
+def image_presence(gate: PresenceGate | None, srm_map: np.ndarray, emb: Any) -> float:
+    """An image's :func:`presence_score` as ``gate`` computes it (its ``top``; the default
+    without a gate) from the SRM map before any click on ``emb``'s grid."""
+    top = gate.top if gate is not None else PRESENCE_TOP
+    return presence_score(srm_map, emb.valid_shape(emb.grid_size), top)
+
+
+def nothing_here(shape: tuple[int, int], presence: float, encode_seconds: float) -> dict[str, Any]:
+    """An agent's ``segment_detailed`` answer for an image under the presence threshold: an
+    empty mask, no clicks, no decoder call (the episode is not run)."""
+    return {
+        "mask": np.zeros(shape, bool),
+        "clicks": np.zeros((0, 3), np.float32),
+        "score": 0.0,
+        "presence": presence,
+        "no_target": True,
+        "encode_seconds": encode_seconds,
+        "decoder_calls": 0,
+        "stopped": None,
+        "session": None,
+    }
 
 
 def initial_srm_map(srm: Any, segmenter: Any, emb: Any, load_image: Any = None) -> np.ndarray:

@@ -101,6 +101,13 @@ def test_segment_writes_an_empty_mask_below_the_threshold_and_lists_it(first_run
     anns = json.loads((tmp_path / "gated" / "results.json").read_text())["annotations"]
     assert [a["no_target"] for a in anns] == [i in rep.no_target for i in ("a", "b")]
     assert all(a["clicks"] == [] for a in anns if a["no_target"])
+    # the gate comes before the episode: an image under it costs no decoder call
+    image = samples[low].load_image()
+    calls = gated.segmenter.decoder_calls
+    out = gated.segment_detailed(image, presence_threshold=cut)
+    assert out["no_target"] and out["decoder_calls"] == 0
+    assert gated.segmenter.decoder_calls == calls
+    assert out["mask"].shape == image.shape[:2] and not out["mask"].any()
     # 0 turns the gate off
     rep = segment_images(gated, samples, tmp_path / "off", progress=False, presence_threshold=0.0)
     assert rep.no_target == []
