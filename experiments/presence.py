@@ -13,16 +13,21 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from experiments.datasets import load_dataset, readable
 from recalibration.presence import (
     PRESENCE_TOP,
     PresenceGate,
+    PresenceModel,
     choose_threshold,
+    image_presence,
     initial_srm_map,
-    presence_score,
+    presence_features,
     separation,
 )
 from segmenter.io import atomic_write
@@ -30,34 +35,70 @@ from segmenter.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["presence_scores", "render_presence_markdown", "run_presence"]
+__all__ = ["fit_presence_model", "presence_scores", "render_presence_markdown", "run_presence"]
 
 
-def presence_scores(
-    agent: Any, spec: str, top: float = PRESENCE_TOP, progress: bool = True
-) -> list[dict[str, Any]]:
-    """``[{"id", "presence", "target"}]`` of every image of dataset ``spec`` (``target``: its
-    mask has a foreground pixel; ``None`` without masks); ``top`` as in
-    :func:`~recalibration.presence.presence_score`."""
+def _images(agent: Any, spec: str, progress: bool) -> Iterator[tuple[Any, np.ndarray, Any]]:
+    """``(sample, SRM map before any click, embedding)`` of every image of dataset ``spec``."""
+    from agents.lookahead import srm_embedding
+
     task = getattr(agent, "task", None)
     on_error = task.data.on_error if task is not None else "raise"
     samples = readable(load_dataset(spec, on_error), on_error, name=spec)
-    from agents.lookahead import srm_embedding
-
-    rows = []
     for s in progress_bar(samples, desc=f"presence {spec}", unit="img", disable=not progress):
         image = s.load_image()
         emb, _ = srm_embedding(agent.srm, agent.segmenter, agent.cache, image)
-        s_map = initial_srm_map(agent.srm, agent.segmenter, emb, lambda image=image: image)
-        mask = getattr(s, "mask", None)
-        rows.append(
-            {
-                "id": str(s.id),
-                "presence": round(presence_score(s_map, emb.valid_shape(emb.grid_size), top), 6),
-                "target": None if mask is None else bool(mask.any()),
-            }
-        )
-    return rows
+        yield s, initial_srm_map(agent.srm, agent.segmenter, emb, lambda i=image: i), emb
+
+
+def _target(s: Any) -> bool | None:
+    mask = getattr(s, "mask", None)
+    return None if mask is None else bool(np.asarray(mask).any())
+
+
+def presence_scores(
+    agent: Any, spec: str, gate: PresenceGate | None = None, progress: bool = True
+) -> list[dict[str, Any]]:
+    """``[{"id", "presence", "target"}]`` of every image of dataset ``spec`` (``target``: its
+    mask has a foreground pixel; ``None`` without masks); the score as ``gate`` computes it
+    (:func:`~recalibration.presence.image_presence`)."""
+    return [
+        {
+            "id": str(s.id),
+            "presence": round(image_presence(gate, s_map, emb), 6),
+            "target": _target(s),
+        }
+        for s, s_map, emb in _images(agent, spec, progress)
+    ]
+
+
+def fit_presence_model(
+    agent: Any,
+    positives: Sequence[str],
+    negatives: Sequence[str],
+    l2: float = 1e-2,
+    progress: bool = True,
+) -> PresenceModel:
+    """A :class:`~recalibration.presence.PresenceModel` on the run's SRM and segmenter, fitted
+    on the images of the ``positives`` datasets (with the target) and the ``negatives``
+    (without; an image of the wrong kind is an error naming its set)."""
+    feats: dict[bool, list[np.ndarray]] = {True: [], False: []}
+    for want, specs in ((True, positives), (False, negatives)):
+        for spec in specs:
+            for s, s_map, emb in _images(agent, spec, progress):
+                if _target(s) is not want:
+                    kind = "with" if want else "without"
+                    raise ValueError(
+                        f"presence fit: {spec} image {s.id} is not an image {kind} the target; "
+                        "give labelled images, and cuts without it as negatives (SPEC@negative)"
+                    )
+                feats[want].append(presence_features(s_map, emb))
+    return PresenceModel.fit(
+        np.stack(feats[True]),
+        np.stack(feats[False]),
+        l2,
+        {"positives_from": list(positives), "negatives_from": list(negatives)},
+    )
 
 
 def run_presence(
@@ -68,12 +109,17 @@ def run_presence(
     *,
     choose: bool = False,
     max_recall_loss: float = 0.02,
+    fit_positives: Sequence[str] = (),
+    fit_negatives: Sequence[str] = (),
     cache: Any = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Score ``positives`` (images with the target) and ``negatives`` (without) with the run's
     presence score; with ``choose`` pick the threshold here (:func:`choose_threshold`) and write
     it into ``run``, else measure the run's own threshold (``presence.json``) on these images.
+    With ``fit_positives`` and ``fit_negatives`` (and ``choose``) the score is a
+    :class:`~recalibration.presence.PresenceModel` fitted on those images first (fit on
+    ``train``, choose on ``val``, measure on ``test``).
 
     Returns:
         The ``results.json`` content.
@@ -88,9 +134,20 @@ def run_presence(
             f"{run} has no presence threshold (presence.json) to measure: choose one on val "
             f"first, alignsam presence {run} --positives VAL --negatives VAL@negative --choose"
         )
-    top = PRESENCE_TOP if choose else agent.presence.top  # a new choice uses today's score
-    pos = presence_scores(agent, positives, top, progress)
-    neg = presence_scores(agent, negatives, top, progress)
+    if bool(fit_positives) != bool(fit_negatives) or (fit_positives and not choose):
+        raise ValueError(
+            "fitting a presence model needs --fit-positives and --fit-negatives, and --choose "
+            "(its threshold is chosen on --positives / --negatives)"
+        )
+    if choose:  # a new choice uses today's score, learned when asked
+        model = None
+        if fit_positives:
+            model = fit_presence_model(agent, fit_positives, fit_negatives, progress=progress)
+        gate = PresenceGate(0.0, PRESENCE_TOP, model=model)
+    else:
+        gate = agent.presence
+    pos = presence_scores(agent, positives, gate, progress)
+    neg = presence_scores(agent, negatives, gate, progress)
     if any(r["target"] is False for r in pos):
         logger.warning("%s: %d images without target among the positives", positives,
                        sum(r["target"] is False for r in pos))  # fmt: skip
@@ -103,16 +160,15 @@ def run_presence(
     n_scores = [r["presence"] for r in neg]
     if choose:
         chosen = choose_threshold(p_scores, n_scores, max_recall_loss)
-        gate = PresenceGate(
-            chosen["threshold"],
-            top,
-            {"positives": positives, "negatives": negatives, "max_recall_loss": max_recall_loss,
-             **{k: chosen[k] for k in ("recall", "false_positive_rate", "auc")}},
-        )  # fmt: skip
+        gate.threshold = chosen["threshold"]
+        gate.chosen_on = {
+            "positives": positives,
+            "negatives": negatives,
+            "max_recall_loss": max_recall_loss,
+            **{k: chosen[k] for k in ("recall", "false_positive_rate", "auc")},
+        }
         gate.save(run)
-        threshold = gate.threshold
-    else:
-        threshold = agent.presence.threshold
+    threshold = gate.threshold
     result = {
         "run": str(run),
         "positives": positives,
@@ -125,7 +181,9 @@ def run_presence(
         "false_positive_rate": sum(v >= threshold for v in n_scores) / len(n_scores),
         "n_positives": len(pos),
         "n_negatives": len(neg),
-        "top": top,
+        "top": gate.top,
+        "score": "learned" if gate.model is not None else "srm_top",
+        "fitted_on": None if gate.model is None else gate.model.fitted_on,
         "per_image": {"positives": pos, "negatives": neg},
         "seconds": time.perf_counter() - t0,
     }
@@ -151,7 +209,17 @@ def render_presence_markdown(result: dict[str, Any]) -> str:
         f"| {result['positives']} ({result['n_positives']}) | {result['negatives']} "
         f"({result['n_negatives']}) | {result['threshold']:.4f} ({how}) | "
         f"{result['recall']:.3f} | {result['false_positive_rate']:.3f} | {result['auc']:.3f} |\n\n"
-        f"Presence score: mean SRM foreground probability of the top {result['top']:.1%} of the "
-        "cells before any click; below the threshold `alignsam segment` writes an empty mask "
-        "and lists the image under `no_target`.\n"
+        f"Presence score: {_score_text(result)}, before any click; below the threshold "
+        "`alignsam segment` writes an empty mask and lists the image under `no_target`.\n"
     )
+
+
+def _score_text(result: dict[str, Any]) -> str:
+    fitted = result.get("fitted_on")
+    if fitted:
+        return (
+            "the learned presence model (SRM-map statistics and the pooled embedding) fitted on "
+            f"{', '.join(fitted['positives_from'])} ({fitted['positives']} images with the "
+            f"target) and {', '.join(fitted['negatives_from'])} ({fitted['negatives']} without)"
+        )
+    return f"mean SRM foreground probability of the top {result['top']:.1%} of the cells"

@@ -139,3 +139,59 @@ def test_presence_command_chooses_on_one_set_and_measures_on_another(first_run, 
                          cache=EmbeddingCache(cache), progress=False)  # fmt: skip
     finally:
         (run / "presence.json").unlink(missing_ok=True)
+
+
+def test_presence_model_separates_fits_and_round_trips(tmp_path):
+    from recalibration.presence import PresenceModel
+
+    rng = np.random.default_rng(0)
+    pos, neg = rng.normal(1.0, 1.0, (40, 5)), rng.normal(-1.0, 1.0, (30, 5))
+    model = PresenceModel.fit(pos, neg, fitted_on={"positives_from": ["a"]})
+    p = [model.score(x) for x in pos]
+    n = [model.score(x) for x in neg]
+    assert all(0.0 < v < 1.0 for v in p + n) and separation(p, n) > 0.9
+    assert model.fitted_on["positives"] == 40 and model.fitted_on["negatives"] == 30
+    PresenceGate(0.5, model=model).save(tmp_path)
+    loaded = PresenceGate.load(tmp_path)
+    assert loaded.model.score(pos[0]) == pytest.approx(model.score(pos[0]))
+    with pytest.raises(ValueError, match="fitted for another segmenter"):
+        model.score(np.zeros(4))
+    with pytest.raises(ValueError, match="with and without"):
+        PresenceModel.fit(pos, neg[:0])
+
+
+def test_presence_command_fits_a_model_on_train_and_chooses_on_val(first_run, tmp_path):
+    from agents.prompt_agent import PromptAgent
+    from experiments.presence import run_presence
+    from segmenter import EmbeddingCache
+
+    summary, cache = first_run
+    run = Path(summary["run_dir"])
+    kw = {"cache": EmbeddingCache(cache), "progress": False}
+    try:
+        with pytest.raises(ValueError, match="--choose"):
+            run_presence(run, "synthetic:val", "synthetic:val@negative", tmp_path / "x",
+                         fit_positives=["synthetic:train"],
+                         fit_negatives=["synthetic:train@negative"], **kw)  # fmt: skip
+        with pytest.raises(ValueError, match="not an image without the target"):
+            run_presence(run, "synthetic:val", "synthetic:val@negative", tmp_path / "x",
+                         choose=True, fit_positives=["synthetic:train"],
+                         fit_negatives=["synthetic:train"], **kw)  # fmt: skip
+        chosen = run_presence(run, "synthetic:val", "synthetic:val@negative", tmp_path / "c",
+                              choose=True, max_recall_loss=0.1,
+                              fit_positives=["synthetic:train"],
+                              fit_negatives=["synthetic:train@negative"], **kw)  # fmt: skip
+        assert chosen["score"] == "learned" and chosen["fitted_on"]["negatives"] > 0
+        gate = PresenceGate.load(run)
+        assert gate.model is not None and gate.threshold == chosen["threshold"]
+        assert "learned presence model" in (tmp_path / "c" / "results.md").read_text()
+        # segment reads the learned score, the same as the command measured
+        agent = PromptAgent.load(run, cache=EmbeddingCache(cache))
+        from experiments.datasets import load_dataset
+
+        first = load_dataset("synthetic:val")[0]
+        out = agent.segment_detailed(first.load_image())
+        assert out["presence"] == pytest.approx(chosen["per_image"]["positives"][0]["presence"],
+                                                abs=1e-6)  # fmt: skip
+    finally:
+        (run / "presence.json").unlink(missing_ok=True)

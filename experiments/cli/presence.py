@@ -16,7 +16,9 @@ def add(sub: Subcommands) -> None:
         "kvasir:val@negative) with the run's presence score (the SRM's map before any click). "
         "With --choose, the threshold that keeps all but --max-recall-loss of the positives is "
         "written into RUN (presence.json) and alignsam segment uses it; without, the run's "
-        "threshold is measured on these images. Choose on val, measure on test.",
+        "threshold is measured on these images. Choose on val, measure on test. With "
+        "--fit-positives and --fit-negatives (e.g. kvasir:train kvasir:train@crop256 and "
+        "kvasir:train@negative) the score is a presence model fitted on those images first.",
     )
     p.add_argument("run", metavar="RUN", help="run folder of the agent (alignsam train)")
     p.add_argument("--positives", required=True, metavar="SPEC", help="images with the target")
@@ -29,6 +31,20 @@ def add(sub: Subcommands) -> None:
         metavar="F",
         help="share of the positives the chosen threshold may call empty (default 0.02)",
     )
+    p.add_argument(
+        "--fit-positives",
+        nargs="+",
+        default=[],
+        metavar="SPEC",
+        help="with --choose: fit a presence model on these images with the target ...",
+    )
+    p.add_argument(
+        "--fit-negatives",
+        nargs="+",
+        default=[],
+        metavar="SPEC",
+        help="... and these without (e.g. kvasir:train@negative)",
+    )
     p.add_argument("--out", default="presence", metavar="DIR", help="output folder")
     add_cache_option(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -36,9 +52,14 @@ def add(sub: Subcommands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from experiments.cli.common import UsageError
     from experiments.presence import run_presence
     from segmenter import EmbeddingCache
 
+    if (args.fit_positives or args.fit_negatives) and not (
+        args.choose and args.fit_positives and args.fit_negatives
+    ):
+        raise UsageError("--fit-positives and --fit-negatives go together, with --choose")
     r = run_presence(
         args.run,
         args.positives,
@@ -46,10 +67,13 @@ def run(args: argparse.Namespace) -> int:
         args.out,
         choose=args.choose,
         max_recall_loss=args.max_recall_loss,
+        fit_positives=args.fit_positives,
+        fit_negatives=args.fit_negatives,
         cache=EmbeddingCache(args.cache),
         progress=not args.no_progress,
     )
     what = "chosen and saved in the run" if r["chosen_here"] else "the run's"
+    what += ", learned score" if r["score"] == "learned" else ""
     print(
         f"threshold {r['threshold']:.4f} ({what}): recall {r['recall']:.3f} on "
         f"{r['n_positives']} images with the target, false-positive rate "
