@@ -34,7 +34,13 @@ from typing import Any
 from agents.config import TaskConfig
 from agents.prompt_agent import latest_checkpoint
 from experiments.benchmark import run_benchmark
-from experiments.curve_report import ROWS, plot_curve, render_curve_markdown, summarize
+from experiments.curve_report import (
+    ROWS,
+    plot_curve,
+    render_curve_markdown,
+    summarize,
+    summarize_confirm,
+)
 from experiments.finetune import run_finetune
 from experiments.lookahead import choose_clicks
 from experiments.runs import describe_run, peak_memory_mb
@@ -64,6 +70,8 @@ class CurveConfig:
         split: The split every row is scored on.
         limit: Score only the first ``limit`` images of it.
         manual_clicks: The simulated annotator's budget.
+        confirm: A second set (a dataset spec, e.g. ``kvasir:test_rest``) the largest size's
+            rows (its first seed) are also scored on, for tighter intervals; no ceiling row.
     """
 
     sizes: list[int]
@@ -77,6 +85,7 @@ class CurveConfig:
     split: str = "test"
     limit: int | None = None
     manual_clicks: int = 5
+    confirm: str | None = None
 
     def points(self) -> list[tuple[int, int]]:
         """Every ``(size, seed)`` of the curve, in training order: every size with the
@@ -350,8 +359,46 @@ def run_curve(
         _write(out, result)  # a curve stopped early shows what it has
     if ray_address is not None:
         result = _result(task, config, records, t0)
+    if config.confirm and records:
+        result["confirm"] = _confirm(task, config, out, cache_dir, progress)
+    if ray_address is not None or config.confirm:
         _write(out, result)
     return result
+
+
+def _confirm(
+    task: TaskConfig, config: CurveConfig, out: Path, cache_dir: str | None, progress: bool
+) -> dict[str, Any]:
+    """The largest size's rows (first seed) benchmarked on ``config.confirm`` (resumable:
+    skipped when its ``results.json`` is there)."""
+    size, seed = max(config.sizes), config.seeds[0]
+    folder = out / f"n{size:04d}_s{seed}"
+    bench = folder / ("confirm_" + "".join(c if c.isalnum() else "_" for c in config.confirm))
+    if not (bench / "results.json").is_file():
+        if not (folder / "agent" / "summary.json").is_file():
+            raise FileNotFoundError(
+                f"--confirm: the {size}-image agent ({folder / 'agent'}) is gone; put the run "
+                "folder back, or delete its point.json to train it again"
+            )
+        t_task = curve_task(task, size, seed)
+        runs = [folder / "agent"]
+        if (folder / "ppo" / "summary.json").is_file():
+            runs.append(folder / "ppo")
+        delta = folder / "finetune" / "delta.pt"
+        logger.info("curve: the %d-image rows on %s", size, config.confirm)
+        run_benchmark(
+            t_task,
+            runs,
+            out=bench,
+            cache=EmbeddingCache(cache_dir),
+            manual_clicks=config.manual_clicks,
+            methods=["heuristics"],
+            progress=progress,
+            finetuned=[delta] if delta.is_file() else [],
+            finetuned_agent=False,
+            dataset_spec=config.confirm,
+        )
+    return summarize_confirm(bench, config.confirm, size)
 
 
 def _result(

@@ -12,7 +12,14 @@ import numpy as np
 
 from experiments.benchmark.stats import bootstrap_ci, paired_diff_ci
 
-__all__ = ["MANUAL_LINES", "ROWS", "plot_curve", "render_curve_markdown", "summarize"]
+__all__ = [
+    "MANUAL_LINES",
+    "ROWS",
+    "plot_curve",
+    "render_curve_markdown",
+    "summarize",
+    "summarize_confirm",
+]
 
 #: The curve's rows: key -> (the benchmark's method name or a rule, the label in tables).
 ROWS: dict[str, str] = {
@@ -47,6 +54,39 @@ def _rows_of(result: dict[str, Any]) -> dict[str, list[float]]:
     return rows
 
 
+def _row_stats(per_seed: list[dict[str, list[float]]], seed: int) -> dict[str, Any]:
+    """Every row that all seeds have: mIoU of the seeds' per-image mean, its bootstrap
+    interval, each seed's mIoU and the paired difference to the agent."""
+    keys = [k for k in per_seed[0] if all(k in p for p in per_seed)]
+    agent = np.mean([p["agent"] for p in per_seed], axis=0)
+    rows: dict[str, Any] = {}
+    for key in keys:
+        ious = np.mean([p[key] for p in per_seed], axis=0)
+        lo, hi = bootstrap_ci(ious, seed=seed)
+        row = {
+            "miou": float(ious.mean()),
+            "ci95": [lo, hi],
+            "per_seed": [float(np.mean(p[key])) for p in per_seed],
+        }
+        if key != "agent":
+            d, dlo, dhi = paired_diff_ci(ious, agent, seed=seed)
+            row["diff_vs_agent"] = [d, dlo, dhi]
+        rows[key] = row
+    return rows
+
+
+def summarize_confirm(bench: Path, spec: str, size: int, seed: int = 0) -> dict[str, Any]:
+    """The largest size's rows scored on a second set (``alignsam curve --confirm``)."""
+    per = _rows_of(json.loads((Path(bench) / "results.json").read_text()))
+    return {
+        "spec": spec,
+        "size": size,
+        "n_images": len(per["agent"]),
+        "rows": _row_stats([per], seed),
+        "benchmark": str(bench),
+    }
+
+
 def summarize(records: Sequence[dict[str, Any]], seed: int = 0) -> dict[str, Any]:
     """The curve from its points' benchmarks: per size and row the mIoU over seeds (each
     image's IoU averaged over the seeds, then a bootstrap interval over images) and the paired
@@ -60,24 +100,11 @@ def summarize(records: Sequence[dict[str, Any]], seed: int = 0) -> dict[str, Any
         per_seed = [
             _rows_of(json.loads((Path(r["benchmark"]) / "results.json").read_text())) for r in recs
         ]
-        keys = [k for k in per_seed[0] if all(k in p for p in per_seed)]
-        rows: dict[str, Any] = {}
-        agent = np.mean([p["agent"] for p in per_seed], axis=0)
-        for key in keys:
-            ious = np.mean([p[key] for p in per_seed], axis=0)
-            lo, hi = bootstrap_ci(ious, seed=seed)
-            row = {
-                "miou": float(ious.mean()),
-                "ci95": [lo, hi],
-                "per_seed": [float(np.mean(p[key])) for p in per_seed],
-            }
-            if key != "agent":
-                d, dlo, dhi = paired_diff_ci(ious, agent, seed=seed)
-                row["diff_vs_agent"] = [d, dlo, dhi]
+        rows = _row_stats(per_seed, seed)
+        for key, row in rows.items():
             minutes = [r["minutes"].get(key) for r in recs if r["minutes"].get(key) is not None]
             if minutes:
                 row["train_minutes"] = float(np.mean(minutes))
-            rows[key] = row
         memory = [r.get("peak_memory_mb", {}).get("agent") for r in recs]
         sizes.append(
             {
@@ -109,16 +136,7 @@ def render_curve_markdown(result: dict[str, Any]) -> str:
     ]
     for s in result["sizes"]:
         cells = [f"{s['size']} (seeds {', '.join(map(str, s['seeds']))})"]
-        for k in keys:
-            r = s["rows"].get(k)
-            if r is None:
-                cells.append("-")
-                continue
-            cell = f"{r['miou']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]"
-            if "diff_vs_agent" in r:
-                d, lo, hi = r["diff_vs_agent"]
-                cell += f" ({d:+.3f}{'' if lo <= 0 <= hi else '*'})"
-            cells.append(cell)
+        cells += [_cell(s["rows"].get(k)) for k in keys]
         minutes = s["rows"].get("agent", {}).get("train_minutes")
         cells.append("-" if minutes is None else f"{minutes:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
@@ -128,6 +146,18 @@ def render_curve_markdown(result: dict[str, Any]) -> str:
         " mean of the seeds'. In brackets: the paired difference to the agent, `*` where its"
         " interval excludes 0. Rows that read the ground truth are not automatic.",
     ]
+    confirm = result.get("confirm")
+    if confirm:
+        shown = [k for k in keys if k in confirm["rows"]]
+        lines += [
+            "",
+            f"The {confirm['size']}-image rows on `{confirm['spec']}` ({confirm['n_images']} "
+            "images, `--confirm`; the same agents, no ceiling row):",
+            "",
+            "| " + " | ".join(label[k] for k in shown) + " |",
+            "|" + "---|" * len(shown),
+            "| " + " | ".join(_cell(confirm["rows"][k]) for k in shown) + " |",
+        ]
     budgets = [(s["size"], s.get("budgets")) for s in result["sizes"]]
     clicks = {s["size"]: s.get("agent_clicks") for s in result["sizes"]}
     if any(b for _, b in budgets):
@@ -143,6 +173,17 @@ def render_curve_markdown(result: dict[str, Any]) -> str:
             line = f"- {size}: {srm}; judge on {judge or 'all'} images per round"
             lines.append(line + _clicks_text(clicks.get(size)))
     return "\n".join(lines) + "\n"
+
+
+def _cell(r: dict[str, Any] | None) -> str:
+    """``mIoU [CI] (difference to the agent, * where significant)`` of one row."""
+    if r is None:
+        return "-"
+    cell = f"{r['miou']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]"
+    if "diff_vs_agent" in r:
+        d, lo, hi = r["diff_vs_agent"]
+        cell += f" ({d:+.3f}{'' if lo <= 0 <= hi else '*'})"
+    return cell
 
 
 def _clicks_text(clicks: list[int | None] | None) -> str:

@@ -63,10 +63,16 @@ def test_training_sets_are_nested_train_then_pool(tmp_path):
 def test_curve_writes_every_row_and_resumes(tmp_path):
     (tmp_path / "task.yaml").write_text(TASK)
     (tmp_path / "ppo.yaml").write_text(PPO)
-    proc = _curve(tmp_path)
+    proc = _curve(tmp_path, "--confirm", "synthetic:val[:3]")
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "curve"
     result = json.loads((out / "results.json").read_text())
+    # the largest size's rows on a second set
+    confirm = result["confirm"]
+    assert confirm["size"] == 10 and confirm["n_images"] == 3
+    assert {"agent", "ppo", "srm_confident", "finetuned_b", "manual_1"} <= set(confirm["rows"])
+    assert "ceiling" not in confirm["rows"] and "diff_vs_agent" in confirm["rows"]["ppo"]
+    assert "on `synthetic:val[:3]` (3 images" in (out / "results.md").read_text()
     assert [s["size"] for s in result["sizes"]] == [3, 10]
     assert result["sizes"][0]["seeds"] == [0, 1] and result["sizes"][1]["seeds"] == [0]
     small, large = (s["rows"] for s in result["sizes"])

@@ -81,6 +81,12 @@ def add(sub: Subcommands) -> None:
         "--limit", type=positive_int, default=None, metavar="N", help="first N images only"
     )
     c.add_argument(
+        "--confirm",
+        default=None,
+        metavar="SPEC",
+        help="also score the largest size's rows on these images (e.g. kvasir:test_rest)",
+    )
+    c.add_argument(
         "--manual-clicks",
         type=positive_int,
         default=5,
@@ -149,6 +155,7 @@ def run(args: argparse.Namespace) -> int:
         split=args.split,
         limit=args.limit,
         manual_clicks=args.manual_clicks,
+        confirm=args.confirm,
     )
     result = run_curve(
         task,
