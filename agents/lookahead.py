@@ -97,9 +97,10 @@ class LookaheadConfig:
             opinion with errors of another kind.
         clicks: The clicks the agent takes after the start when it segments (``None``:
             ``steps``). The judge trains, and the ceiling rows run, on ``steps``.
-        choose_clicks: Training sets ``clicks`` to the number of clicks (0 to ``steps``) whose
-            answers score best on ``val`` (the fewest on ties): the judge's last clicks may
-            hurt more than they help, and how many help changes with the training set.
+        choose_clicks: Training sets ``clicks`` (0 to ``steps``) and ``keep`` to those whose
+            answers score best on ``val`` (the fewest clicks and the task's ``keep`` on ties):
+            the judge's last clicks may hurt more than they help, and how many help changes
+            with the training set.
     """
 
     steps: int = 8

@@ -26,7 +26,7 @@ import numpy as np
 from torch.utils.tensorboard import SummaryWriter
 
 from agents.config import TaskConfig
-from agents.lookahead import LookaheadAgent, answers
+from agents.lookahead import KEEPS, LookaheadAgent, answers
 from agents.lookahead_training import cross_fitted_maps, fit_judge
 from agents.prompt_agent import AgentLoadError, write_meta
 from experiments.runs import (
@@ -46,7 +46,13 @@ from segmenter.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["best_clicks", "choose_clicks", "evaluate_lookahead", "train_lookahead"]
+__all__ = [
+    "best_answer",
+    "best_clicks",
+    "choose_clicks",
+    "evaluate_lookahead",
+    "train_lookahead",
+]
 
 
 def evaluate_lookahead(
@@ -54,8 +60,11 @@ def evaluate_lookahead(
 ) -> dict[str, Any]:
     """Full-resolution mIoU of the agent's final masks on ``samples`` (with ground truth), and
     ``by_click``: the mIoU of the answer had the episode ended after ``k`` clicks, ``k = 0``
-    (the start) to the episode's length (an episode that stopped early keeps its mask)."""
-    ious, steps, paths = [], [], []
+    (the start) to the episode's length (an episode that stopped early keeps its mask), under
+    the agent's ``keep``; ``by_click_keep`` the same under every rule of
+    :data:`~agents.lookahead.KEEPS` (the same episodes)."""
+    ious, steps = [], []
+    paths: dict[str, list[list[float]]] = {keep: [] for keep in KEEPS}
     for s in progress_bar(
         samples, desc=f"lookahead eval ({chooser})", unit="img", disable=not progress
     ):
@@ -69,16 +78,25 @@ def evaluate_lookahead(
         ep = agent.episode(emb, lambda image=image: image, gt, chooser=chooser)
         ious.append(mask_iou(agent.segmenter.upscale(emb, ep.final.logits), gt))
         path = [mask_iou(agent.segmenter.upscale(emb, o.logits), gt) for o in ep.path]
-        paths.append([path[i] for i in answers(ep.path, agent.config.keep)])
+        for keep in KEEPS:
+            paths[keep].append([path[i] for i in answers(ep.path, keep)])
         steps.append(len(ep.path) - 1)
-    longest = max((len(p) for p in paths), default=0)
-    by_click = np.array([p + [p[-1]] * (longest - len(p)) for p in paths], np.float64)
+    by_keep = {keep: _mean_by_click(p) for keep, p in paths.items()}
     return {
         "miou": float(np.mean(ious)),
         "per_image": ious,
         "mean_steps": float(np.mean(steps)),
-        "by_click": by_click.mean(0).tolist() if len(paths) else [],
+        "by_click": by_keep[agent.config.keep],
+        "by_click_keep": by_keep,
     }
+
+
+def _mean_by_click(paths: list[list[float]]) -> list[float]:
+    """Mean over images of the IoU after k clicks (a shorter path keeps its last mask)."""
+    if not paths:
+        return []
+    longest = max(len(p) for p in paths)
+    return np.array([p + [p[-1]] * (longest - len(p)) for p in paths]).mean(0).tolist()
 
 
 def best_clicks(by_click: list[float]) -> int:
@@ -86,14 +104,22 @@ def best_clicks(by_click: list[float]) -> int:
     return int(np.argmax(np.round(np.asarray(by_click, np.float64), 6)))
 
 
+def best_answer(by_click_keep: dict[str, list[float]], prefer: str) -> tuple[str, int]:
+    """The answer rule and number of clicks that score best (``prefer``, then the fewest
+    clicks, on ties)."""
+    order = [prefer] + [k for k in by_click_keep if k != prefer]
+    keep = max(order, key=lambda k: round(max(by_click_keep[k]), 6))  # the first on ties
+    return keep, best_clicks(by_click_keep[keep])
+
+
 def choose_clicks(
     run: str | Path, cache_dir: str | None = None, progress: bool = True
 ) -> dict[str, Any]:
-    """Set a finished lookahead run's ``clicks`` to the count that scores best on its task's
-    ``val`` images (:func:`best_clicks`, the episodes run the full ``steps``), in its
+    """Set a finished lookahead run's ``clicks`` and ``keep`` to those that score best on its
+    task's ``val`` images (:func:`best_answer`; the episodes run the full ``steps``), in its
     ``checkpoints/best/lookahead.json``; the choice is recorded in ``summary.json``
-    (``val_by_click``, ``clicks``). Training does the same when ``lookahead.choose_clicks``;
-    this is for runs trained before. Returns the updated summary."""
+    (``val_by_click``, ``clicks``, ``keep``). Training does the same when
+    ``lookahead.choose_clicks``; this is for runs trained before. Returns the updated summary."""
     from agents.prompt_agent import PromptAgent, checkpoint_of
 
     run = Path(run)
@@ -108,26 +134,29 @@ def choose_clicks(
     agent.config.clicks = None
     t0 = time.perf_counter()
     val = evaluate_lookahead(agent, load_split(agent.task, "val"), progress)
-    k = best_clicks(val["by_click"])
+    keep, k = best_answer(val["by_click_keep"], agent.config.keep)
     settings = json.loads((ckpt / "lookahead.json").read_text())
-    settings["clicks"] = k
+    settings.update(clicks=k, keep=keep)
     text = json.dumps(settings, indent=2).encode()
     atomic_write(ckpt / "lookahead.json", lambda fh: fh.write(text))
-    summary.update(_chosen(val, k))
+    summary.update(_chosen(val, keep, k))
     summary.setdefault("seconds", {})["choose_clicks"] = time.perf_counter() - t0
     text = json.dumps(summary, indent=2).encode()
     atomic_write(summary_file, lambda fh: fh.write(text))
-    logger.info("%s: %d clicks chosen on val (%s)", run, k, _by_click_text(val["by_click"]))
+    logger.info("%s: %d clicks, keep %s, chosen on val (%s)", run, k, keep,
+                _by_click_text(val["by_click_keep"][keep]))  # fmt: skip
     return summary
 
 
-def _chosen(val: dict[str, Any], k: int) -> dict[str, Any]:
-    """The summary's record of a choice of ``k`` clicks on ``val``."""
+def _chosen(val: dict[str, Any], keep: str, k: int) -> dict[str, Any]:
+    """The summary's record of a choice of ``k`` clicks and ``keep`` on ``val``."""
     return {
         "clicks": k,
-        "val_by_click": val["by_click"],
+        "keep": keep,
+        "val_by_click": val["by_click_keep"][keep],
+        "val_by_click_keep": val["by_click_keep"],
         "val_miou_all_steps": val["miou"],
-        "best_val_miou": val["by_click"][k],
+        "best_val_miou": val["by_click_keep"][keep][k],
     }
 
 
@@ -294,9 +323,10 @@ def train_lookahead(
         logger.info("lookahead agent: val mIoU %.4f (%.1f steps)", val["miou"], val["mean_steps"])
         logger.info("val mIoU after k clicks: %s", _by_click_text(val["by_click"]))
         if cfg.choose_clicks:
-            agent.config.clicks = best_clicks(val["by_click"])
-            chosen = _chosen(val, agent.config.clicks)
-            logger.info("%d clicks chosen on val", agent.config.clicks)
+            keep, k = best_answer(val["by_click_keep"], cfg.keep)
+            agent.config.clicks, agent.config.keep = k, keep
+            chosen = _chosen(val, keep, k)
+            logger.info("%d clicks, keep %s, chosen on val", k, keep)
     elapsed = time.perf_counter() - t_start
     extra = {"val_miou": None if val is None else val["miou"], "elapsed_seconds": elapsed}
     best = _save_best(run_dir, agent, task, extra)

@@ -266,6 +266,13 @@ def test_best_clicks_takes_the_fewest_clicks_among_the_best():
 
     assert best_clicks([0.60, 0.71, 0.74, 0.74, 0.72]) == 2
     assert best_clicks([0.70, 0.65, 0.69]) == 0
+    from experiments.lookahead import best_answer
+
+    curves = {"last": [0.6, 0.7, 0.65], "best_predicted": [0.6, 0.68, 0.72]}
+    assert best_answer(curves, "last") == ("best_predicted", 2)
+    curves["best_predicted"] = [0.6, 0.7, 0.7]
+    assert best_answer(curves, "last") == ("last", 1)  # ties: the task's rule
+    assert best_answer(curves, "best_predicted") == ("best_predicted", 1)
     with pytest.raises(ValueError, match="clicks must lie"):
         LookaheadConfig(steps=2, clicks=3)
 
@@ -283,7 +290,8 @@ def test_training_chooses_the_clicks_on_val_when_asked(tiny_task, tmp_path):
     k, by_click = summary["clicks"], summary["val_by_click"]
     assert len(by_click) == 4 and by_click[k] == max(by_click)
     best = __import__("pathlib").Path(summary["checkpoint"])
-    assert json.loads((best / "lookahead.json").read_text())["clicks"] == k
+    saved = json.loads((best / "lookahead.json").read_text())
+    assert saved["clicks"] == k and saved["keep"] == summary["keep"]
 
 
 def test_clicks_chosen_on_val_bound_the_agent_not_the_ceiling(lookahead_run, tmp_path):
@@ -303,10 +311,12 @@ def test_clicks_chosen_on_val_bound_the_agent_not_the_ceiling(lookahead_run, tmp
     k, by_click = out["clicks"], out["val_by_click"]
     assert len(by_click) == 3 and by_click[k] == max(by_click) == out["best_val_miou"]
     assert json.loads((run / "summary.json").read_text())["clicks"] == k
+    assert set(out["val_by_click_keep"]) == {"last", "best_predicted"}
     agent = PromptAgent.load(run, cache=EmbeddingCache(cache))
     assert agent.config.clicks == k and agent.config.steps == 2
-    # pin a count below the budget to see the two defaults apart
-    agent.config.clicks = 1
+    assert agent.config.keep == out["keep"] and by_click == out["val_by_click_keep"][out["keep"]]
+    # pin a count below the budget to see the two defaults apart (every click kept)
+    agent.config.clicks, agent.config.keep = 1, "last"
     image = load_split(agent.task, "val")[0].load_image()
     emb, _ = agent._embedding(image)
     assert len(agent.episode(emb, lambda: image).path) == 2
