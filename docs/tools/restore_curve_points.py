@@ -4,8 +4,9 @@ committed ``docs/results/curve_*`` outlive it).
 
 For every point of ``DOCS/results.json`` whose benchmark is committed as
 ``DOCS/nNNNN_sS/results.json``, writes ``RUN/nNNNN_sS/benchmark/results.json`` and
-``RUN/nNNNN_sS/point.json`` (its record, marked ``restored_from``); points already in RUN are
-left alone.
+``RUN/nNNNN_sS/point.json`` (its record, marked ``restored_from``), and a committed
+``--confirm`` benchmark (``DOCS/nNNNN_sS/confirm_*/results.json``) beside it; points already in
+RUN are left alone.
 
     python docs/tools/restore_curve_points.py docs/results/curve_kvasir runs/curve_kvasir
     alignsam curve kvasir_polyp_lookahead --sizes 25 50 100 200 400 --out runs/curve_kvasir ...
@@ -33,6 +34,9 @@ def restore(docs: Path, run: Path) -> list[str]:
         record = {**record, "restored_from": str(docs / name)}
         record.setdefault("budgets", None)
         (target / "point.json").write_text(json.dumps(record, indent=2))
+        for confirm in (docs / name).glob("confirm_*/results.json"):
+            (target / confirm.parent.name).mkdir(exist_ok=True)
+            shutil.copy(confirm, target / confirm.parent.name / "results.json")
         done.append(name)
     return done
 
