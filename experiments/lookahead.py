@@ -76,8 +76,8 @@ def evaluate_lookahead(
         )
         gt = np.asarray(s.mask, bool)
         ep = agent.episode(emb, lambda image=image: image, gt, chooser=chooser)
-        ious.append(mask_iou(agent.segmenter.upscale(emb, ep.final.logits), gt))
         path = [mask_iou(agent.segmenter.upscale(emb, o.logits), gt) for o in ep.path]
+        ious.append(path[ep.kept])  # the final mask is the kept state of the path
         for keep in KEEPS:
             paths[keep].append([path[i] for i in answers(ep.path, keep)])
         steps.append(len(ep.path) - 1)
