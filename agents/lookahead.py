@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from agents.answers import KEEPS, answers
 from agents.clickers import ClickTrace, srm_confident_score
 from envs.data import rgb_array
 from recalibration.judge import JUDGE_FEATURES, MaskJudge, candidate_features
@@ -56,8 +57,6 @@ Chooser = Literal["judge", "oracle", "agreement", "heuristic"]
 #: reads the ground truth), the soft Dice with the SRM map (a judge without learning) or the
 #: SRM-confident heuristic (the first proposed cell with the SRM's label; never stops).
 CHOOSERS: tuple[str, ...] = ("judge", "oracle", "agreement", "heuristic")
-#: Which state of an episode is its answer (:attr:`LookaheadConfig.keep`).
-KEEPS: tuple[str, ...] = ("last", "best_predicted")
 _DICE = JUDGE_FEATURES.index("soft_dice")
 _MAP_AT_CLICK = JUDGE_FEATURES.index("map_at_click")
 
@@ -87,10 +86,12 @@ class LookaheadConfig:
         judge_images: Judge-training episodes per round run on a seeded sample of this many
             training images (a fresh sample each round), so the cost of a round does not grow
             with the training set (``None``: every image).
-        keep: Which of the episode's states is the answer: ``last`` (the mask after the last
-            click) or ``best_predicted`` (the state, the start included, whose mask the frozen
-            decoder itself predicts the highest IoU for: a click that the decoder judges to
-            have made the mask worse is undone).
+        keep: Which of the episode's states is the answer (:mod:`agents.answers`): ``last``
+            (the mask after the last click), ``best_predicted`` (the state, the start
+            included, whose mask the frozen decoder predicts the highest IoU for) or ``valued``
+            (the state the value model fitted with the judge scores highest).
+        margin: A scored ``keep`` answers with a clicked state only when its score beats the
+            start's by more than this (else the start: a click must earn its place).
         agreement: Weight of the SRM agreement (a candidate's soft Dice with the SRM map)
             added to the judge's score, both standardised over the step's candidates (0: the
             judge alone). A judge fitted on 50 images is noisy; the agreement is a second
@@ -100,7 +101,10 @@ class LookaheadConfig:
         choose_clicks: Training sets ``clicks`` (0 to ``steps``) and ``keep`` to those whose
             answers score best on ``val`` (the fewest clicks and the task's ``keep`` on ties):
             the judge's last clicks may hurt more than they help, and how many help changes
-            with the training set.
+            with the training set. With ``max_worse`` also the rule's ``margin``, and only
+            among the choices that leave at most this share of the ``val`` images worse than
+            their start (true IoU; :func:`agents.answers.best_answer`).
+        max_worse: See ``choose_clicks`` (``None``: the best mean, however many are worse).
     """
 
     steps: int = 8
@@ -114,9 +118,11 @@ class LookaheadConfig:
     objective: Literal["regression", "lambdarank"] = "lambdarank"
     agreement: float = 0.0
     judge_images: int | None = None
-    keep: Literal["last", "best_predicted"] = "last"
+    keep: Literal["last", "best_predicted", "valued"] = "last"
+    margin: float = 0.0
     clicks: int | None = None
     choose_clicks: bool = False
+    max_worse: float | None = None
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.proposals < 1 or self.grid < 2:
@@ -131,6 +137,8 @@ class LookaheadConfig:
             raise ValueError(f"lookahead.agreement must be >= 0, got {self.agreement}")
         if self.keep not in KEEPS:
             raise ValueError(f"lookahead.keep must be one of {KEEPS}, got {self.keep!r}")
+        if self.margin < 0 or not 0 <= (self.max_worse or 0.0) <= 1:
+            raise ValueError("lookahead: margin >= 0 and max_worse in [0, 1] needed")
         if self.clicks is not None and not 0 <= self.clicks <= self.steps:
             raise ValueError(
                 f"lookahead.clicks must lie in [0, steps={self.steps}], got {self.clicks}"
@@ -148,7 +156,6 @@ class LookaheadEpisode:
 
     Attributes:
         final: The outcome the episode ended on (its mask is the answer).
-        last: The same (kept for callers that name it so).
         clicks: ``(N, 3)`` ``(x, y, label)`` of the start points and every committed click.
         ious: Low-res IoU of the committed mask after the start and after each click (empty
             without ground truth).
@@ -159,6 +166,10 @@ class LookaheadEpisode:
         path: The start's outcome and each committed one, in order.
         kept: The index in ``path`` of the answer (``final``; the last unless ``keep`` undid
             clicks).
+        answer_at: For each ``k``, the index in ``path`` of the answer had the episode ended
+            after ``k`` clicks (under the episode's ``keep``).
+        path_features: The judge's features of each state of ``path`` (``(len(path), F)``).
+        values: The value model's score of each state of ``path`` (empty without one).
         states: Per step, ``(features (1 + 2k, F), true IoUs or None, IoU before)`` when
             recorded; row 0 is staying with the current mask.
         session: The prompting session the episode ended in (a person or the simulated
@@ -166,7 +177,6 @@ class LookaheadEpisode:
     """
 
     final: Outcome
-    last: Outcome
     clicks: np.ndarray
     ious: list[float]
     final_iou: float | None
@@ -175,6 +185,9 @@ class LookaheadEpisode:
     stopped: int | None
     path: list[Outcome] = field(default_factory=list)
     kept: int = -1
+    answer_at: list[int] = field(default_factory=list)
+    path_features: np.ndarray | None = None
+    values: list[float] = field(default_factory=list)
     states: list[tuple[np.ndarray, np.ndarray | None, float]] = field(default_factory=list)
     session: PromptSession | None = field(default=None, repr=False)
 
@@ -197,20 +210,6 @@ def srm_embedding(
     return emb, 0.0 if cached else time.perf_counter() - t0
 
 
-def answers(path: list[Outcome], keep: str) -> list[int]:
-    """For each ``k``, the index in ``path`` of the episode's answer had it ended after ``k``
-    clicks: ``k`` itself (``last``), or the state among the first ``k + 1`` whose mask the
-    decoder predicts the highest IoU for (``best_predicted``; the earliest on ties)."""
-    if keep == "last":
-        return list(range(len(path)))
-    out, best = [], 0
-    for k, o in enumerate(path):
-        if o.prediction.score > path[best].prediction.score:
-            best = k
-        out.append(best)
-    return out
-
-
 class LookaheadAgent:
     """The lookahead agent: an SRM, a mask judge and the frozen segmenter.
 
@@ -221,6 +220,7 @@ class LookaheadAgent:
         config: :class:`LookaheadConfig`.
         task: The task it was trained for (for run folders and ``segment``).
         cache: Embedding cache.
+        value: The value model of ``keep: valued``.
     """
 
     kind = "lookahead"
@@ -238,12 +238,15 @@ class LookaheadAgent:
         config: LookaheadConfig | None = None,
         task: Any = None,
         cache: Any = None,
+        value: MaskJudge | None = None,
     ) -> None:
         self.segmenter, self.srm, self.judge = segmenter, srm, judge
         self.config = config or LookaheadConfig()
         self.task, self.cache = task, cache
         #: The run's "nothing here" threshold (``presence.json``), ``None`` when it has none.
         self.presence: PresenceGate | None = None
+        #: The value model of ``keep: valued`` (``value.json``; :func:`agents.answers.fit_value`).
+        self.value = value
 
     # -- one episode ---------------------------------------------------------------------------
     def srm_map(
@@ -289,7 +292,8 @@ class LookaheadAgent:
             with the training set (``None``: every image).
         agreement: Weight of the SRM agreement beside the judge (default
                 ``config.agreement``).
-            keep: Which state is the answer (default ``config.keep``; :data:`KEEPS`).
+            keep: Which state is the answer (default ``config.keep``; :data:`KEEPS`; with
+                ``config.margin``).
         """
         cfg = self.config
         steps = cfg.default_steps(chooser) if steps is None else int(steps)
@@ -298,6 +302,8 @@ class LookaheadAgent:
         keep = cfg.keep if keep is None else keep
         if keep not in KEEPS:
             raise ValueError(f"keep must be one of {KEEPS}, got {keep!r}")
+        if keep == "valued" and self.value is None:
+            raise RuntimeError("keep='valued' needs the value model (value.json): train again")
         if chooser not in CHOOSERS:
             raise ValueError(f"chooser must be one of {CHOOSERS}, got {chooser!r}")
         if chooser == "judge" and score is None:
@@ -334,6 +340,9 @@ class LookaheadAgent:
         last_click = (float(start[0][0]), float(start[0][1]), 1)
         last_map = float(s_map[hi])
         path = [first]
+        path_feats = [
+            candidate_features(first, s_map, (vh, vw), first.mask_prob, last_click, last_map)
+        ]
         ious = [session.iou] if target is not None else []
         scores: list[float] = []
         centres = action_centres(emb.original_size, cfg.grid)
@@ -380,10 +389,17 @@ class LookaheadAgent:
             visited[cell] = True
             session.commit(outs[j])
             path.append(outs[j])
+            path_feats.append(feats[j])
             last_click, last_map = (x, y, lab), float(s_map[emb.cell_at(x, y)])
             if target is not None:
                 ious.append(session.iou)
-        kept = answers(path, keep)[-1]
+        feats_arr = np.stack(path_feats)
+        values = [] if self.value is None else self.value.predict(feats_arr).tolist()
+        if keep == "best_predicted":
+            answer_at = answers([o.prediction.score for o in path], keep, cfg.margin)
+        else:
+            answer_at = answers(values or None, keep, cfg.margin, length=len(path))
+        kept = answer_at[-1]
         for _ in range(len(path) - 1 - kept):  # back to the kept state: no decoder call
             session.undo()
         clicks_arr = np.concatenate(
@@ -391,7 +407,6 @@ class LookaheadAgent:
         )
         return LookaheadEpisode(
             final=session.outcome,
-            last=session.outcome,
             clicks=clicks_arr,
             ious=ious,
             final_iou=ious[kept] if ious else None,
@@ -400,6 +415,9 @@ class LookaheadAgent:
             stopped=stopped,
             path=path,
             kept=kept,
+            answer_at=answer_at,
+            path_features=feats_arr,
+            values=values,
             states=states,
             session=session,
         )
@@ -468,11 +486,10 @@ class LookaheadAgent:
         ep = self.episode(emb, load_image, gt, chooser=chooser, steps=steps, stop=stop)
         steps = self.config.default_steps(chooser) if steps is None else int(steps)
         final_mask = self.segmenter.upscale(emb, ep.final.logits)
-        final_iou = mask_iou(final_mask, gt)
         path = [mask_iou(self.segmenter.upscale(emb, o.logits), gt) for o in ep.path]
-        path = [path[i] for i in answers(ep.path, self.config.keep)]  # the answer after k clicks
+        path = [path[i] for i in ep.answer_at]  # the answer after k clicks
         ious = [path[0]] * 2 + path[1:]
-        ious += [final_iou] * (steps + 2 - len(ious))  # stopped early: the mask stays
+        ious += [ious[-1]] * (steps + 2 - len(ious))  # stopped early: the mask stays
         points, labels = ep.clicks[:, :2], ep.clicks[:, 2].astype(np.int64)
         return ClickTrace(
             sample_id=sample_id,
@@ -488,11 +505,14 @@ class LookaheadAgent:
 
     # -- persistence ---------------------------------------------------------------------------
     def save(self, folder: str | Path) -> Path:
-        """Write ``srm.pt``, ``judge.json`` and ``lookahead.json`` into ``folder``."""
+        """Write ``srm.pt``, ``judge.json``, ``value.json`` (when fitted) and
+        ``lookahead.json`` into ``folder``."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.srm.save(folder / "srm.pt")
         if self.judge is not None:
             self.judge.save(folder / "judge.json")
+        if self.value is not None:
+            self.value.save(folder / "value.json")
         (folder / "lookahead.json").write_text(json.dumps(asdict(self.config), indent=2))
         return folder

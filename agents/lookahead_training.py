@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from agents.answers import fit_value
 from agents.lookahead import LookaheadAgent, LookaheadConfig
 from recalibration.judge import JUDGE_FEATURES, MaskJudge, rank_quality
 from recalibration.labelers import EpisodeState
@@ -151,6 +152,9 @@ def fit_judge(
         progress: Progress bars.
         log: ``log(tag, value, round)`` for TensorBoard.
 
+    The value model of ``keep: valued`` (:func:`agents.answers.fit_value`) is fitted on the
+    same states and set on ``agent`` too.
+
     Returns:
         The judge and, per round, its figures on the round's new states before refitting
         (``spearman``, ``top1_regret``, ``mae``) and the round's mean final IoU.
@@ -220,6 +224,7 @@ def fit_judge(
         )
     assert judge is not None
     agent.judge = judge
+    agent.value = fit_value(data.features, data.ious, seed=seed)  # for ``keep: valued``
     return judge, history
 
 

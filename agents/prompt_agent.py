@@ -492,17 +492,17 @@ def _lookahead_agent(
         raise AgentLoadError(
             f"{ckpt}/lookahead.json is missing or corrupt ({exc}); train the agent again"
         ) from exc
-    try:
+    try:  # value.json: the value model of ``keep: valued`` (runs trained before have none)
         judge = MaskJudge.load(ckpt / "judge.json")
+        value = MaskJudge.load(ckpt / "value.json") if (ckpt / "value.json").is_file() else None
     except JudgeError as exc:
         raise AgentLoadError(str(exc)) from exc
-    return LookaheadAgent(segmenter, srm, judge, config, task, cache)
+    return LookaheadAgent(segmenter, srm, judge, config, task, cache, value)
 
 
 @dataclasses.dataclass(frozen=True)
 class _Encoded:
-    """A one-entry stand-in for :class:`~segmenter.EmbeddingCache`: the environment gets the
-    embedding that :meth:`PromptAgent.segment_detailed` already computed (encode once)."""
+    """A one-entry :class:`~segmenter.EmbeddingCache`: the embedding already computed."""
 
     embedding: Any
 

@@ -25,8 +25,9 @@ from typing import Any
 import numpy as np
 from torch.utils.tensorboard import SummaryWriter
 
+from agents.answers import WORSE, answer_table, best_answer
 from agents.config import TaskConfig
-from agents.lookahead import KEEPS, LookaheadAgent, answers
+from agents.lookahead import LookaheadAgent
 from agents.lookahead_training import cross_fitted_maps, fit_judge
 from agents.prompt_agent import AgentLoadError, write_meta
 from experiments.runs import (
@@ -47,10 +48,10 @@ from segmenter.progress import progress_bar
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "best_answer",
     "best_clicks",
     "choose_clicks",
     "evaluate_lookahead",
+    "fit_run_value",
     "train_lookahead",
 ]
 
@@ -58,13 +59,19 @@ __all__ = [
 def evaluate_lookahead(
     agent: LookaheadAgent, samples: Any, progress: bool = True, chooser: str = "judge"
 ) -> dict[str, Any]:
-    """Full-resolution mIoU of the agent's final masks on ``samples`` (with ground truth), and
+    """Full-resolution mIoU of the agent's final masks on ``samples`` (with ground truth);
     ``by_click``: the mIoU of the answer had the episode ended after ``k`` clicks, ``k = 0``
     (the start) to the episode's length (an episode that stopped early keeps its mask), under
-    the agent's ``keep``; ``by_click_keep`` the same under every rule of
-    :data:`~agents.lookahead.KEEPS` (the same episodes)."""
-    ious, steps = [], []
-    paths: dict[str, list[list[float]]] = {keep: [] for keep in KEEPS}
+    the agent's ``keep``; ``worse``: the share of images whose answer is worse than their start;
+    ``table``: every answer rule on the same episodes (:func:`agents.answers.answer_table`),
+    and ``by_click_keep`` its rules without a margin; ``paths`` and ``path_scores``: per image
+    the true IoU of each path state and each scored rule's scores of them."""
+    ious, steps, worse = [], [], []
+    paths: list[list[float]] = []
+    scores: dict[str, list[list[float]]] = {"best_predicted": []}
+    if agent.value is not None:
+        scores["valued"] = []
+    by_click = []
     for s in progress_bar(
         samples, desc=f"lookahead eval ({chooser})", unit="img", disable=not progress
     ):
@@ -78,16 +85,24 @@ def evaluate_lookahead(
         ep = agent.episode(emb, lambda image=image: image, gt, chooser=chooser)
         path = [mask_iou(agent.segmenter.upscale(emb, o.logits), gt) for o in ep.path]
         ious.append(path[ep.kept])  # the final mask is the kept state of the path
-        for keep in KEEPS:
-            paths[keep].append([path[i] for i in answers(ep.path, keep)])
+        worse.append(path[ep.kept] < path[0] - WORSE)
+        by_click.append([path[i] for i in ep.answer_at])
+        paths.append(path)
+        scores["best_predicted"].append([o.prediction.score for o in ep.path])
+        if "valued" in scores:
+            scores["valued"].append(ep.values)
         steps.append(len(ep.path) - 1)
-    by_keep = {keep: _mean_by_click(p) for keep, p in paths.items()}
+    table = answer_table(paths, scores)
     return {
         "miou": float(np.mean(ious)),
         "per_image": ious,
         "mean_steps": float(np.mean(steps)),
-        "by_click": by_keep[agent.config.keep],
-        "by_click_keep": by_keep,
+        "worse": float(np.mean(worse)),
+        "by_click": _mean_by_click(by_click),
+        "by_click_keep": {r["keep"]: r["by_click"] for r in table if r["margin"] == 0.0},
+        "table": table,
+        "paths": paths,
+        "path_scores": scores,
     }
 
 
@@ -104,22 +119,55 @@ def best_clicks(by_click: list[float]) -> int:
     return int(np.argmax(np.round(np.asarray(by_click, np.float64), 6)))
 
 
-def best_answer(by_click_keep: dict[str, list[float]], prefer: str) -> tuple[str, int]:
-    """The answer rule and number of clicks that score best (``prefer``, then the fewest
-    clicks, on ties)."""
-    order = [prefer] + [k for k in by_click_keep if k != prefer]
-    keep = max(order, key=lambda k: round(max(by_click_keep[k]), 6))  # the first on ties
-    return keep, best_clicks(by_click_keep[keep])
+def _choose(agent: LookaheadAgent, val: dict[str, Any]) -> dict[str, Any]:
+    """Set ``agent``'s ``keep``, ``margin`` and ``clicks`` to the best answer on ``val``
+    (:func:`agents.answers.best_answer` under ``lookahead.max_worse``); the summary's record."""
+    cfg = agent.config
+    keep, margin, k = best_answer(val["table"], cfg.keep, cfg.max_worse)
+    cfg.keep, cfg.margin, cfg.clicks = keep, margin, k
+    row = next(r for r in val["table"] if r["keep"] == keep and r["margin"] == margin)
+    logger.info(
+        "%d clicks, keep %s (margin %.3f), chosen on val: mIoU %.4f, %.0f %% worse than the "
+        "start (by click: %s)", k, keep, margin, row["by_click"][k],
+        100 * row["worse_by_click"][k], _by_click_text(row["by_click"]),
+    )  # fmt: skip
+    return {
+        "clicks": k,
+        "keep": keep,
+        "margin": margin,
+        "max_worse": cfg.max_worse,
+        "val_by_click": row["by_click"],
+        "val_worse_by_click": row["worse_by_click"],
+        "val_by_click_keep": val["by_click_keep"],
+        "val_answers": val["table"],
+        "val_miou_all_steps": val["miou"],
+        "best_val_miou": row["by_click"][k],
+        "val_worse": row["worse_by_click"][k],
+    }
 
 
 def choose_clicks(
-    run: str | Path, cache_dir: str | None = None, progress: bool = True
+    run: str | Path,
+    cache_dir: str | None = None,
+    progress: bool = True,
+    max_worse: float | None = None,
+    value: bool = False,
 ) -> dict[str, Any]:
-    """Set a finished lookahead run's ``clicks`` and ``keep`` to those that score best on its
-    task's ``val`` images (:func:`best_answer`; the episodes run the full ``steps``), in its
-    ``checkpoints/best/lookahead.json``; the choice is recorded in ``summary.json``
-    (``val_by_click``, ``clicks``, ``keep``). Training does the same when
-    ``lookahead.choose_clicks``; this is for runs trained before. Returns the updated summary."""
+    """Set a finished lookahead run's ``clicks``, ``keep`` and ``margin`` to those that score
+    best on its task's ``val`` images (:func:`_choose`; the episodes run the full ``steps``),
+    in its ``checkpoints/best/lookahead.json``; the choice is recorded in ``summary.json``.
+    Training does the same when ``lookahead.choose_clicks``; this is for runs trained before.
+
+    Args:
+        run: The run folder.
+        cache_dir: Embedding cache.
+        progress: Progress bars.
+        max_worse: The bound on the share of val images left worse than their start (default:
+            the run's ``lookahead.max_worse``).
+        value: Fit the value model of ``keep: valued`` first when the run has none
+            (:func:`fit_run_value`).
+
+    Returns the updated summary."""
     from agents.prompt_agent import PromptAgent, checkpoint_of
 
     run = Path(run)
@@ -128,36 +176,70 @@ def choose_clicks(
         raise AgentLoadError(f"{run}: no summary.json; finish training the run first")
     summary = json.loads(summary_file.read_text())
     ckpt = checkpoint_of(run)
+    t0 = time.perf_counter()
+    if value and not (ckpt / "value.json").is_file():
+        summary.setdefault("seconds", {})["value"] = fit_run_value(run, cache_dir, progress)
     agent = PromptAgent.load(ckpt, cache=EmbeddingCache(cache_dir))
     if not isinstance(agent, LookaheadAgent) or not agent.task.data.val:
         raise AgentLoadError(f"{run}: clicks are chosen for lookahead runs with a val split")
     agent.config.clicks = None
-    t0 = time.perf_counter()
+    if max_worse is not None:
+        agent.config.max_worse = max_worse
     val = evaluate_lookahead(agent, load_split(agent.task, "val"), progress)
-    keep, k = best_answer(val["by_click_keep"], agent.config.keep)
+    summary.update(_choose(agent, val))
     settings = json.loads((ckpt / "lookahead.json").read_text())
-    settings.update(clicks=k, keep=keep)
+    cfg = agent.config
+    settings.update(clicks=cfg.clicks, keep=cfg.keep, margin=cfg.margin, max_worse=cfg.max_worse)
     text = json.dumps(settings, indent=2).encode()
     atomic_write(ckpt / "lookahead.json", lambda fh: fh.write(text))
-    summary.update(_chosen(val, keep, k))
     summary.setdefault("seconds", {})["choose_clicks"] = time.perf_counter() - t0
     text = json.dumps(summary, indent=2).encode()
     atomic_write(summary_file, lambda fh: fh.write(text))
-    logger.info("%s: %d clicks, keep %s, chosen on val (%s)", run, k, keep,
-                _by_click_text(val["by_click_keep"][keep]))  # fmt: skip
     return summary
 
 
-def _chosen(val: dict[str, Any], keep: str, k: int) -> dict[str, Any]:
-    """The summary's record of a choice of ``k`` clicks and ``keep`` on ``val``."""
-    return {
-        "clicks": k,
-        "keep": keep,
-        "val_by_click": val["by_click_keep"][keep],
-        "val_by_click_keep": val["by_click_keep"],
-        "val_miou_all_steps": val["miou"],
-        "best_val_miou": val["by_click_keep"][keep][k],
-    }
+def fit_run_value(run: str | Path, cache_dir: str | None = None, progress: bool = True) -> float:
+    """Fit the value model of ``keep: valued`` for a lookahead run trained before training
+    fitted it: one round of judge-driven episodes (the run's judge, its exploration, the stop
+    rule) on a seeded sample of ``judge_images`` training images with their cross-fitted maps
+    (``stages/maps.npz``), every candidate recorded, :func:`agents.answers.fit_value` on them;
+    written as ``value.json`` beside the judge. Returns the seconds it took."""
+    from agents.answers import fit_value
+    from agents.lookahead_training import JudgeData
+    from agents.prompt_agent import PromptAgent, checkpoint_of
+
+    run, t0 = Path(run), time.perf_counter()
+    ckpt = checkpoint_of(run)
+    agent = PromptAgent.load(ckpt, cache=EmbeddingCache(cache_dir))
+    maps_file = run / "stages" / "maps.npz"
+    if not isinstance(agent, LookaheadAgent) or not maps_file.is_file():
+        raise AgentLoadError(f"{run}: a lookahead run with its stages/maps.npz is needed")
+    with np.load(maps_file) as z:
+        maps = list(z["maps"])
+    train = load_train_split(agent.task)
+    if len(train) != len(maps):
+        raise AgentLoadError(
+            f"{maps_file} holds {len(maps)} maps for {len(train)} training images: the data "
+            "changed since training; train the run again"
+        )
+    cfg, rng = agent.config, np.random.default_rng(agent.task.seed)
+    picked = range(len(train))
+    if cfg.judge_images is not None and cfg.judge_images < len(train):
+        picked = sorted(rng.choice(len(train), cfg.judge_images, replace=False).tolist())
+    data = JudgeData.empty()
+    for i in progress_bar(picked, desc="value states", unit="img", disable=not progress):
+        image = train[i].load_image()
+        emb = agent.cache.get_or_encode(agent.segmenter, image)
+        gt = np.asarray(train[i].mask, bool)
+        for _ in range(cfg.episodes):
+            ep = agent.episode(
+                emb, lambda image=image: image, gt, srm_map=maps[i], steps=cfg.steps,
+                explore=cfg.explore, rng=rng, record=True, stop=True, agreement=0.0,
+            )  # fmt: skip
+            data.add(i, ep.states)
+    fit_value(data.features, data.ious, seed=agent.task.seed).save(ckpt / "value.json")
+    logger.info("%s: value model fitted on %d states", run, len(data))
+    return time.perf_counter() - t0
 
 
 def _by_click_text(by_click: list[float]) -> str:
@@ -313,8 +395,8 @@ def train_lookahead(
 
     # 4. Val, the checkpoint, the summary.
     t0 = time.perf_counter()
-    if cfg.choose_clicks:
-        agent.config.clicks = None  # val runs every step; the count is chosen from them
+    if cfg.choose_clicks:  # val runs every step; the count and the answer are chosen from them
+        agent.config.clicks = None
     val = evaluate_lookahead(agent, val_set, progress) if val_set else None
     timings["val"] = time.perf_counter() - t0
     chosen: dict[str, Any] = {}
@@ -323,10 +405,7 @@ def train_lookahead(
         logger.info("lookahead agent: val mIoU %.4f (%.1f steps)", val["miou"], val["mean_steps"])
         logger.info("val mIoU after k clicks: %s", _by_click_text(val["by_click"]))
         if cfg.choose_clicks:
-            keep, k = best_answer(val["by_click_keep"], cfg.keep)
-            agent.config.clicks, agent.config.keep = k, keep
-            chosen = _chosen(val, keep, k)
-            logger.info("%d clicks, keep %s, chosen on val", k, keep)
+            chosen = _choose(agent, val)
     elapsed = time.perf_counter() - t_start
     extra = {"val_miou": None if val is None else val["miou"], "elapsed_seconds": elapsed}
     best = _save_best(run_dir, agent, task, extra)

@@ -225,16 +225,44 @@ def test_srm_eval_reports_the_map_and_the_judge_of_a_run(lookahead_run, tmp_path
         assert -1.0 <= res[name]["spearman"] <= 1.0 and res[name]["states"] > 0
 
 
-def test_answers_follow_the_decoders_best_predicted_state_so_far():
-    from types import SimpleNamespace
+def test_answers_keep_a_click_only_when_its_score_beats_the_start_by_the_margin():
+    from agents.answers import answers
 
-    from agents.lookahead import answers
-
-    path = [SimpleNamespace(prediction=SimpleNamespace(score=v)) for v in (0.8, 0.7, 0.9, 0.9, 0.6)]
-    assert answers(path, "last") == [0, 1, 2, 3, 4]
-    assert answers(path, "best_predicted") == [0, 0, 2, 2, 2]  # the earliest on ties
+    scores = [0.8, 0.7, 0.9, 0.9, 0.6]
+    assert answers(None, "last", length=5) == answers(scores, "last") == [0, 1, 2, 3, 4]
+    assert answers(scores, "best_predicted") == [0, 0, 2, 2, 2]  # the earliest on ties
+    assert answers(scores, "valued", margin=0.05) == [0, 0, 2, 2, 2]
+    assert answers(scores, "valued", margin=0.1) == [0] * 5  # +0.1 is not clearly better
+    assert answers([0.5, 0.56, 0.7, 0.6], "valued", margin=0.05) == [0, 1, 2, 2]
+    with pytest.raises(ValueError, match="score"):
+        answers(None, "valued")
+    with pytest.raises(ValueError, match="margin"):
+        answers(scores, "valued", margin=-0.1)
     with pytest.raises(ValueError, match="keep"):
         LookaheadConfig(keep="best")
+    with pytest.raises(ValueError, match="max_worse"):
+        LookaheadConfig(max_worse=1.5)
+
+
+def test_the_answer_is_chosen_under_the_bound_on_images_made_worse():
+    from agents.answers import answer_table, best_answer
+
+    # three images: the IoU of each path state, and the value model's score of each
+    ious = [[0.9, 0.85, 0.8], [0.3, 0.7, 0.8], [0.6, 0.65, 0.55]]
+    values = [[0.9, 0.86, 0.84], [0.4, 0.7, 0.8], [0.6, 0.58, 0.62]]
+    table = answer_table(ious, {"valued": values}, margins=(0.0, 0.05))
+    last = next(r for r in table if r["keep"] == "last")
+    assert last["by_click"] == pytest.approx([0.6, 0.7333333, 0.7166667])
+    assert last["worse_by_click"] == pytest.approx([0, 1 / 3, 2 / 3])
+    strict = next(r for r in table if r["keep"] == "valued" and r["margin"] == 0.05)
+    # the margin keeps the start on images 1 and 3 (image 3: +0.02 is no clear gain)
+    assert strict["by_click"] == pytest.approx([0.6, 0.7333333, 0.7666667])
+    assert strict["worse_by_click"] == [0.0, 0.0, 0.0]
+    assert best_answer(table, "last") == ("valued", 0.05, 2)
+    assert best_answer(table, "last", max_worse=0.0) == ("valued", 0.05, 2)
+    only_last = [last]
+    assert best_answer(only_last, "last") == ("last", 0.0, 1)
+    assert best_answer(only_last, "last", max_worse=0.0) == ("last", 0.0, 0)  # the start
 
 
 def test_best_predicted_ends_the_session_in_the_kept_state(lookahead_run, tmp_path):
@@ -261,18 +289,45 @@ def test_best_predicted_ends_the_session_in_the_kept_state(lookahead_run, tmp_pa
     assert json.loads((tmp_path / "a" / "adapted.json").read_text())["keep"] == "best_predicted"
 
 
+def test_valued_answers_with_the_value_models_best_state(lookahead_run):
+    from experiments.datasets import load_dataset
+
+    summary, cache = lookahead_run
+    agent = PromptAgent.load(summary["run_dir"], cache=EmbeddingCache(cache))
+    assert agent.value is not None  # training fitted it beside the judge
+    agent.config.margin = 0.0
+    for s in load_dataset("synthetic:val")[:4]:
+        image = s.load_image()
+        emb, _ = agent._embedding(image)
+        ep = agent.episode(emb, lambda image=image: image, keep="valued", record=True)
+        assert len(ep.values) == len(ep.path) == len(ep.path_features) == len(ep.answer_at)
+        # the start is scored as the judge saw it: the first step's "stay" candidate
+        assert np.allclose(ep.path_features[0], ep.states[0][0][0])
+        best = int(np.argmax(ep.values))
+        assert ep.kept == (best if ep.values[best] > ep.values[0] else 0)
+        assert ep.session.outcome is ep.path[ep.kept] and len(ep.clicks) == 2 + ep.kept
+    agent.value = None
+    with pytest.raises(RuntimeError, match="value"):
+        agent.episode(emb, lambda: image, keep="valued")
+
+
 def test_best_clicks_takes_the_fewest_clicks_among_the_best():
     from experiments.lookahead import best_clicks
 
     assert best_clicks([0.60, 0.71, 0.74, 0.74, 0.72]) == 2
     assert best_clicks([0.70, 0.65, 0.69]) == 0
-    from experiments.lookahead import best_answer
+    from agents.answers import best_answer
 
-    curves = {"last": [0.6, 0.7, 0.65], "best_predicted": [0.6, 0.68, 0.72]}
-    assert best_answer(curves, "last") == ("best_predicted", 2)
-    curves["best_predicted"] = [0.6, 0.7, 0.7]
-    assert best_answer(curves, "last") == ("last", 1)  # ties: the task's rule
-    assert best_answer(curves, "best_predicted") == ("best_predicted", 1)
+    rows = [
+        {"keep": "last", "margin": 0.0, "by_click": [0.6, 0.7, 0.65]},
+        {"keep": "best_predicted", "margin": 0.0, "by_click": [0.6, 0.68, 0.72]},
+    ]
+    for r in rows:
+        r["worse_by_click"] = [0.0] * 3
+    assert best_answer(rows, "last") == ("best_predicted", 0.0, 2)
+    rows[1]["by_click"] = [0.6, 0.7, 0.7]
+    assert best_answer(rows, "last") == ("last", 0.0, 1)  # ties: the task's rule
+    assert best_answer(rows, "best_predicted") == ("best_predicted", 0.0, 1)
     with pytest.raises(ValueError, match="clicks must lie"):
         LookaheadConfig(steps=2, clicks=3)
 
@@ -288,10 +343,12 @@ def test_training_chooses_the_clicks_on_val_when_asked(tiny_task, tmp_path):
     )
     summary = train(task, runs=tmp_path, cache_dir=str(tmp_path / "emb"), progress=False)
     k, by_click = summary["clicks"], summary["val_by_click"]
-    assert len(by_click) == 4 and by_click[k] == max(by_click)
+    assert len(by_click) == 4 and by_click[k] == max(by_click) == summary["best_val_miou"]
+    assert by_click[k] == max(max(r["by_click"]) for r in summary["val_answers"])
     best = __import__("pathlib").Path(summary["checkpoint"])
     saved = json.loads((best / "lookahead.json").read_text())
     assert saved["clicks"] == k and saved["keep"] == summary["keep"]
+    assert saved["margin"] == summary["margin"] and (best / "value.json").is_file()
 
 
 def test_clicks_chosen_on_val_bound_the_agent_not_the_ceiling(lookahead_run, tmp_path):
@@ -307,14 +364,17 @@ def test_clicks_chosen_on_val_bound_the_agent_not_the_ceiling(lookahead_run, tmp
     summary, cache = lookahead_run
     run = tmp_path / "run"
     shutil.copytree(summary["run_dir"], run)
-    out = choose_clicks(run, cache, progress=False)
+    (run / "checkpoints" / "best" / "value.json").unlink()  # trained before the value model
+    out = choose_clicks(run, cache, progress=False, max_worse=0.0, value=True)
     k, by_click = out["clicks"], out["val_by_click"]
     assert len(by_click) == 3 and by_click[k] == max(by_click) == out["best_val_miou"]
+    assert out["val_worse"] == 0.0 and out["max_worse"] == 0.0 and "value" in out["seconds"]
     assert json.loads((run / "summary.json").read_text())["clicks"] == k
-    assert set(out["val_by_click_keep"]) == {"last", "best_predicted"}
+    assert set(out["val_by_click_keep"]) == {"last", "best_predicted", "valued"}
     agent = PromptAgent.load(run, cache=EmbeddingCache(cache))
+    assert agent.value is not None and agent.config.margin == out["margin"]
     assert agent.config.clicks == k and agent.config.steps == 2
-    assert agent.config.keep == out["keep"] and by_click == out["val_by_click_keep"][out["keep"]]
+    assert agent.config.keep == out["keep"]
     # pin a count below the budget to see the two defaults apart (every click kept)
     agent.config.clicks, agent.config.keep = 1, "last"
     image = load_split(agent.task, "val")[0].load_image()
@@ -326,3 +386,20 @@ def test_clicks_chosen_on_val_bound_the_agent_not_the_ceiling(lookahead_run, tmp
     assert len(agent.segment(image)[1]) == 2 + 1
     with pytest.raises(Exception, match="summary.json"):
         choose_clicks(Path(tmp_path / "nowhere"))
+
+
+def test_answer_command_writes_the_choice_into_the_run(lookahead_run, tmp_path, capsys):
+    import shutil
+
+    from experiments.cli import main
+
+    summary, cache = lookahead_run
+    run = tmp_path / "run"
+    shutil.copytree(summary["run_dir"], run)
+    argv = ["answer", str(run), "--max-worse", "0", "--cache", cache, "--no-progress"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    saved = json.loads((run / "summary.json").read_text())
+    assert f"{saved['clicks']} clicks, keep {saved['keep']}" in out and saved["val_worse"] == 0.0
+    assert main(["answer", str(tmp_path / "nowhere"), "--no-progress"]) == 3
+    assert "summary.json" in capsys.readouterr().err

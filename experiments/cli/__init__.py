@@ -11,6 +11,7 @@ import traceback
 
 from experiments.cli import (
     adapt,
+    answer,
     bench,
     benchmark,
     ceiling,
@@ -48,6 +49,7 @@ COMMANDS = (
     bench,
     oneclick,
     train,
+    answer,
     ceiling,
     segment,
     adapt,

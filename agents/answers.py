@@ -1,0 +1,144 @@
+"""Which state of a lookahead episode is its answer, and the choice of that rule on ``val``.
+
+An episode commits clicks one after another from its start (the two SRM start points); its
+answer need not be the state after the last click. The rules (:data:`KEEPS`):
+
+- ``last``: the mask after the last click.
+- ``best_predicted``: the state whose mask the frozen decoder predicts the highest IoU for.
+- ``valued``: the state a value model scores highest (a regression judge fitted on the training
+  episodes' states and their true IoUs, :func:`fit_value`).
+
+A scored rule keeps a click's state only when its score beats the start's by more than
+``margin`` (otherwise the answer is the start): a click is kept only when its judged gain is
+clearly positive, so an image where the agent is unsure keeps its start. Training chooses the
+rule, the margin and the number of clicks on ``val`` (:func:`best_answer`): the best mean IoU
+among the choices that leave at most ``max_worse`` of the images worse than their start.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = ["KEEPS", "MARGINS", "WORSE", "answer_table", "answers", "best_answer", "fit_value"]
+
+#: Which state of an episode is its answer (:attr:`agents.lookahead.LookaheadConfig.keep`).
+KEEPS: tuple[str, ...] = ("last", "best_predicted", "valued")
+#: The margins a scored rule is tried with when the answer rule is chosen on ``val``.
+MARGINS: tuple[float, ...] = (0.0, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2)
+#: An answer whose true IoU is below its start's by more than this is "worse than the start".
+WORSE = 1e-6
+
+
+def answers(
+    scores: Sequence[float] | None, keep: str, margin: float = 0.0, length: int | None = None
+) -> list[int]:
+    """For each ``k``, the index of the episode's answer had it ended after ``k`` clicks.
+
+    Args:
+        scores: Each path state's score (the decoder's predicted IoU for ``best_predicted``, the
+            value model's for ``valued``), the start first; not read for ``last``.
+        keep: One of :data:`KEEPS`.
+        margin: A state other than the start is the answer only when its score exceeds the
+            start's by more than this (the highest such score among the first ``k + 1``
+            states; the earliest on ties).
+        length: The path's length for ``last`` when ``scores`` is ``None``.
+    """
+    if keep not in KEEPS:
+        raise ValueError(f"keep must be one of {KEEPS}, got {keep!r}")
+    if margin < 0:
+        raise ValueError(f"the answer margin must be >= 0, got {margin}")
+    if keep == "last":
+        n = len(scores) if scores is not None else length
+        if n is None:
+            raise ValueError("answers: give the scores or the path's length")
+        return list(range(n))
+    if scores is None:
+        raise ValueError(f"keep={keep!r} needs every state's score")
+    s = np.asarray(scores, np.float64)
+    out, best = [], 0
+    for k in range(len(s)):
+        if k > 0 and s[k] > s[0] + margin and (best == 0 or s[k] > s[best]):
+            best = k
+        out.append(best)
+    return out
+
+
+def _padded(rows: Sequence[Sequence[float]]) -> np.ndarray:
+    """``(images, longest)``: each row padded with its last value (an episode that stopped
+    early keeps its mask)."""
+    longest = max(len(r) for r in rows)
+    return np.array([list(r) + [r[-1]] * (longest - len(r)) for r in rows], np.float64)
+
+
+def answer_table(
+    ious: Sequence[Sequence[float]],
+    scores: dict[str, Sequence[Sequence[float]]],
+    margins: Sequence[float] = MARGINS,
+) -> list[dict[str, Any]]:
+    """Every answer rule on the same episodes: per rule (``keep``, ``margin``) the mean true
+    IoU of the answer after ``k`` clicks (``by_click``) and the share of images whose answer is
+    worse than their start (``worse_by_click``).
+
+    Args:
+        ious: Per image, the true IoU of each path state (the start first).
+        scores: Per scored rule of :data:`KEEPS` (``best_predicted``, ``valued``), per image,
+            each path state's score; a rule missing here is not tried.
+        margins: The margins each scored rule is tried with.
+    """
+    if not ious:
+        return []
+    rules: list[tuple[str, float]] = [("last", 0.0)]
+    rules += [(k, float(m)) for k in KEEPS if k in scores for m in margins]
+    table = []
+    for keep, margin in rules:
+        rows = []
+        for i, path in enumerate(ious):
+            s = scores[keep][i] if keep != "last" else None
+            idx = answers(s, keep, margin, length=len(path))
+            rows.append([path[j] for j in idx])
+        a = _padded(rows)
+        start = a[:, :1]
+        table.append(
+            {
+                "keep": keep,
+                "margin": margin,
+                "by_click": a.mean(0).tolist(),
+                "worse_by_click": (a < start - WORSE).mean(0).tolist(),
+            }
+        )
+    return table
+
+
+def best_answer(
+    table: Sequence[dict[str, Any]], prefer: str, max_worse: float | None = None
+) -> tuple[str, float, int]:
+    """The ``(keep, margin, clicks)`` of :func:`answer_table` with the best mean IoU among
+    those that leave at most ``max_worse`` of the images worse than their start (``None``: no
+    bound; ``clicks = 0``, the start itself, always qualifies). Ties (to 6 decimals): ``prefer``,
+    then the smaller margin, then the fewest clicks."""
+    best: tuple[Any, ...] | None = None
+    for row in table:
+        for k, (mean, worse) in enumerate(zip(row["by_click"], row["worse_by_click"], strict=True)):
+            if max_worse is not None and k > 0 and worse > max_worse + 1e-12:
+                continue
+            key = (-round(mean, 6), row["keep"] != prefer, row["margin"], k)
+            if best is None or key < best[0]:
+                best = (key, row["keep"], row["margin"], k)
+    if best is None:
+        raise ValueError("best_answer: an empty table")
+    return best[1], best[2], best[3]
+
+
+def fit_value(features: Sequence[np.ndarray], ious: Sequence[np.ndarray], seed: int = 0) -> Any:
+    """The value model of ``keep: valued``: a regression :class:`~recalibration.judge.MaskJudge`
+    fitted on every candidate of the judge's training states (``features[i]`` ``(n_i, F)``,
+    ``ious[i]`` their true IoUs), each candidate on its own (a path state is scored alone, not
+    against the other candidates of its step)."""
+    from recalibration.judge import MaskJudge
+
+    rows = [r[None] for f in features for r in np.asarray(f)]
+    targets = [np.array([y], np.float64) for t in ious for y in np.asarray(t)]
+    return MaskJudge("regression", seed=seed).fit(rows, targets)

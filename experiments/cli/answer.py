@@ -1,0 +1,58 @@
+"""``alignsam answer``: choose on ``val`` which state of a lookahead episode is its answer, with
+what margin and after how many clicks (:func:`experiments.lookahead.choose_clicks`)."""
+
+from __future__ import annotations
+
+import argparse
+
+from experiments.cli.common import Subcommands, add_cache_option, fraction
+
+
+def add(sub: Subcommands) -> None:
+    p = sub.add_parser(
+        "answer",
+        help="choose a lookahead run's answer rule, margin and clicks on val",
+        description="Run the lookahead agent of RUN on its task's val images (every click "
+        "budgeted), score every answer rule (the last state; the best state by the decoder's "
+        "predicted IoU or by the value model, a clicked state kept only when its score beats "
+        "the start's by the margin) after every number of clicks, and write the best into "
+        "RUN among those that leave at most --max-worse of the val images worse than their "
+        "start. Training does this when the task sets lookahead.choose_clicks; this is for "
+        "runs trained before, or another bound.",
+    )
+    p.add_argument("run", metavar="RUN", help="run folder of a lookahead agent (alignsam train)")
+    p.add_argument(
+        "--max-worse",
+        type=fraction,
+        default=None,
+        metavar="F",
+        help="share of the val images the answer may leave worse than their start "
+        "(default: the run's lookahead.max_worse; none: the best mean)",
+    )
+    p.add_argument(
+        "--fit-value",
+        action="store_true",
+        help="fit the value model (keep: valued) first when the run has none: one round of "
+        "the judge's episodes on its training images",
+    )
+    add_cache_option(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from experiments.lookahead import choose_clicks
+
+    s = choose_clicks(
+        args.run,
+        args.cache,
+        progress=not args.no_progress,
+        max_worse=args.max_worse,
+        value=args.fit_value,
+    )
+    print(
+        f"{s['clicks']} clicks, keep {s['keep']} (margin {s['margin']:.3f}): val mIoU "
+        f"{s['best_val_miou']:.3f}, {100 * s['val_worse']:.0f} % of the val images worse than "
+        f"their start; written into {args.run}"
+    )
+    return 0
