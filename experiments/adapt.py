@@ -5,10 +5,12 @@ The SRM standardises its features with statistics of the training images; images
 endoscope, camera or season move those statistics and everything downstream (the start points,
 the judge's inputs, the presence score) with them. ``adapt`` re-estimates them on the target
 images (:meth:`~recalibration.srm.training.TrainingMixin.adapt_statistics`), every weight stays
-as trained; a lookahead agent also answers with the best state its decoder predicts
-(``keep="best_predicted"``: on shifted images its clicks more often make the mask worse than
-its start, see ``docs/results.md``). It writes an ordinary run folder: ``segment``,
-``review``, ``benchmark`` and ``corrections`` take it as they take the source run.
+as trained; a lookahead agent answering with its last state answers with the best state its
+decoder predicts instead (``keep="best_predicted"``: on shifted images its clicks more often make
+the mask worse than its start, see ``docs/results.md``); one that scores its states already
+(``valued`` or ``best_predicted``, chosen on val with a margin) keeps its rule. It writes an
+ordinary run folder: ``segment``, ``review``, ``benchmark`` and ``corrections`` take it as they
+take the source run.
 ``RUN2/adapted.json`` records the source run, the checkpoint, the inputs and what was
 re-estimated on how many images.
 
@@ -48,7 +50,7 @@ def adapt_run(
     out: str | Path,
     *,
     which: str = "best",
-    keep: str | None = "best_predicted",
+    keep: str | None = "auto",
     mix: float = 1.0,
     dark: float | None = DARK,
     cache: Any = None,
@@ -58,8 +60,9 @@ def adapt_run(
 ) -> dict[str, Any]:
     """Re-estimate the SRM's input statistics of ``run`` on the images of ``inputs`` (files,
     folders, dataset specs; masks, where present, are not read) and write the adapted run into
-    ``out``. ``keep`` sets a lookahead agent's answer state (:data:`~agents.lookahead.KEEPS`;
-    ``None``: the source run's); ``mix`` is the target's share of the new statistics; cells
+    ``out``. ``keep`` sets a lookahead agent's answer state (:data:`~agents.lookahead.KEEPS`,
+    with no margin; ``None``: the source run's; ``auto``: the source run's when it scores its
+    states, else ``best_predicted``); ``mix`` is the target's share of the new statistics; cells
     darker than ``dark`` (mean pixel value, 0-1) are left out of them (``None``: none).
 
     Returns:
@@ -70,8 +73,8 @@ def adapt_run(
     from experiments.segment import check_inputs, check_out, gather_inputs
     from segmenter import EmbeddingCache
 
-    if keep is not None and keep not in KEEPS:  # before any work
-        raise ValueError(f"keep must be one of {KEEPS}, got {keep!r}")
+    if keep not in (*KEEPS, "auto", None):  # before any work
+        raise ValueError(f"keep must be one of {KEEPS} or auto, got {keep!r}")
     if not 0.0 <= mix <= 1.0:
         raise ValueError(f"mix must lie in [0, 1], got {mix}")
     t0 = time.perf_counter()
@@ -83,6 +86,14 @@ def adapt_run(
     cache = cache if cache is not None else EmbeddingCache()
     agent = PromptAgent.load(ckpt, cache=cache)
     srm = agent.srm
+    lookahead = isinstance(agent, LookaheadAgent)
+    if keep == "auto":
+        keep = "best_predicted" if lookahead and agent.config.keep == "last" else None
+    if lookahead and keep == "valued" and agent.value is None:
+        raise ValueError(f"{run} has no value model for keep=valued: run alignsam answer "
+                         f"{run} --fit-value first")  # fmt: skip
+    if lookahead and keep == agent.config.keep:
+        keep = None  # the source's rule, with its margin
 
     def images() -> Iterator[tuple[Any, Any]]:
         for s in progress_bar(samples, desc="adapt", unit="img", disable=not progress):
@@ -90,7 +101,6 @@ def adapt_run(
             emb, _ = srm_embedding(srm, agent.segmenter, cache, image)
             yield emb, (lambda image=image: image)
 
-    lookahead = isinstance(agent, LookaheadAgent)
     info = srm.adapt_statistics(images(), mix=mix, dark=dark)
     record = {
         "source_run": str(run.resolve()),
@@ -121,7 +131,7 @@ def adapt_run(
         srm.save(best / "srm.pt")
         if lookahead and keep is not None:
             settings = json.loads((best / "lookahead.json").read_text())
-            settings["keep"] = keep
+            settings["keep"], settings["margin"] = keep, 0.0
             (best / "lookahead.json").write_text(json.dumps(settings, indent=2))
         (tmp / "checkpoints" / "latest").write_text("best")
         (tmp / ADAPTED_FILE).write_text(json.dumps(record, indent=2))

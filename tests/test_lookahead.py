@@ -287,6 +287,23 @@ def test_best_predicted_ends_the_session_in_the_kept_state(lookahead_run, tmp_pa
     adapted = PromptAgent.load(tmp_path / "a", cache=EmbeddingCache(cache))
     assert adapted.config.keep == "best_predicted" and agent.config.keep == "last"
     assert json.loads((tmp_path / "a" / "adapted.json").read_text())["keep"] == "best_predicted"
+    # a run that scores its states already (valued, margin chosen on val) keeps its rule
+    import shutil
+
+    source = tmp_path / "valued"
+    shutil.copytree(summary["run_dir"], source)
+    settings_file = source / "checkpoints" / "best" / "lookahead.json"
+    settings = json.loads(settings_file.read_text())
+    settings_file.write_text(json.dumps({**settings, "keep": "valued", "margin": 0.05}))
+    adapt_run(source, ["synthetic:val"], tmp_path / "b", cache=EmbeddingCache(cache),
+              progress=False)  # fmt: skip
+    adapted = PromptAgent.load(tmp_path / "b", cache=EmbeddingCache(cache))
+    assert (adapted.config.keep, adapted.config.margin) == ("valued", 0.05)
+    assert adapted.value is not None
+    (source / "checkpoints" / "best" / "value.json").unlink()
+    with pytest.raises(ValueError, match="--fit-value"):
+        adapt_run(source, ["synthetic:val"], tmp_path / "c", keep="valued",
+                  cache=EmbeddingCache(cache), progress=False)  # fmt: skip
 
 
 def test_valued_answers_with_the_value_models_best_state(lookahead_run):

@@ -29,11 +29,12 @@ def add(sub: Subcommands) -> None:
     )
     a.add_argument(
         "--keep",
-        choices=["best_predicted", "last", "source"],
-        default="best_predicted",
-        help="a lookahead agent's answer: the state its decoder predicts best, the start "
-        "included (default: a click judged to make the mask worse is undone), the last, or "
-        "the source run's setting",
+        choices=["auto", "best_predicted", "valued", "last", "source"],
+        default="auto",
+        help="a lookahead agent's answer: auto (the source run's rule when it scores its "
+        "states, e.g. valued chosen on val, else best_predicted), the state its decoder "
+        "predicts best, the start included, the state its value model scores best, the last, "
+        "or the source run's setting",
     )
     a.add_argument(
         "--mix",
