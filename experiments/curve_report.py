@@ -115,6 +115,7 @@ def summarize(records: Sequence[dict[str, Any]], seed: int = 0) -> dict[str, Any
                 "agent_peak_memory_mb": max((m for m in memory if m), default=None),
                 "budgets": recs[0].get("budgets"),
                 "agent_clicks": [r.get("agent_clicks") for r in recs],
+                "agent_answers": [r.get("agent_answer") for r in recs],
                 "benchmarks": [r["benchmark"] for r in recs],
             }
         )
@@ -160,6 +161,7 @@ def render_curve_markdown(result: dict[str, Any]) -> str:
         ]
     budgets = [(s["size"], s.get("budgets")) for s in result["sizes"]]
     clicks = {s["size"]: s.get("agent_clicks") for s in result["sizes"]}
+    answers = {s["size"]: s.get("agent_answers") for s in result["sizes"]}
     if any(b for _, b in budgets):
         lines += ["", "Agent training budgets per size (SRM pretraining; judge-training images):"]
         for size, b in budgets:
@@ -171,7 +173,7 @@ def render_curve_markdown(result: dict[str, Any]) -> str:
                 srm += f" ({b['srm_pretrain_steps']} steps)"
             judge = b.get("judge_images")
             line = f"- {size}: {srm}; judge on {judge or 'all'} images per round"
-            lines.append(line + _clicks_text(clicks.get(size)))
+            lines.append(line + _clicks_text(clicks.get(size)) + _answers_text(answers.get(size)))
     return "\n".join(lines) + "\n"
 
 
@@ -193,6 +195,17 @@ def _clicks_text(clicks: list[int | None] | None) -> str:
     said = ", ".join("all" if c is None else str(c) for c in clicks)
     per_seed = ", per seed" if len(clicks) > 1 else ""
     return f"; the agent takes {said} clicks (chosen on val{per_seed})"
+
+
+def _answers_text(answers: list[dict[str, Any] | None] | None) -> str:
+    """The agent's answer rule at one size, per seed (chosen on val; none: the last state)."""
+    if not answers or all(not a or not a.get("keep") for a in answers):
+        return ""
+    said = ", ".join(
+        "last" if not a or not a.get("keep") else f"{a['keep']} (margin {a.get('margin') or 0:g})"
+        for a in answers
+    )
+    return f"; answer: {said}"
 
 
 def plot_curve(result: dict[str, Any], path: Path) -> None:

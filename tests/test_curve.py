@@ -119,3 +119,12 @@ def test_curve_writes_every_row_and_resumes(tmp_path):
     # the point of 10, its agent deleted above, keeps its record rather than train again
     assert large["agent_clicks"] == [None] and not (point / "agent").exists()
     assert "clicks (chosen on val, per seed)" in (out / "results.md").read_text()
+    # a bound on the images made worse asks for the answer to be chosen again under it (with
+    # the value model) and the point to be scored again
+    fifth = _curve(tmp_path, "--ppo-sizes", "3", "10", "--set", "lookahead.choose_clicks=true",
+                   "lookahead.max_worse=0")  # fmt: skip
+    assert fifth.returncode == 0, fifth.stderr[-3000:]
+    record = json.loads((out / "n0003_s0" / "point.json").read_text())
+    assert record["agent_max_worse"] == 0 and record["agent_answer"]["val_worse"] == 0
+    assert (out / "n0003_s0" / "agent" / "checkpoints" / "best" / "value.json").is_file()
+    assert "; answer: " in (out / "results.md").read_text()
