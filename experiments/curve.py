@@ -174,6 +174,8 @@ def run_point(
         logger.info("%s: adding %s", folder, ", ".join(added))
         bench = folder / "benchmark"
         (bench / "results.json").replace(bench / "results.before.json")
+        for confirmed in folder.glob("confirm_*/results.json"):  # the same rows, scored again
+            confirmed.replace(confirmed.with_name("results.before.json"))
     folder.mkdir(parents=True, exist_ok=True)
     cache = EmbeddingCache(cache_dir)
     record: dict[str, Any] = {
