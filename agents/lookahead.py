@@ -442,7 +442,8 @@ class LookaheadAgent:
     def segment_detailed(
         self, image: Any, steps: int | None = None, presence_threshold: float | None = None
     ) -> dict[str, Any]:
-        """:meth:`segment` plus ``score`` (the judge's score of the final mask),
+        """:meth:`segment` plus ``score`` (the value model's predicted IoU of the answer; the
+        judge's last score of staying for a run without one),
         ``presence`` (:func:`~recalibration.presence.presence_score`), ``no_target``,
         ``encode_seconds``, ``decoder_calls`` and ``session``. An image whose presence score
         is below ``presence_threshold`` gets an empty mask and no clicks without an episode
@@ -459,7 +460,7 @@ class LookaheadAgent:
         return {
             "mask": self.segmenter.upscale(emb, ep.final.logits),
             "clicks": ep.clicks,
-            "score": float(ep.scores[-1]) if ep.scores else 0.0,
+            "score": ep.values[ep.kept] if ep.values else (ep.scores or [0.0])[-1],
             "presence": presence,
             "no_target": False,
             "encode_seconds": encode_seconds,

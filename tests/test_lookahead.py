@@ -323,6 +323,8 @@ def test_valued_answers_with_the_value_models_best_state(lookahead_run):
         best = int(np.argmax(ep.values))
         assert ep.kept == (best if ep.values[best] > ep.values[0] else 0)
         assert ep.session.outcome is ep.path[ep.kept] and len(ep.clicks) == 2 + ep.kept
+    agent.config.keep = "valued"  # segment reports the value model's score of its answer
+    assert agent.segment_detailed(image)["score"] == pytest.approx(ep.values[ep.kept])
     agent.value = None
     with pytest.raises(RuntimeError, match="value"):
         agent.episode(emb, lambda: image, keep="valued")
