@@ -292,14 +292,15 @@ class LookaheadAgent:
             with the training set (``None``: every image).
         agreement: Weight of the SRM agreement beside the judge (default
                 ``config.agreement``).
-            keep: Which state is the answer (default ``config.keep``; :data:`KEEPS`; with
-                ``config.margin``).
+            keep: Which state is the answer (:data:`KEEPS`, with ``config.margin``; default
+                ``config.keep`` for the judge, ``last`` for the reference choosers: the
+                ceiling's answer is its last state).
         """
         cfg = self.config
         steps = cfg.default_steps(chooser) if steps is None else int(steps)
         stop = cfg.stop if stop is None else stop
         agreement = cfg.agreement if agreement is None else float(agreement)
-        keep = cfg.keep if keep is None else keep
+        keep = (cfg.keep if chooser == "judge" else "last") if keep is None else keep
         if keep not in KEEPS:
             raise ValueError(f"keep must be one of {KEEPS}, got {keep!r}")
         if keep == "valued" and self.value is None:

@@ -325,6 +325,14 @@ def test_valued_answers_with_the_value_models_best_state(lookahead_run):
         assert ep.session.outcome is ep.path[ep.kept] and len(ep.clicks) == 2 + ep.kept
     agent.config.keep = "valued"  # segment reports the value model's score of its answer
     assert agent.segment_detailed(image)["score"] == pytest.approx(ep.values[ep.kept])
+    # a margin no click can beat keeps the agent at its start; the ceiling (the oracle chooser)
+    # answers with its last state whatever the agent's rule
+    agent.config.margin = 10.0
+    gt = np.zeros(image.shape[:2], bool)
+    gt[10:40, 10:40] = True
+    assert agent.episode(emb, lambda: image, gt).kept == 0
+    oracle = agent.episode(emb, lambda: image, gt, chooser="oracle", stop=False)
+    assert oracle.kept == len(oracle.path) - 1 == agent.config.steps
     agent.value = None
     with pytest.raises(RuntimeError, match="value"):
         agent.episode(emb, lambda: image, keep="valued")
