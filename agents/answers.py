@@ -22,7 +22,16 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["KEEPS", "MARGINS", "WORSE", "answer_table", "answers", "best_answer", "fit_value"]
+__all__ = [
+    "KEEPS",
+    "MARGINS",
+    "WORSE",
+    "answer_table",
+    "answers",
+    "best_answer",
+    "fit_value",
+    "pad_paths",
+]
 
 #: Which state of an episode is its answer (:attr:`agents.lookahead.LookaheadConfig.keep`).
 KEEPS: tuple[str, ...] = ("last", "best_predicted", "valued")
@@ -66,9 +75,9 @@ def answers(
     return out
 
 
-def _padded(rows: Sequence[Sequence[float]]) -> np.ndarray:
-    """``(images, longest)``: each row padded with its last value (an episode that stopped
-    early keeps its mask)."""
+def pad_paths(rows: Sequence[Sequence[float]]) -> np.ndarray:
+    """``(images, longest)``: each image's values along its path, padded with its last (an
+    episode that stopped early keeps its mask)."""
     longest = max(len(r) for r in rows)
     return np.array([list(r) + [r[-1]] * (longest - len(r)) for r in rows], np.float64)
 
@@ -99,7 +108,7 @@ def answer_table(
             s = scores[keep][i] if keep != "last" else None
             idx = answers(s, keep, margin, length=len(path))
             rows.append([path[j] for j in idx])
-        a = _padded(rows)
+        a = pad_paths(rows)
         start = a[:, :1]
         table.append(
             {

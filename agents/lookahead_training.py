@@ -129,6 +129,62 @@ class JudgeData:
         return len(self.ious)
 
 
+def judge_episodes(
+    agent: LookaheadAgent,
+    n: int,
+    item: Callable[[int], tuple[ImageEmbedding, np.ndarray, Callable[[], np.ndarray] | None]],
+    maps: Sequence[np.ndarray],
+    config: LookaheadConfig,
+    rng: np.random.Generator,
+    judge: MaskJudge | None,
+    *,
+    progress: bool = True,
+    desc: str = "judge episodes",
+) -> tuple[JudgeData, list[float]]:
+    """One round of the judge's training episodes: ``config.episodes`` per image on a seeded
+    sample of ``config.judge_images`` of the ``n`` training images (all when ``None``; drawn
+    from ``rng``), following the true IoU (``judge=None``) or ``judge``, every candidate
+    recorded; with each episode's final IoU.
+
+    Args:
+        agent: The agent whose segmenter decodes.
+        n: Training images.
+        item: ``item(i)``: ``(embedding, ground truth, load_image)`` of image ``i``.
+        maps: The cross-fitted SRM map of each image.
+        config: Episodes per image, steps, exploration, ``judge_images``.
+        rng: Draws the sample and the exploration.
+        judge: The judge the episodes follow (``None``: the true IoU, with ``explore``).
+        progress: Progress bar (``desc``).
+    """
+    new, finals = JudgeData.empty(), []
+    picked = range(n)
+    if config.judge_images is not None and config.judge_images < n:
+        picked = sorted(rng.choice(n, config.judge_images, replace=False).tolist())
+    for i in progress_bar(picked, desc=desc, unit="img", disable=not progress):
+        emb, gt, load = item(i)
+        for _ in range(config.episodes):
+            ep = agent.episode(
+                emb,
+                load,
+                gt,
+                chooser="oracle" if judge is None else "judge",
+                srm_map=maps[i],
+                steps=config.steps,
+                explore=config.explore,
+                rng=rng,
+                record=True,
+                score=None if judge is None else judge.predict,
+                # DAgger on the judge's own choices: the judge alone, stopping when it prefers
+                # the current mask; the agreement term and running all T steps are choices of
+                # the agent that uses it (chosen on val).
+                stop=True,
+                agreement=0.0,
+            )
+            new.add(i, ep.states)
+            finals.append(ep.ious[-1])
+    return new, finals
+
+
 def fit_judge(
     agent: LookaheadAgent,
     items: Sequence[tuple[ImageEmbedding, np.ndarray, Callable[[], np.ndarray] | None]],
@@ -165,35 +221,10 @@ def fit_judge(
     rng = np.random.default_rng(seed)
     for r in range(config.rounds):
         t0 = time.perf_counter()
-        new = JudgeData.empty()
-        finals = []
-        chooser = "oracle" if judge is None else "judge"
-        picked = range(len(items))
-        if config.judge_images is not None and config.judge_images < len(items):
-            picked = sorted(rng.choice(len(items), config.judge_images, replace=False).tolist())
-        bar = progress_bar(picked, desc=f"judge round {r}", unit="img", disable=not progress)
-        for i in bar:
-            emb, gt, load = items[i]
-            for _ in range(config.episodes):
-                ep = agent.episode(
-                    emb,
-                    load,
-                    gt,
-                    chooser=chooser,
-                    srm_map=maps[i],
-                    steps=config.steps,
-                    explore=config.explore,
-                    rng=rng,
-                    record=True,
-                    score=None if judge is None else judge.predict,
-                    # DAgger on the judge's own choices: the judge alone, stopping when it
-                    # prefers the current mask; the agreement term and running all T steps
-                    # are choices of the agent that uses it (chosen on val).
-                    stop=True,
-                    agreement=0.0,
-                )
-                new.add(i, ep.states)
-                finals.append(ep.ious[-1])
+        new, finals = judge_episodes(
+            agent, len(items), items.__getitem__, maps, config, rng, judge,
+            progress=progress, desc=f"judge round {r}",
+        )  # fmt: skip
         figures: dict[str, float] = {"round": float(r), "states": float(len(new))}
         figures["final_iou"] = float(np.mean(finals))
         if judge is not None:  # the fitted judge on states it has not been fitted on

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from torch.utils.tensorboard import SummaryWriter
 
-from agents.answers import WORSE, answer_table, best_answer
+from agents.answers import WORSE, answer_table, best_answer, pad_paths
 from agents.config import TaskConfig
 from agents.lookahead import LookaheadAgent
 from agents.lookahead_training import cross_fitted_maps, fit_judge
@@ -108,10 +108,7 @@ def evaluate_lookahead(
 
 def _mean_by_click(paths: list[list[float]]) -> list[float]:
     """Mean over images of the IoU after k clicks (a shorter path keeps its last mask)."""
-    if not paths:
-        return []
-    longest = max(len(p) for p in paths)
-    return np.array([p + [p[-1]] * (longest - len(p)) for p in paths]).mean(0).tolist()
+    return pad_paths(paths).mean(0).tolist() if paths else []
 
 
 def best_clicks(by_click: list[float]) -> int:
@@ -205,7 +202,7 @@ def fit_run_value(run: str | Path, cache_dir: str | None = None, progress: bool 
     (``stages/maps.npz``), every candidate recorded, :func:`agents.answers.fit_value` on them;
     written as ``value.json`` beside the judge. Returns the seconds it took."""
     from agents.answers import fit_value
-    from agents.lookahead_training import JudgeData
+    from agents.lookahead_training import judge_episodes
     from agents.prompt_agent import PromptAgent, checkpoint_of
 
     run, t0 = Path(run), time.perf_counter()
@@ -222,21 +219,17 @@ def fit_run_value(run: str | Path, cache_dir: str | None = None, progress: bool 
             f"{maps_file} holds {len(maps)} maps for {len(train)} training images: the data "
             "changed since training; train the run again"
         )
-    cfg, rng = agent.config, np.random.default_rng(agent.task.seed)
-    picked = range(len(train))
-    if cfg.judge_images is not None and cfg.judge_images < len(train):
-        picked = sorted(rng.choice(len(train), cfg.judge_images, replace=False).tolist())
-    data = JudgeData.empty()
-    for i in progress_bar(picked, desc="value states", unit="img", disable=not progress):
+
+    def item(i: int) -> tuple[Any, np.ndarray, Any]:
         image = train[i].load_image()
         emb = agent.cache.get_or_encode(agent.segmenter, image)
-        gt = np.asarray(train[i].mask, bool)
-        for _ in range(cfg.episodes):
-            ep = agent.episode(
-                emb, lambda image=image: image, gt, srm_map=maps[i], steps=cfg.steps,
-                explore=cfg.explore, rng=rng, record=True, stop=True, agreement=0.0,
-            )  # fmt: skip
-            data.add(i, ep.states)
+        return emb, np.asarray(train[i].mask, bool), lambda: image
+
+    rng = np.random.default_rng(agent.task.seed)
+    data, _ = judge_episodes(
+        agent, len(train), item, maps, agent.config, rng, agent.judge,
+        progress=progress, desc="value states",
+    )  # fmt: skip
     fit_value(data.features, data.ious, seed=agent.task.seed).save(ckpt / "value.json")
     logger.info("%s: value model fitted on %d states", run, len(data))
     return time.perf_counter() - t0
