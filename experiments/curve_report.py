@@ -54,21 +54,29 @@ def _rows_of(result: dict[str, Any]) -> dict[str, list[float]]:
     return rows
 
 
-def _row_stats(per_seed: list[dict[str, list[float]]], seed: int) -> dict[str, Any]:
-    """Every row that all seeds have: mIoU of the seeds' per-image mean, its bootstrap
-    interval, each seed's mIoU and the paired difference to the agent."""
-    keys = [k for k in per_seed[0] if all(k in p for p in per_seed)]
-    agent = np.mean([p["agent"] for p in per_seed], axis=0)
+def _row_stats(
+    per_seed: list[dict[str, list[float]]], seed: int, seeds: Sequence[int] | None = None
+) -> dict[str, Any]:
+    """Every row of any seed: mIoU of the per-image mean over the seeds that have it, its
+    bootstrap interval, each seed's mIoU and the paired difference to the agent of the same
+    seeds (``seeds``: those seeds, where not every seed has the row; ``seeds`` names the
+    points of ``per_seed``)."""
+    names = list(range(len(per_seed))) if seeds is None else list(seeds)
+    keys = list(dict.fromkeys(k for p in per_seed for k in p))
     rows: dict[str, Any] = {}
     for key in keys:
-        ious = np.mean([p[key] for p in per_seed], axis=0)
+        have = [i for i, p in enumerate(per_seed) if key in p]
+        ious = np.mean([per_seed[i][key] for i in have], axis=0)
         lo, hi = bootstrap_ci(ious, seed=seed)
-        row = {
+        row: dict[str, Any] = {
             "miou": float(ious.mean()),
             "ci95": [lo, hi],
-            "per_seed": [float(np.mean(p[key])) for p in per_seed],
+            "per_seed": [float(np.mean(per_seed[i][key])) for i in have],
         }
+        if len(have) < len(per_seed):
+            row["seeds"] = [names[i] for i in have]
         if key != "agent":
+            agent = np.mean([per_seed[i]["agent"] for i in have], axis=0)
             d, dlo, dhi = paired_diff_ci(ious, agent, seed=seed)
             row["diff_vs_agent"] = [d, dlo, dhi]
         rows[key] = row
@@ -100,7 +108,7 @@ def summarize(records: Sequence[dict[str, Any]], seed: int = 0) -> dict[str, Any
         per_seed = [
             _rows_of(json.loads((Path(r["benchmark"]) / "results.json").read_text())) for r in recs
         ]
-        rows = _row_stats(per_seed, seed)
+        rows = _row_stats(per_seed, seed, [int(r["seed"]) for r in recs])
         for key, row in rows.items():
             minutes = [r["minutes"].get(key) for r in recs if r["minutes"].get(key) is not None]
             if minutes:
@@ -144,8 +152,9 @@ def render_curve_markdown(result: dict[str, Any]) -> str:
     lines += [
         "",
         "mIoU over the images [bootstrap 95 % interval]; with two seeds each image's IoU is the"
-        " mean of the seeds'. In brackets: the paired difference to the agent, `*` where its"
-        " interval excludes 0. Rows that read the ground truth are not automatic.",
+        " mean of the seeds' (of those that have the row). In brackets: the paired difference to"
+        " the agent (of the same seeds), `*` where its interval excludes 0. Rows that read the"
+        " ground truth are not automatic.",
     ]
     confirm = result.get("confirm")
     if confirm:
@@ -185,6 +194,8 @@ def _cell(r: dict[str, Any] | None) -> str:
     if "diff_vs_agent" in r:
         d, lo, hi = r["diff_vs_agent"]
         cell += f" ({d:+.3f}{'' if lo <= 0 <= hi else '*'})"
+    if "seeds" in r:  # not every seed of the size has this row
+        cell += f" (seed {', '.join(map(str, r['seeds']))} only)"
     return cell
 
 

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from experiments.curve import CurveConfig, curve_task
 from experiments.runs import load_train_split, resolve_task
 
@@ -128,3 +130,17 @@ def test_curve_writes_every_row_and_resumes(tmp_path):
     assert record["agent_max_worse"] == 0 and record["agent_answer"]["val_worse"] == 0
     assert (out / "n0003_s0" / "agent" / "checkpoints" / "best" / "value.json").is_file()
     assert "; answer: " in (out / "results.md").read_text()
+
+
+def test_a_row_that_one_seed_lacks_is_summarised_over_the_seeds_that_have_it():
+    from experiments.curve_report import _cell, _row_stats
+
+    seed0 = {"agent": [0.5, 0.7, 0.9], "srm_confident": [0.4, 0.6, 0.8]}
+    seed1 = {"agent": [0.3, 0.5, 0.7], "srm_confident": [0.2, 0.4, 0.6], "ppo": [0.1, 0.3, 0.5]}
+    rows = _row_stats([seed0, seed1], seed=0, seeds=[0, 1])
+    assert np.isclose(rows["agent"]["miou"], 0.6) and "seeds" not in rows["agent"]
+    # PPO on seed 1 alone: its mean, and its difference to seed 1's agent (not both seeds')
+    assert np.isclose(rows["ppo"]["miou"], 0.3) and rows["ppo"]["seeds"] == [1]
+    assert np.isclose(rows["ppo"]["diff_vs_agent"][0], -0.2)
+    assert np.isclose(rows["srm_confident"]["diff_vs_agent"][0], -0.1)
+    assert _cell(rows["ppo"]).endswith("(seed 1 only)")
