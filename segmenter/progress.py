@@ -8,7 +8,8 @@ PPO, benchmarks, segmenting).
   logging, a scheduler), :class:`LineProgress`: no carriage returns and no redraws, only plain
   lines. A stage prints one line when it ends (count, time, rate) and, while it runs, one line
   when both ~30 s have passed and another ~10 % is done since the last line (count, percent,
-  rate, time left): a short stage is one line, a long one at most about a dozen;
+  the stage's average rate, time left at that rate): a short stage is one line, a long one at
+  most about a dozen;
 - ``disable=True`` (the commands' ``--no-progress``): nothing.
 
 ``ALIGNSAM_PROGRESS=bar|lines|off`` overrides the choice (e.g. ``lines`` on a terminal whose
@@ -73,6 +74,10 @@ class LineProgress(tqdm):
         self._line_n = kwargs.get("initial", 0)  # a resumed stage counts from where it was
         self._line_t = time.monotonic()
         kwargs.update(file=_Discard(), mininterval=CHECK_INTERVAL, ncols=0, dynamic_ncols=False)
+        # A line's rate and time left are the stage's average since it began, not tqdm's
+        # moving average of the last updates: lines are far apart and many stages advance in
+        # bursts (PPO's rollouts, updates and evaluations), which swung the time left 10-fold.
+        kwargs["smoothing"] = 0
         kwargs.pop("position", None)  # lines need no screen rows
         super().__init__(*args, **kwargs)
 

@@ -58,6 +58,27 @@ def test_a_long_stage_prints_a_line_per_tenth_with_rate_and_time_left(monkeypatc
     assert lines[-1].startswith("PPO: 1000/1000 step in ")
 
 
+def test_lines_give_the_stage_s_average_rate_not_its_last_burst(monkeypatch):
+    # PPO's steps come in bursts (a rollout, then an update and an evaluation): a line's rate
+    # and time left are the whole stage's average, so they do not swing with the last burst.
+    monkeypatch.setattr(progress_mod, "LINE_INTERVAL", 0.0)
+    monkeypatch.setattr(progress_mod, "CHECK_INTERVAL", 0.0)
+    clock = [1000.0]
+    monkeypatch.setattr("tqdm.std.time", lambda: clock[0])
+    out = io.StringIO()
+    bar = LineProgress(total=1000, desc="PPO", unit="step", stream=out)
+    for i in range(1000):
+        clock[0] += 9.901 if i % 100 == 99 else 0.001  # 100 steps in 10 s, 99 % of it in one
+        bar.update(1)
+    bar.close()
+    running = out.getvalue().splitlines()[:-1]
+    assert len(running) == 9, running
+    for k, line in enumerate(running, start=1):
+        rate, minutes, seconds = re.search(r"([\d.]+)step/s, (\d+):(\d+) left", line).groups()
+        assert abs(float(rate) - 10) < 0.02, line  # the average, 10 steps/s
+        assert abs(60 * int(minutes) + int(seconds) - (1000 - 100 * k) / 10) <= 1, line
+
+
 def test_a_resumed_stage_counts_from_where_it_was(monkeypatch):
     monkeypatch.setattr(progress_mod, "LINE_INTERVAL", 0.0)
     monkeypatch.setattr(progress_mod, "CHECK_INTERVAL", 0.0)
