@@ -252,6 +252,29 @@ def _save_best(run_dir: Path, agent: LookaheadAgent, task: TaskConfig, extra: di
     return final
 
 
+class _StageClock:
+    """Seconds of each finished stage, kept in ``stages/seconds.json`` beside the stage's
+    file, so that a resumed run's training time counts the stages an earlier attempt did."""
+
+    def __init__(self, folder: Path) -> None:
+        self.file = folder / "seconds.json"
+        self.saved: dict[str, float] = (
+            json.loads(self.file.read_text()) if self.file.is_file() else {}
+        )
+        self.reused: dict[str, float] = {}  # stage -> seconds an earlier attempt spent on it
+
+    def done(self, stage: str, seconds: float, reused: bool) -> float:
+        """``stage``'s seconds: this attempt's, plus the earlier attempt's where it was
+        read back from its file (unknown for files written before the clock: 0)."""
+        if reused:
+            self.reused[stage] = self.saved.get(stage, 0.0)
+            return seconds + self.reused[stage]
+        self.saved[stage] = seconds
+        text = json.dumps(self.saved, indent=2).encode()
+        atomic_write(self.file, lambda fh: fh.write(text))
+        return seconds
+
+
 def train_lookahead(
     task: TaskConfig | None,
     runs: Path = Path("runs"),
@@ -289,6 +312,7 @@ def train_lookahead(
     stages.mkdir(exist_ok=True)
     writer = SummaryWriter(str(run_dir / "tb"))
     timings: dict[str, float] = {}
+    clock = _StageClock(stages)
 
     features = None
     if tuple(task.srm.features) != ("sam",):
@@ -310,7 +334,8 @@ def train_lookahead(
     # 1. The SRM (and the decoder mask states every SRM of this run trains under).
     t0 = time.perf_counter()
     states_file = stages / "mask_states.npz"
-    if states_file.is_file():
+    reused = states_file.is_file()
+    if reused:
         with np.load(states_file) as z:
             mask_states = [list(z[f"item{i}"]) for i in range(len(items))]
     else:
@@ -325,8 +350,11 @@ def train_lookahead(
             states_file,
             lambda fh: np.savez(fh, **{f"item{i}": np.stack(m) for i, m in enumerate(mask_states)}),
         )
+    states_seconds = clock.done("mask_states", time.perf_counter() - t0, reused)
+    t0 = time.perf_counter()
     srm_file = stages / "srm.pt"
-    if srm_file.is_file():
+    reused = srm_file.is_file()
+    if reused:
         srm = SemanticRecalibrationModule.load(
             srm_file, device=task.device, segmenter=segmenter, cache=cache
         )
@@ -342,12 +370,13 @@ def train_lookahead(
         )
         srm.save(srm_file)
     srm.config.online = False
-    timings["srm"] = time.perf_counter() - t0
+    timings["srm"] = states_seconds + clock.done("srm", time.perf_counter() - t0, reused)
 
     # 2. Cross-fitted maps of the training images.
     t0 = time.perf_counter()
     maps_file = stages / "maps.npz"
-    if maps_file.is_file():
+    reused = maps_file.is_file()
+    if reused:
         with np.load(maps_file) as z:
             maps = list(z["maps"])
     else:
@@ -365,7 +394,7 @@ def train_lookahead(
             progress=progress,
         )
         atomic_write(maps_file, lambda fh: np.savez(fh, maps=np.stack(maps)))
-    timings["cross_fit"] = time.perf_counter() - t0
+    timings["cross_fit"] = clock.done("cross_fit", time.perf_counter() - t0, reused)
 
     # 3. The judge.
     t0 = time.perf_counter()
@@ -418,7 +447,9 @@ def train_lookahead(
         "seconds": timings,
         "wall_seconds": elapsed,
         "learn_seconds": timings["judge"],
-        "train_seconds_total": elapsed,
+        # with the stages an earlier, interrupted attempt finished (``stages_reused``)
+        "train_seconds_total": elapsed + sum(clock.reused.values()),
+        "stages_reused": clock.reused,
         "decoder_calls": segmenter.decoder_calls,
         "history": [],
         "imitation": {},

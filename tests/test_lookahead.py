@@ -142,9 +142,20 @@ def test_training_resumes_from_its_stages(lookahead_run):
     summary, cache = lookahead_run
     run = __import__("pathlib").Path(summary["run_dir"])
     maps = np.load(run / "stages" / "maps.npz")["maps"]
+    written = (run / "stages" / "maps.npz").stat().st_mtime_ns
     again = train(None, resume=run, cache_dir=cache, progress=False)
     assert np.array_equal(np.load(run / "stages" / "maps.npz")["maps"], maps)
-    assert again["seconds"]["cross_fit"] < summary["seconds"]["cross_fit"]  # loaded, not refitted
+    assert (run / "stages" / "maps.npz").stat().st_mtime_ns == written  # loaded, not refitted
+    # the training time counts the stages the first attempt did (read back from their files)
+    first = summary["seconds"]
+    reused = again["stages_reused"]
+    assert set(reused) == {"mask_states", "srm", "cross_fit"}
+    assert reused["cross_fit"] == pytest.approx(first["cross_fit"])
+    assert reused["mask_states"] + reused["srm"] == pytest.approx(first["srm"])
+    assert again["seconds"]["cross_fit"] >= first["cross_fit"]
+    assert again["train_seconds_total"] == pytest.approx(
+        again["wall_seconds"] + sum(reused.values())
+    )
     assert json.loads((run / "config.json").read_text())["agent"] == "lookahead"
 
 
