@@ -12,12 +12,15 @@ A scored rule keeps a click's state only when its score beats the start's by mor
 ``margin`` (otherwise the answer is the start): a click is kept only when its judged gain is
 clearly positive, so an image where the agent is unsure keeps its start. Training chooses the
 rule, the margin and the number of clicks on ``val`` (:func:`best_answer`): the best mean IoU
-among the choices that leave at most ``max_worse`` of the images worse than their start.
+among the choices that leave at most ``max_worse`` of the images worse than their start. With
+shifted copies of ``val`` (``lookahead.choose_shifts``) the choice is made on all of them at
+once: the best mean over the sets, at most ``max_worse`` worse on average over the sets, and no
+set's mean below its start's.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -36,7 +39,7 @@ __all__ = [
 #: Which state of an episode is its answer (:attr:`agents.lookahead.LookaheadConfig.keep`).
 KEEPS: tuple[str, ...] = ("last", "best_predicted", "valued")
 #: The margins a scored rule is tried with when the answer rule is chosen on ``val``.
-MARGINS: tuple[float, ...] = (0.0, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2)
+MARGINS: tuple[float, ...] = (0.0, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3)
 #: An answer whose true IoU is below its start's by more than this is "worse than the start".
 WORSE = 1e-6
 
@@ -122,22 +125,40 @@ def answer_table(
 
 
 def best_answer(
-    table: Sequence[dict[str, Any]], prefer: str, max_worse: float | None = None
+    table: Sequence[dict[str, Any]] | Mapping[str, Sequence[dict[str, Any]]],
+    prefer: str,
+    max_worse: float | None = None,
 ) -> tuple[str, float, int]:
     """The ``(keep, margin, clicks)`` of :func:`answer_table` with the best mean IoU among
     those that leave at most ``max_worse`` of the images worse than their start (``None``: no
     bound; ``clicks = 0``, the start itself, always qualifies). Ties (to 6 decimals): ``prefer``,
-    then the smaller margin, then the fewest clicks."""
-    best: tuple[Any, ...] | None = None
-    for row in table:
-        for k, (mean, worse) in enumerate(zip(row["by_click"], row["worse_by_click"], strict=True)):
-            if max_worse is not None and k > 0 and worse > max_worse + 1e-12:
-                continue
-            key = (-round(mean, 6), row["keep"] != prefer, row["margin"], k)
-            if best is None or key < best[0]:
-                best = (key, row["keep"], row["margin"], k)
-    if best is None:
+    then the smaller margin, then the fewest clicks.
+
+    ``table`` may also map set names (``val`` and its shifted copies) to a table each, all of
+    the same rules: then a choice is scored by its mean IoU averaged over the sets, bounded by
+    its share of worse images averaged over the sets, and qualifies only when no set's mean IoU
+    falls below that set's start (a rule that harms one kind of image on average is out, however
+    well it does on the others)."""
+    tables = dict(table) if isinstance(table, Mapping) else {"": table}
+    if not tables or not all(tables.values()):
         raise ValueError("best_answer: an empty table")
+    rules = [[(r["keep"], r["margin"]) for r in t] for t in tables.values()]
+    if any(r != rules[0] for r in rules):
+        raise ValueError("best_answer: the sets' tables list different rules")
+    best: tuple[Any, ...] | None = None
+    for same in zip(*tables.values(), strict=True):
+        keep, margin = same[0]["keep"], same[0]["margin"]
+        means = np.array([r["by_click"] for r in same], np.float64)
+        worse = np.array([r["worse_by_click"] for r in same], np.float64).mean(0)
+        for k in range(means.shape[1]):
+            if k > 0 and max_worse is not None and worse[k] > max_worse + 1e-12:
+                continue
+            if k > 0 and len(same) > 1 and np.any(means[:, k] < means[:, 0] - 1e-12):
+                continue
+            key = (-round(float(means[:, k].mean()), 6), keep != prefer, margin, k)
+            if best is None or key < best[0]:
+                best = (key, keep, margin, k)
+    assert best is not None  # k = 0 always qualifies
     return best[1], best[2], best[3]
 
 

@@ -13,9 +13,9 @@ cell blind and reading its label off the SRM map, each step
 
 The current mask competes with the candidates (as "stay"): the episode stops when the judge
 prefers it to every click (the learned stop), and the final mask is the mask it stopped on.
-The same loop runs with other
-choosers for the benchmark's reference rows: ``oracle`` (the true IoU: the ceiling of this
-candidate set, reads the ground truth) and ``agreement`` (soft Dice with the SRM map).
+The same loop runs with other choosers for the benchmark's reference rows: ``oracle`` (the true
+IoU: the ceiling of this candidate set, reads the ground truth) and ``agreement`` (soft Dice
+with the SRM map).
 """
 
 from __future__ import annotations
@@ -94,17 +94,17 @@ class LookaheadConfig:
             start's by more than this (else the start: a click must earn its place).
         agreement: Weight of the SRM agreement (a candidate's soft Dice with the SRM map)
             added to the judge's score, both standardised over the step's candidates (0: the
-            judge alone). A judge fitted on 50 images is noisy; the agreement is a second
-            opinion with errors of another kind.
+            judge alone): a second opinion with errors of another kind.
         clicks: The clicks the agent takes after the start when it segments (``None``:
             ``steps``). The judge trains, and the ceiling rows run, on ``steps``.
         choose_clicks: Training sets ``clicks`` (0 to ``steps``) and ``keep`` to those whose
             answers score best on ``val`` (the fewest clicks and the task's ``keep`` on ties):
-            the judge's last clicks may hurt more than they help, and how many help changes
-            with the training set. With ``max_worse`` also the rule's ``margin``, and only
-            among the choices that leave at most this share of the ``val`` images worse than
-            their start (true IoU; :func:`agents.answers.best_answer`).
+            the judge's last clicks may hurt more than they help. With ``max_worse`` also the
+            rule's ``margin``, and only among the choices that leave at most this share of the
+            ``val`` images worse than their start (:func:`agents.answers.best_answer`).
         max_worse: See ``choose_clicks`` (``None``: the best mean, however many are worse).
+        choose_shifts: Shifts of ``val`` (``experiments.datasets.SHIFTS``: ``hue``, ``crop256``,
+            ...) the choice is also made on (:func:`agents.answers.best_answer` over the sets).
     """
 
     steps: int = 8
@@ -123,8 +123,10 @@ class LookaheadConfig:
     clicks: int | None = None
     choose_clicks: bool = False
     max_worse: float | None = None
+    choose_shifts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        self.choose_shifts = tuple(self.choose_shifts)
         if self.steps < 0 or self.proposals < 1 or self.grid < 2:
             raise ValueError("lookahead: steps >= 0, proposals >= 1 and grid >= 2 needed")
         if self.folds < 2 or self.episodes < 1 or self.rounds < 1:
@@ -140,9 +142,7 @@ class LookaheadConfig:
         if self.margin < 0 or not 0 <= (self.max_worse or 0.0) <= 1:
             raise ValueError("lookahead: margin >= 0 and max_worse in [0, 1] needed")
         if self.clicks is not None and not 0 <= self.clicks <= self.steps:
-            raise ValueError(
-                f"lookahead.clicks must lie in [0, steps={self.steps}], got {self.clicks}"
-            )
+            raise ValueError(f"lookahead.clicks must lie in [0, steps={self.steps}]: {self.clicks}")
 
     def default_steps(self, chooser: str = "judge") -> int:
         """Clicks of an episode with ``chooser`` when none are asked for: ``clicks`` for the

@@ -160,12 +160,18 @@ def run_point(
     t_task = curve_task(task, size, seed)
     choose = t_task.agent == "lookahead" and t_task.lookahead.choose_clicks
     max_worse = t_task.lookahead.max_worse if choose else None
+    shifts = list(t_task.lookahead.choose_shifts) if choose else []
     done = _finished_point(folder)
-    # An agent trained before its task chose its clicks (or its answer under max_worse) on val
-    # gets them chosen (one val pass, the value model fitted first when max_worse asks for it)
-    # when its folder is still there; a point whose agent is gone keeps its record.
+    # An agent trained before its task chose its clicks (or its answer under max_worse, or on
+    # shifted copies of val) on val gets them chosen (one val pass, the value model fitted first
+    # when max_worse asks for it) when its folder is still there; a point whose agent is gone
+    # keeps its record.
     stale = done is not None and choose
-    stale = stale and (done.get("agent_clicks") is None or done.get("agent_max_worse") != max_worse)
+    stale = stale and (
+        done.get("agent_clicks") is None
+        or done.get("agent_max_worse") != max_worse
+        or done.get("agent_choose_shifts", []) != shifts
+    )
     stale = stale and (folder / "agent" / "summary.json").is_file()
     if done is not None and wanted <= set(done["minutes"]) and not stale:
         return done
@@ -187,12 +193,17 @@ def run_point(
     }
     t0 = time.perf_counter()
     summary = _train_row(t_task, folder / "agent", cache_dir, progress)
-    if choose and ("clicks" not in summary or summary.get("max_worse") != max_worse):
+    if choose and (
+        "clicks" not in summary
+        or summary.get("max_worse") != max_worse
+        or summary.get("choose_shifts", []) != shifts
+    ):
         value = max_worse is not None  # trained before the task chose its answer this way
-        summary = choose_clicks(folder / "agent", cache_dir, progress, max_worse, value)
+        summary = choose_clicks(folder / "agent", cache_dir, progress, max_worse, value, shifts)
     if "clicks" in summary:
         record["agent_clicks"] = summary["clicks"]
         record["agent_max_worse"] = summary.get("max_worse")
+        record["agent_choose_shifts"] = summary.get("choose_shifts", [])
         record["agent_answer"] = {k: summary.get(k) for k in ("keep", "margin", "val_worse")}
     record["minutes"]["agent"] = summary.get("train_seconds_total", summary["wall_seconds"]) / 60
     record["peak_memory_mb"] = {"agent": summary.get("peak_memory_mb")}

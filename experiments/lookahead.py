@@ -26,7 +26,7 @@ import numpy as np
 from torch.utils.tensorboard import SummaryWriter
 
 from agents.answers import WORSE, answer_table, best_answer, pad_paths
-from agents.config import TaskConfig
+from agents.config import ConfigError, TaskConfig
 from agents.lookahead import LookaheadAgent
 from agents.lookahead_training import cross_fitted_maps, fit_judge
 from agents.prompt_agent import AgentLoadError, write_meta
@@ -116,23 +116,65 @@ def best_clicks(by_click: list[float]) -> int:
     return int(np.argmax(np.round(np.asarray(by_click, np.float64), 6)))
 
 
-def _choose(agent: LookaheadAgent, val: dict[str, Any]) -> dict[str, Any]:
+def _shifted_vals(
+    agent: LookaheadAgent, val_spec: str, on_error: Any, progress: bool
+) -> dict[str, dict[str, Any]]:
+    """The agent's episodes on each ``lookahead.choose_shifts`` copy of the val images
+    (``VAL@SHIFT``, :data:`experiments.datasets.SHIFTS`), by that spec."""
+    from experiments.datasets import load_readable
+
+    check_shifts(agent.config.choose_shifts)
+    return {
+        f"{val_spec}@{shift}": evaluate_lookahead(
+            agent, load_readable(f"{val_spec}@{shift}", on_error), progress
+        )
+        for shift in agent.config.choose_shifts
+    }
+
+
+def check_shifts(shifts: Any) -> None:
+    """Raise :class:`~agents.config.ConfigError` unless every name is a shift of the images
+    that keeps the target (:data:`experiments.datasets.SHIFTS`, ``negative`` excluded)."""
+    from experiments.datasets import SHIFTS
+
+    bad = [s for s in shifts if s not in SHIFTS or s == "negative"]
+    if bad:
+        usable = ", ".join(s for s in SHIFTS if s != "negative")
+        raise ConfigError(f"lookahead.choose_shifts: unknown shift(s) {bad}; use {usable}")
+
+
+def _choose(
+    agent: LookaheadAgent, val: dict[str, Any], shifted: dict[str, dict[str, Any]] | None = None
+) -> dict[str, Any]:
     """Set ``agent``'s ``keep``, ``margin`` and ``clicks`` to the best answer on ``val``
-    (:func:`agents.answers.best_answer` under ``lookahead.max_worse``); the summary's record."""
+    (:func:`agents.answers.best_answer` under ``lookahead.max_worse``), and on ``shifted`` copies
+    of it with it when given; the summary's record."""
     cfg = agent.config
-    keep, margin, k = best_answer(val["table"], cfg.keep, cfg.max_worse)
+    tables = {"val": val["table"], **{k: v["table"] for k, v in (shifted or {}).items()}}
+    keep, margin, k = best_answer(tables, cfg.keep, cfg.max_worse)
     cfg.keep, cfg.margin, cfg.clicks = keep, margin, k
-    row = next(r for r in val["table"] if r["keep"] == keep and r["margin"] == margin)
+    rows = {
+        name: next(r for r in t if r["keep"] == keep and r["margin"] == margin)
+        for name, t in tables.items()
+    }
+    row = rows["val"]
     logger.info(
         "%d clicks, keep %s (margin %.3f), chosen on val: mIoU %.4f, %.0f %% worse than the "
         "start (by click: %s)", k, keep, margin, row["by_click"][k],
         100 * row["worse_by_click"][k], _by_click_text(row["by_click"]),
     )  # fmt: skip
+    for name in list(rows)[1:]:
+        logger.info(
+            "  on %s: mIoU %.4f (start %.4f), %.0f %% worse than the start", name,
+            rows[name]["by_click"][k], rows[name]["by_click"][0],
+            100 * rows[name]["worse_by_click"][k],
+        )  # fmt: skip
     return {
         "clicks": k,
         "keep": keep,
         "margin": margin,
         "max_worse": cfg.max_worse,
+        "choose_shifts": list(cfg.choose_shifts),
         "val_by_click": row["by_click"],
         "val_worse_by_click": row["worse_by_click"],
         "val_by_click_keep": val["by_click_keep"],
@@ -140,6 +182,15 @@ def _choose(agent: LookaheadAgent, val: dict[str, Any]) -> dict[str, Any]:
         "val_miou_all_steps": val["miou"],
         "best_val_miou": row["by_click"][k],
         "val_worse": row["worse_by_click"][k],
+        "shifted_val": {
+            name: {
+                "miou": r["by_click"][k],
+                "start": r["by_click"][0],
+                "worse": r["worse_by_click"][k],
+                "answers": tables[name],
+            }
+            for name, r in list(rows.items())[1:]
+        },  # fmt: skip
     }
 
 
@@ -149,6 +200,7 @@ def choose_clicks(
     progress: bool = True,
     max_worse: float | None = None,
     value: bool = False,
+    shifts: list[str] | None = None,
 ) -> dict[str, Any]:
     """Set a finished lookahead run's ``clicks``, ``keep`` and ``margin`` to those that score
     best on its task's ``val`` images (:func:`_choose`; the episodes run the full ``steps``),
@@ -163,11 +215,14 @@ def choose_clicks(
             the run's ``lookahead.max_worse``).
         value: Fit the value model of ``keep: valued`` first when the run has none
             (:func:`fit_run_value`).
+        shifts: Choose on these shifted copies of val too (default: the run's
+            ``lookahead.choose_shifts``; ``[]``: val alone).
 
     Returns the updated summary."""
     from agents.prompt_agent import PromptAgent, checkpoint_of
 
     run = Path(run)
+    check_shifts(shifts or ())
     summary_file = run / "summary.json"
     if not summary_file.is_file():
         raise AgentLoadError(f"{run}: no summary.json; finish training the run first")
@@ -182,11 +237,15 @@ def choose_clicks(
     agent.config.clicks = None
     if max_worse is not None:
         agent.config.max_worse = max_worse
+    if shifts is not None:
+        agent.config.choose_shifts = tuple(shifts)
     val = evaluate_lookahead(agent, load_split(agent.task, "val"), progress)
-    summary.update(_choose(agent, val))
+    shifted = _shifted_vals(agent, agent.task.data.val, agent.task.data.on_error, progress)
+    summary.update(_choose(agent, val, shifted))
     settings = json.loads((ckpt / "lookahead.json").read_text())
     cfg = agent.config
     settings.update(clicks=cfg.clicks, keep=cfg.keep, margin=cfg.margin, max_worse=cfg.max_worse)
+    settings["choose_shifts"] = list(cfg.choose_shifts)
     text = json.dumps(settings, indent=2).encode()
     atomic_write(ckpt / "lookahead.json", lambda fh: fh.write(text))
     summary.setdefault("seconds", {})["choose_clicks"] = time.perf_counter() - t0
@@ -297,6 +356,7 @@ def train_lookahead(
         task, run_dir = saved, Path(resume)
     assert task is not None
     cfg = task.lookahead
+    check_shifts(cfg.choose_shifts)  # before an hour of training, not after it
     seed_everything(task.seed)
     segmenter = build_segmenter(
         task.segmenter, checkpoint=task.checkpoint, device=task.device, autocast_bf16=task.bf16
@@ -427,7 +487,10 @@ def train_lookahead(
         logger.info("lookahead agent: val mIoU %.4f (%.1f steps)", val["miou"], val["mean_steps"])
         logger.info("val mIoU after k clicks: %s", _by_click_text(val["by_click"]))
         if cfg.choose_clicks:
-            chosen = _choose(agent, val)
+            t0 = time.perf_counter()
+            shifted = _shifted_vals(agent, task.data.val, task.data.on_error, progress)
+            timings["val_shifts"] = time.perf_counter() - t0
+            chosen = _choose(agent, val, shifted)
     elapsed = time.perf_counter() - t_start
     extra = {"val_miou": None if val is None else val["miou"], "elapsed_seconds": elapsed}
     best = _save_best(run_dir, agent, task, extra)

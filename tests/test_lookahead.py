@@ -10,6 +10,7 @@ import json
 import numpy as np
 import pytest
 
+from agents.config import ConfigError
 from agents.lookahead import LookaheadAgent, LookaheadConfig
 from agents.prompt_agent import PromptAgent
 from recalibration.judge import JUDGE_FEATURES, JudgeError, MaskJudge, rank_quality
@@ -276,6 +277,30 @@ def test_the_answer_is_chosen_under_the_bound_on_images_made_worse():
     assert best_answer(only_last, "last", max_worse=0.0) == ("last", 0.0, 0)  # the start
 
 
+def test_the_answer_chosen_on_shifted_copies_of_val_keeps_every_set_at_its_start():
+    from agents.answers import answer_table, best_answer
+
+    # val: every click helps and the value model says so (margin 0 and 0.1 alike there)
+    val = answer_table(
+        [[0.5, 0.7], [0.6, 0.8]], {"valued": [[0.5, 0.7], [0.6, 0.8]]}, margins=(0.0, 0.1)
+    )
+    # a shifted copy: the value model is mildly sure of a click that hurts image 1 badly,
+    # and sure of the one that helps image 2
+    shifted = answer_table(
+        [[0.6, 0.1], [0.4, 0.5]], {"valued": [[0.6, 0.65], [0.4, 0.6]]}, margins=(0.0, 0.1)
+    )
+    assert best_answer(val, "valued") == ("valued", 0.0, 1)
+    # on both sets: margin 0 takes the bad click (shifted mean 0.3 < its start 0.5): out;
+    # margin 0.1 keeps image 1's start and takes image 2's click
+    assert best_answer({"val": val, "val@hue": shifted}, "valued") == ("valued", 0.1, 1)
+    # the share of images made worse is bounded on average over the sets
+    assert best_answer({"val": val, "val@hue": shifted}, "valued", max_worse=0.0) == (
+        "valued", 0.1, 1,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="different rules"):
+        best_answer({"val": val, "val@hue": shifted[:1]}, "valued")
+
+
 def test_best_predicted_ends_the_session_in_the_kept_state(lookahead_run, tmp_path):
     from experiments.adapt import adapt_run
     from experiments.datasets import load_dataset
@@ -377,16 +402,29 @@ def test_training_chooses_the_clicks_on_val_when_asked(tiny_task, tmp_path):
         tiny_task(0),
         name="tinychoose",
         agent="lookahead",
-        lookahead=LookaheadConfig(steps=3, proposals=2, folds=2, episodes=1, choose_clicks=True),
+        lookahead=LookaheadConfig(
+            steps=3, proposals=2, folds=2, episodes=1, choose_clicks=True, choose_shifts=["blur"]
+        ),
     )
     summary = train(task, runs=tmp_path, cache_dir=str(tmp_path / "emb"), progress=False)
     k, by_click = summary["clicks"], summary["val_by_click"]
+    # chosen on val and its blurred copy: the blurred set's mean is not below its start
+    ((name, blurred),) = summary["shifted_val"].items()
+    assert name == f"{task.data.val}@blur" and "val_shifts" in summary["seconds"]
+    assert k == 0 or blurred["miou"] >= blurred["start"] - 1e-9
     assert len(by_click) == 4 and by_click[k] == max(by_click) == summary["best_val_miou"]
     assert by_click[k] == max(max(r["by_click"]) for r in summary["val_answers"])
     best = __import__("pathlib").Path(summary["checkpoint"])
     saved = json.loads((best / "lookahead.json").read_text())
     assert saved["clicks"] == k and saved["keep"] == summary["keep"]
     assert saved["margin"] == summary["margin"] and (best / "value.json").is_file()
+    assert saved["choose_shifts"] == ["blur"] and summary["choose_shifts"] == ["blur"]
+    with pytest.raises(ConfigError, match="unknown shift"):
+        train(
+            dataclasses.replace(task, lookahead=LookaheadConfig(choose_shifts=("sepia",))),
+            runs=tmp_path, cache_dir=str(tmp_path / "emb"), progress=False,
+        )  # fmt: skip
+    assert len(list(tmp_path.iterdir())) == 2  # the bad task made no run folder
 
 
 def test_clicks_chosen_on_val_bound_the_agent_not_the_ceiling(lookahead_run, tmp_path):
@@ -441,3 +479,15 @@ def test_answer_command_writes_the_choice_into_the_run(lookahead_run, tmp_path, 
     assert f"{saved['clicks']} clicks, keep {saved['keep']}" in out and saved["val_worse"] == 0.0
     assert main(["answer", str(tmp_path / "nowhere"), "--no-progress"]) == 3
     assert "summary.json" in capsys.readouterr().err
+    # chosen on val and a hue-rotated copy of it too: recorded in the run
+    assert main(argv + ["--shifts", "hue"]) == 0
+    out = capsys.readouterr().out
+    saved = json.loads((run / "summary.json").read_text())
+    ((name, shifted),) = saved["shifted_val"].items()
+    assert name.endswith("@hue") and f"{name}: mIoU {shifted['miou']:.3f}" in out
+    assert shifted["miou"] >= shifted["start"] - 1e-9 or saved["clicks"] == 0
+    settings = json.loads((run / "checkpoints" / "best" / "lookahead.json").read_text())
+    assert settings["choose_shifts"] == ["hue"]
+    assert PromptAgent.load(run).config.choose_shifts == ("hue",)
+    assert main(argv + ["--shifts", "negative"]) == 3
+    assert "unknown shift" in capsys.readouterr().err

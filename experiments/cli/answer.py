@@ -35,6 +35,16 @@ def add(sub: Subcommands) -> None:
         help="fit the value model (keep: valued) first when the run has none: one round of "
         "the judge's episodes on its training images",
     )
+    p.add_argument(
+        "--shifts",
+        nargs="*",
+        default=None,
+        metavar="SHIFT",
+        help="also choose on these shifted copies of the val images (hue, jpeg20, crop256, "
+        "border, ...): the best mean over the sets, at most --max-worse worse on average, no "
+        "set's mean below its start (default: the run's lookahead.choose_shifts; none given: "
+        "val alone)",
+    )
     add_cache_option(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -49,7 +59,11 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         max_worse=args.max_worse,
         value=args.fit_value,
+        shifts=args.shifts,
     )
+    for name, r in s.get("shifted_val", {}).items():
+        print(f"  {name}: mIoU {r['miou']:.3f} (start {r['start']:.3f}), "
+              f"{100 * r['worse']:.0f} % worse than their start")  # fmt: skip
     print(
         f"{s['clicks']} clicks, keep {s['keep']} (margin {s['margin']:.3f}): val mIoU "
         f"{s['best_val_miou']:.3f}, {100 * s['val_worse']:.0f} % of the val images worse than "
