@@ -28,6 +28,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from segmenter.io import atomic_folder
 from segmenter.progress import progress_bar
 
@@ -57,6 +59,8 @@ def adapt_run(
     skip_bad: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    self_train: int = 0,
+    anchors: int = 50,
 ) -> dict[str, Any]:
     """Re-estimate the SRM's input statistics of ``run`` on the images of ``inputs`` (files,
     folders, dataset specs; masks, where present, are not read) and write the adapted run into
@@ -64,6 +68,9 @@ def adapt_run(
     with no margin; ``None``: the source run's; ``auto``: the source run's when it scores its
     states, else ``best_predicted``); ``mix`` is the target's share of the new statistics; cells
     darker than ``dark`` (mean pixel value, 0-1) are left out of them (``None``: none).
+    ``self_train`` steps of self-training follow (:mod:`recalibration.srm.self_training`: the
+    SRM's head fine-tuned on the cells it is sure of in the target images and their mirror
+    images, with ``anchors`` of the run's labelled training images in every batch; 0: none).
 
     Returns:
         The ``adapted.json`` content.
@@ -101,7 +108,11 @@ def adapt_run(
             emb, _ = srm_embedding(srm, agent.segmenter, cache, image)
             yield emb, (lambda image=image: image)
 
+    labelled = _anchors(agent, cache, anchors, progress) if self_train else []
     info = srm.adapt_statistics(images(), mix=mix, dark=dark)
+    tuned = (
+        _self_train(agent, cache, samples, labelled, self_train, progress) if self_train else None
+    )
     record = {
         "source_run": str(run.resolve()),
         "checkpoint": str(ckpt.resolve()),
@@ -114,6 +125,7 @@ def adapt_run(
         "images": info["images"],
         "cells": info["cells"],
         "keep": (keep or agent.config.keep) if lookahead else None,
+        "self_training": tuned,
         "carried_over": [n for n in _CARRIED if (run / n).is_file()],
         "seconds": round(time.perf_counter() - t0, 2),
     }
@@ -139,3 +151,50 @@ def adapt_run(
     atomic_folder(out, fill)
     logger.info("adapted %s on %d images into %s", run, info["images"], out)
     return record
+
+
+def _anchors(agent: Any, cache: Any, n: int, progress: bool) -> list[Any]:
+    """``n`` of the run's labelled training images (a seeded sample) as the SRM's head reads
+    them with the training statistics: self-training's anchors."""
+    from agents.lookahead import srm_embedding
+    from experiments.runs import load_train_split
+    from recalibration.srm.self_training import labelled_item
+
+    train = load_train_split(agent.task)
+    pick = np.random.default_rng(agent.task.seed).permutation(len(train))[:n]
+    out = []
+    for i in progress_bar(pick, desc="labelled anchors", unit="img", disable=not progress):
+        image = train[int(i)].load_image()
+        emb, _ = srm_embedding(agent.srm, agent.segmenter, cache, image)
+        out.append(labelled_item(agent.srm, emb, train[int(i)].mask, lambda im=image: im))
+    return out
+
+
+def _self_train(
+    agent: Any, cache: Any, samples: Any, labelled: list[Any], steps: int, progress: bool
+) -> dict[str, Any]:
+    """Pseudo-label every target image (and its mirror image) with the adapted SRM, then
+    fine-tune its head (:func:`recalibration.srm.self_training.self_train`); the record."""
+    from agents.lookahead import srm_embedding
+    from recalibration.srm.self_training import SURE, pseudo_item, self_train
+
+    t0 = time.perf_counter()
+    srm, pseudo, shares = agent.srm, [], []
+    for s in progress_bar(samples, desc="pseudo-labels", unit="img", disable=not progress):
+        image = s.load_image()
+        flipped = np.ascontiguousarray(image[:, ::-1])
+        emb, _ = srm_embedding(srm, agent.segmenter, cache, image)
+        emb_f, _ = srm_embedding(srm, agent.segmenter, cache, flipped)
+        item, share = pseudo_item(srm, emb, lambda i=image: i, emb_f, lambda f=flipped: f)
+        pseudo.append(item)
+        shares.append(share)
+    losses = self_train(srm, labelled, pseudo, steps, seed=agent.task.seed, progress=progress)
+    return {
+        "steps": steps,
+        "sure": SURE,
+        "pseudo_images": len(pseudo),
+        "labelled_anchors": len(labelled),
+        "labelled_cell_share": float(np.mean(shares)),
+        "loss_first_last": [losses[0], losses[-1]],
+        "seconds": round(time.perf_counter() - t0, 2),
+    }

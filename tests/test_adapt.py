@@ -90,3 +90,51 @@ def test_dark_cells_are_left_out_of_the_statistics_and_mix_pools_them(tiny_segme
     assert torch.allclose(srm.channel_mean, (full_mean + light_mean) / 2, atol=1e-5)
     with pytest.raises(ValueError, match="mix"):
         srm.adapt_statistics([(emb, lambda: image)], mix=1.5)
+
+
+def test_pseudo_labels_are_the_cells_the_map_and_its_mirror_image_are_sure_of(monkeypatch):
+    from recalibration.srm import self_training
+    from segmenter.base import ImageEmbedding
+
+    emb = ImageEmbedding(torch.zeros(1, 4, 8, 8), (32, 32), (32, 32), "tiny", "a")
+    flipped = ImageEmbedding(torch.zeros(1, 4, 8, 8), (32, 32), (32, 32), "tiny", "b")
+    p = torch.full((32, 32), 0.5)
+    p[:, :8] = 0.95  # sure of the left quarter on the image
+    p[:, 24:] = 0.02  # and of the right quarter's background
+    q = torch.full((32, 32), 0.5)
+    q[:, 24:] = 0.97  # the mirror image's map: its right quarter is the image's left quarter
+    q[:, :8] = 0.05
+    maps = {"a": p, "b": q}
+    monkeypatch.setattr(self_training, "_image_map", lambda srm, e, load: maps[e.image_hash])
+
+    class Head:  # reads nothing the test needs
+        def input_features(self, emb, load_image=None):
+            return torch.zeros(1, 2, 8, 8)
+
+    item, share = self_training.pseudo_item(Head(), emb, None, flipped, None)
+    gt, known = item.gt_grid.numpy(), item.valid.numpy()
+    assert known[:, :2].all() and known[:, 6:].all() and not known[:, 2:6].any()
+    assert (gt[:, :2] == 1).all() and (gt[:, 6:] == 0).all() and share == pytest.approx(0.5)
+    q[:, 24:] = 0.5  # the mirror image is unsure of the left quarter: no label there
+    item, share = self_training.pseudo_item(Head(), emb, None, flipped, None)
+    assert not item.valid.numpy()[:, :2].any() and share == pytest.approx(0.25)
+
+
+def test_self_training_moves_only_the_adapted_run_s_head(first_run, tmp_path):
+    from experiments.adapt import adapt_run
+    from experiments.segment import gather_inputs, segment_images
+
+    summary, cache = first_run
+    run = Path(summary["run_dir"])
+    record = adapt_run(run, ["synthetic:val@colour"], tmp_path / "st", cache=EmbeddingCache(cache),
+                       progress=False, self_train=3, anchors=4)  # fmt: skip
+    tuned = record["self_training"]
+    assert tuned["steps"] == 3 and tuned["pseudo_images"] == 12 and tuned["labelled_anchors"] == 4
+    assert 0.0 <= tuned["labelled_cell_share"] <= 1.0
+    source = PromptAgent.load(run, cache=EmbeddingCache(cache))
+    adapted = PromptAgent.load(tmp_path / "st", cache=EmbeddingCache(cache))
+    head, trained = adapted.srm.head.state_dict(), source.srm.head.state_dict()
+    assert any(not torch.equal(head[k], v) for k, v in trained.items())
+    rep = segment_images(adapted, gather_inputs(["synthetic:val[:2]@colour"]), tmp_path / "seg",
+                         progress=False)  # fmt: skip
+    assert rep.images == 2

@@ -61,13 +61,14 @@ def compare(plain: dict, adapted: dict, rules: dict[str, tuple[str, float, int]]
 
 
 def markdown(result: dict) -> str:
-    lines = ["# The run adapted on each set's images vs as trained (issue 31)", ""]
+    a, b = result.get("names", ["plain", "adapted"])
+    lines = [f"# The run {b} on each set's images vs {a} (issue 31)", ""]
     for name, rule in result["rules"].items():
         lines += [
             f"## {name}: {rule[0]}, margin {rule[1]}, {rule[2]} clicks",
             "",
-            "| set | start: plain / adapted | plain | adapted | adapted - plain [95 %] "
-            "| worse than start: plain / adapted |",
+            f"| set | start: {a} / {b} | {a} | {b} | {b} - {a} [95 %] "
+            f"| worse than start: {a} / {b} |",
             "|---|---|---|---|---|---|",
         ]
         for spec, s in result["sets"].items():
@@ -93,6 +94,14 @@ def main() -> None:
     ap.add_argument("--max-worse", type=float, default=0.05)
     ap.add_argument("--clicks", type=int, default=3)
     ap.add_argument("--cache", default=None)
+    ap.add_argument("--self-train", type=int, default=0, help="alignsam adapt --self-train")
+    ap.add_argument(
+        "--names",
+        nargs=2,
+        default=["plain", "adapted"],
+        metavar=("PLAIN", "NEW"),
+        help="what --plain's and this run's episodes are called in results.md",
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     out, cache = Path(args.out), EmbeddingCache(args.cache)
@@ -104,14 +113,15 @@ def main() -> None:
             summary["val_answers"], "last", args.max_worse
         ),
     }
-    result = {"run": args.run, "rules": rules, "sets": {}}
+    result = {"run": args.run, "rules": rules, "sets": {}, "names": args.names,
+              "self_train": args.self_train}  # fmt: skip
     for spec in args.sets:
         f = out / "sets" / (_name(spec) + ".json")
         if not f.is_file():
             t0 = time.perf_counter()
             adapted = out / "runs" / _name(spec)
             if not adapted.is_dir():
-                adapt_run(args.run, [spec], adapted, cache=cache)
+                adapt_run(args.run, [spec], adapted, cache=cache, self_train=args.self_train)
             agent = PromptAgent.load(adapted, cache=cache)
             agent.config.clicks = args.clicks
             ev = evaluate_lookahead(agent, load_dataset(spec), progress=True)

@@ -51,6 +51,22 @@ def add(sub: Subcommands) -> None:
         help="leave cells darker than V (mean pixel value, 0-1; an endoscope's black border) "
         "out of the statistics; 0: keep every cell (default 0.06)",
     )
+    a.add_argument(
+        "--self-train",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="then fine-tune the SRM's head for STEPS steps on the cells it is sure of in the "
+        "images and their mirror images, with labelled training images in every batch "
+        "(0: none; e.g. 200)",
+    )
+    a.add_argument(
+        "--anchors",
+        type=int,
+        default=50,
+        metavar="N",
+        help="--self-train: labelled training images of RUN's task kept in the mix (default 50)",
+    )
     add_cache_option(a)
     a.add_argument("--skip-bad", action="store_true", help="skip unusable images and list them")
     a.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -73,7 +89,14 @@ def run(args: argparse.Namespace) -> int:
         skip_bad=args.skip_bad,
         overwrite=args.overwrite,
         progress=not args.no_progress,
+        self_train=args.self_train,
+        anchors=args.anchors,
     )
+    if r.get("self_training"):
+        t = r["self_training"]
+        print(f"self-trained {t['steps']} steps on {t['pseudo_images']} images "
+              f"({100 * t['labelled_cell_share']:.0f} % of their cells pseudo-labelled) and "
+              f"{t['labelled_anchors']} labelled images")  # fmt: skip
     print(
         f"adapted {args.run} on {r['images']} images ({r['re_estimated']} re-estimated, "
         f"{r['seconds']:.1f} s): {args.out}"
