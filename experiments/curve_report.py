@@ -122,6 +122,7 @@ def summarize(records: Sequence[dict[str, Any]], seed: int = 0) -> dict[str, Any
                 "rows": rows,
                 "agent_peak_memory_mb": max((m for m in memory if m), default=None),
                 "budgets": recs[0].get("budgets"),
+                "budgets_by_seed": [r.get("budgets") for r in recs],
                 "agent_clicks": [r.get("agent_clicks") for r in recs],
                 "agent_answers": [r.get("agent_answer") for r in recs],
                 "benchmarks": [r["benchmark"] for r in recs],
@@ -168,22 +169,28 @@ def render_curve_markdown(result: dict[str, Any]) -> str:
             "|" + "---|" * len(shown),
             "| " + " | ".join(_cell(confirm["rows"][k]) for k in shown) + " |",
         ]
-    budgets = [(s["size"], s.get("budgets")) for s in result["sizes"]]
+    budgets = [(s["size"], s.get("budgets_by_seed") or [s.get("budgets")]) for s in result["sizes"]]
+    seeds = {s["size"]: s.get("seeds", []) for s in result["sizes"]}
     clicks = {s["size"]: s.get("agent_clicks") for s in result["sizes"]}
     answers = {s["size"]: s.get("agent_answers") for s in result["sizes"]}
-    if any(b for _, b in budgets):
+    if any(any(b) for _, b in budgets):
         lines += ["", "Agent training budgets per size (SRM pretraining; judge-training images):"]
-        for size, b in budgets:
-            if not b:
-                lines.append(f"- {size}: not recorded")
-                continue
-            srm = f"{b['srm_epochs']} SRM epochs"
-            if b.get("srm_pretrain_steps"):
-                srm += f" ({b['srm_pretrain_steps']} steps)"
-            judge = b.get("judge_images")
-            line = f"- {size}: {srm}; judge on {judge or 'all'} images per round"
+        for size, bs in budgets:
+            texts = [_budget_text(b) for b in bs]
+            if len(set(texts)) > 1:  # the seeds of a size trained on different budgets
+                texts = [f"seed {sd}: {t}" for sd, t in zip(seeds[size], texts, strict=False)]
+            line = f"- {size}: " + "; ".join(dict.fromkeys(texts))
             lines.append(line + _clicks_text(clicks.get(size)) + _answers_text(answers.get(size)))
     return "\n".join(lines) + "\n"
+
+
+def _budget_text(b: dict[str, Any] | None) -> str:
+    if not b:
+        return "not recorded"
+    srm = f"{b['srm_epochs']} SRM epochs"
+    if b.get("srm_pretrain_steps"):
+        srm += f" ({b['srm_pretrain_steps']} steps)"
+    return f"{srm}; judge on {b.get('judge_images') or 'all'} images per round"
 
 
 def _cell(r: dict[str, Any] | None) -> str:

@@ -144,3 +144,28 @@ def test_a_row_that_one_seed_lacks_is_summarised_over_the_seeds_that_have_it():
     assert np.isclose(rows["ppo"]["diff_vs_agent"][0], -0.2)
     assert np.isclose(rows["srm_confident"]["diff_vs_agent"][0], -0.1)
     assert _cell(rows["ppo"]).endswith("(seed 1 only)")
+
+
+def test_results_md_gives_each_seed_s_budget_where_the_seeds_differ():
+    from experiments.curve_report import render_curve_markdown
+
+    row = {"miou": 0.6, "ci95": [0.5, 0.7]}
+    b60 = {"srm_epochs": 60, "srm_pretrain_steps": None, "judge_images": None}
+    b840 = {"srm_epochs": 210, "srm_pretrain_steps": 840, "judge_images": 100}
+    size = {"n_images": 3, "rows": {"agent": row}, "agent_clicks": [3, 5]}
+    result = {
+        "task": "t",
+        "split": "test",
+        "sizes": [
+            {**size, "size": 25, "seeds": [0, 1], "budgets": b60, "budgets_by_seed": [b60, b840]},
+            {**size, "size": 50, "seeds": [0, 1], "budgets": b840, "budgets_by_seed": [b840, b840]},
+            {**size, "size": 100, "seeds": [0], "budgets": b840},  # written before per-seed
+        ],
+    }
+    text = render_curve_markdown(result)
+    assert (
+        "- 25: seed 0: 60 SRM epochs; judge on all images per round; seed 1: 210 SRM epochs "
+        "(840 steps); judge on 100 images per round" in text
+    )
+    assert "- 50: 210 SRM epochs (840 steps); judge on 100 images per round" in text
+    assert "- 100: 210 SRM epochs (840 steps); judge on 100 images per round" in text
