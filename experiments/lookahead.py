@@ -124,12 +124,8 @@ def _shifted_vals(
     from experiments.datasets import load_readable
 
     check_shifts(agent.config.choose_shifts)
-    return {
-        f"{val_spec}@{shift}": evaluate_lookahead(
-            agent, load_readable(f"{val_spec}@{shift}", on_error), progress
-        )
-        for shift in agent.config.choose_shifts
-    }
+    specs = [f"{val_spec}@{shift}" for shift in agent.config.choose_shifts]
+    return {s: evaluate_lookahead(agent, load_readable(s, on_error), progress) for s in specs}
 
 
 def check_shifts(shifts: Any) -> None:
@@ -163,12 +159,9 @@ def _choose(
         "start (by click: %s)", k, keep, margin, row["by_click"][k],
         100 * row["worse_by_click"][k], _by_click_text(row["by_click"]),
     )  # fmt: skip
-    for name in list(rows)[1:]:
-        logger.info(
-            "  on %s: mIoU %.4f (start %.4f), %.0f %% worse than the start", name,
-            rows[name]["by_click"][k], rows[name]["by_click"][0],
-            100 * rows[name]["worse_by_click"][k],
-        )  # fmt: skip
+    for name, r in list(rows.items())[1:]:
+        logger.info("  on %s: mIoU %.4f (start %.4f), %.0f %% worse than the start", name,
+                    r["by_click"][k], r["by_click"][0], 100 * r["worse_by_click"][k])  # fmt: skip
     return {
         "clicks": k,
         "keep": keep,
