@@ -84,6 +84,11 @@ def adapt_run(
         raise ValueError(f"keep must be one of {KEEPS} or auto, got {keep!r}")
     if not 0.0 <= mix <= 1.0:
         raise ValueError(f"mix must lie in [0, 1], got {mix}")
+    if self_train < 0 or (self_train and anchors < 1):
+        raise ValueError(
+            f"self-training needs steps >= 0 and anchors >= 1, got {self_train}, {anchors}: it "
+            "keeps labelled training images in every batch"
+        )
     t0 = time.perf_counter()
     run = Path(run)
     out = check_out(out, overwrite)

@@ -138,3 +138,6 @@ def test_self_training_moves_only_the_adapted_run_s_head(first_run, tmp_path):
     rep = segment_images(adapted, gather_inputs(["synthetic:val[:2]@colour"]), tmp_path / "seg",
                          progress=False)  # fmt: skip
     assert rep.images == 2
+    with pytest.raises(ValueError, match="anchors >= 1"):
+        adapt_run(run, ["synthetic:val"], tmp_path / "none", self_train=3, anchors=0)
+    assert not (tmp_path / "none").exists()
