@@ -16,6 +16,7 @@ first unfinished one:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -348,6 +349,8 @@ def train_lookahead(
             )
         task, run_dir = saved, Path(resume)
     assert task is not None
+    # choices go into the run's own copy: a caller's task (the curve's next size) keeps its own
+    task = dataclasses.replace(task, lookahead=dataclasses.replace(task.lookahead))
     cfg = task.lookahead
     check_shifts(cfg.choose_shifts)  # before an hour of training, not after it
     seed_everything(task.seed)

@@ -419,6 +419,8 @@ def test_training_chooses_the_clicks_on_val_when_asked(tiny_task, tmp_path):
     assert saved["clicks"] == k and saved["keep"] == summary["keep"]
     assert saved["margin"] == summary["margin"] and (best / "value.json").is_file()
     assert saved["choose_shifts"] == ["blur"] and summary["choose_shifts"] == ["blur"]
+    # the caller's task is left as given (a curve trains its next size from it)
+    assert task.lookahead.clicks is None and task.lookahead.keep == "last"
     with pytest.raises(ConfigError, match="unknown shift"):
         train(
             dataclasses.replace(task, lookahead=LookaheadConfig(choose_shifts=("sepia",))),
