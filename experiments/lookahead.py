@@ -184,7 +184,7 @@ def _choose(
                 "answers": tables[name],
             }
             for name, r in list(rows.items())[1:]
-        },  # fmt: skip
+        },
     }
 
 
