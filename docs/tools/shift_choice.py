@@ -21,8 +21,9 @@ import json
 from pathlib import Path
 
 import numpy as np
+from answer_sets import per_image  # the answer of each image under a rule
 
-from agents.answers import WORSE, answer_table, answers, best_answer
+from agents.answers import WORSE, answer_table, best_answer
 from experiments.benchmark.stats import bootstrap_ci
 
 
@@ -41,15 +42,6 @@ def load_sets(folder: Path) -> dict[str, dict]:
 
 def tables(sets: dict[str, dict]) -> dict[str, list]:
     return {spec: answer_table(ep["paths"], ep["path_scores"]) for spec, ep in sets.items()}
-
-
-def per_image(episodes: dict, keep: str, margin: float, k: int) -> np.ndarray:
-    out = []
-    for i, path in enumerate(episodes["paths"]):
-        scores = episodes["path_scores"][keep][i] if keep != "last" else None
-        idx = answers(scores, keep, margin, length=len(path))
-        out.append(path[idx[min(k, len(idx) - 1)]])
-    return np.array(out)
 
 
 def main() -> None:
