@@ -10,7 +10,12 @@ answer need not be the state after the last click. The rules (:data:`KEEPS`):
 
 A scored rule keeps a click's state only when its score beats the start's by more than
 ``margin`` (otherwise the answer is the start): a click is kept only when its judged gain is
-clearly positive, so an image where the agent is unsure keeps its start. Training chooses the
+clearly positive, so an image where the agent is unsure keeps its start. With a ``veto``, a
+``valued`` state is also kept only when the frozen decoder's own predicted IoU for it is not
+below the start's by more than the veto: a second judge, trained on a billion masks rather than
+the task's images, whose errors do not follow the SRM's when the images come from elsewhere (on
+Kvasir 256-px crops the value model favoured clicks that cost 0.08 mIoU; docs/results.md).
+Training chooses the
 rule, the margin and the number of clicks on ``val`` (:func:`best_answer`): the best mean IoU
 among the choices that leave at most ``max_worse`` of the images worse than their start. With
 shifted copies of ``val`` (``lookahead.choose_shifts``) the choice is made on all of them at
@@ -45,7 +50,12 @@ WORSE = 1e-6
 
 
 def answers(
-    scores: Sequence[float] | None, keep: str, margin: float = 0.0, length: int | None = None
+    scores: Sequence[float] | None,
+    keep: str,
+    margin: float = 0.0,
+    length: int | None = None,
+    decoder: Sequence[float] | None = None,
+    veto: float | None = None,
 ) -> list[int]:
     """For each ``k``, the index of the episode's answer had it ended after ``k`` clicks.
 
@@ -57,11 +67,15 @@ def answers(
             start's by more than this (the highest such score among the first ``k + 1``
             states; the earliest on ties).
         length: The path's length for ``last`` when ``scores`` is ``None``.
+        decoder: Each path state's predicted IoU by the decoder (read for ``valued`` with a
+            ``veto``).
+        veto: For ``valued``, a state other than the start qualifies only when its ``decoder``
+            score is at least the start's minus this (``None``: no veto).
     """
     if keep not in KEEPS:
         raise ValueError(f"keep must be one of {KEEPS}, got {keep!r}")
-    if margin < 0:
-        raise ValueError(f"the answer margin must be >= 0, got {margin}")
+    if margin < 0 or (veto is not None and veto < 0):
+        raise ValueError(f"the answer margin and veto must be >= 0, got {margin}, {veto}")
     if keep == "last":
         n = len(scores) if scores is not None else length
         if n is None:
@@ -70,9 +84,15 @@ def answers(
     if scores is None:
         raise ValueError(f"keep={keep!r} needs every state's score")
     s = np.asarray(scores, np.float64)
+    vetoed = np.zeros(len(s), bool)
+    if keep == "valued" and veto is not None:
+        if decoder is None or len(decoder) != len(s):
+            raise ValueError("a veto needs the decoder's predicted IoU of every state")
+        d = np.asarray(decoder, np.float64)
+        vetoed = d < d[0] - veto
     out, best = [], 0
     for k in range(len(s)):
-        if k > 0 and s[k] > s[0] + margin and (best == 0 or s[k] > s[best]):
+        if k > 0 and not vetoed[k] and s[k] > s[0] + margin and (best == 0 or s[k] > s[best]):
             best = k
         out.append(best)
     return out
@@ -89,6 +109,7 @@ def answer_table(
     ious: Sequence[Sequence[float]],
     scores: dict[str, Sequence[Sequence[float]]],
     margins: Sequence[float] = MARGINS,
+    veto: float | None = None,
 ) -> list[dict[str, Any]]:
     """Every answer rule on the same episodes: per rule (``keep``, ``margin``) the mean true
     IoU of the answer after ``k`` clicks (``by_click``) and the share of images whose answer is
@@ -99,9 +120,13 @@ def answer_table(
         scores: Per scored rule of :data:`KEEPS` (``best_predicted``, ``valued``), per image,
             each path state's score; a rule missing here is not tried.
         margins: The margins each scored rule is tried with.
+        veto: The ``valued`` rules' veto (:func:`answers`; the decoder's scores are those of
+            ``best_predicted``), recorded in every row.
     """
     if not ious:
         return []
+    if veto is not None and "best_predicted" not in scores:
+        raise ValueError("answer_table: a veto needs the best_predicted scores (the decoder's)")
     rules: list[tuple[str, float]] = [("last", 0.0)]
     rules += [(k, float(m)) for k in KEEPS if k in scores for m in margins]
     table = []
@@ -109,7 +134,8 @@ def answer_table(
         rows = []
         for i, path in enumerate(ious):
             s = scores[keep][i] if keep != "last" else None
-            idx = answers(s, keep, margin, length=len(path))
+            decoder = scores["best_predicted"][i] if veto is not None else None
+            idx = answers(s, keep, margin, len(path), decoder, veto)
             rows.append([path[j] for j in idx])
         a = pad_paths(rows)
         start = a[:, :1]
@@ -117,6 +143,7 @@ def answer_table(
             {
                 "keep": keep,
                 "margin": margin,
+                "veto": veto if keep == "valued" else None,
                 "by_click": a.mean(0).tolist(),
                 "worse_by_click": (a < start - WORSE).mean(0).tolist(),
             }

@@ -12,10 +12,8 @@ cell blind and reading its label off the SRM map, each step
    best one, with no further decoder call.
 
 The current mask competes with the candidates (as "stay"): the episode stops when the judge
-prefers it to every click (the learned stop), and the final mask is the mask it stopped on.
-The same loop runs with other choosers for the benchmark's reference rows: ``oracle`` (the true
-IoU: the ceiling of this candidate set, reads the ground truth) and ``agreement`` (soft Dice
-with the SRM map).
+prefers it to every click (the learned stop). Other choosers run the same loop for the
+benchmark's reference rows (:data:`CHOOSERS`).
 """
 
 from __future__ import annotations
@@ -92,6 +90,8 @@ class LookaheadConfig:
             (the state the value model fitted with the judge scores highest).
         margin: A scored ``keep`` answers with a clicked state only when its score beats the
             start's by more than this (else the start: a click must earn its place).
+        veto: ``valued`` keeps a clicked state only when the decoder's predicted IoU for it is
+            at least the start's minus this (:func:`agents.answers.answers`; ``None``: no veto).
         agreement: Weight of the SRM agreement (a candidate's soft Dice with the SRM map)
             added to the judge's score, both standardised over the step's candidates (0: the
             judge alone): a second opinion with errors of another kind.
@@ -120,6 +120,7 @@ class LookaheadConfig:
     judge_images: int | None = None
     keep: Literal["last", "best_predicted", "valued"] = "last"
     margin: float = 0.0
+    veto: float | None = None
     clicks: int | None = None
     choose_clicks: bool = False
     max_worse: float | None = None
@@ -139,8 +140,8 @@ class LookaheadConfig:
             raise ValueError(f"lookahead.agreement must be >= 0, got {self.agreement}")
         if self.keep not in KEEPS:
             raise ValueError(f"lookahead.keep must be one of {KEEPS}, got {self.keep!r}")
-        if self.margin < 0 or not 0 <= (self.max_worse or 0.0) <= 1:
-            raise ValueError("lookahead: margin >= 0 and max_worse in [0, 1] needed")
+        if min(self.margin, self.veto or 0.0) < 0 or not 0 <= (self.max_worse or 0.0) <= 1:
+            raise ValueError("lookahead: margin >= 0, veto >= 0 and max_worse in [0, 1] needed")
         if self.clicks is not None and not 0 <= self.clicks <= self.steps:
             raise ValueError(f"lookahead.clicks must lie in [0, steps={self.steps}]: {self.clicks}")
 
@@ -396,10 +397,9 @@ class LookaheadAgent:
                 ious.append(session.iou)
         feats_arr = np.stack(path_feats)
         values = [] if self.value is None else self.value.predict(feats_arr).tolist()
-        if keep == "best_predicted":
-            answer_at = answers([o.prediction.score for o in path], keep, cfg.margin)
-        else:
-            answer_at = answers(values or None, keep, cfg.margin, length=len(path))
+        decoder = [o.prediction.score for o in path]
+        scored = decoder if keep == "best_predicted" else values or None
+        answer_at = answers(scored, keep, cfg.margin, len(path), decoder, cfg.veto)
         kept = answer_at[-1]
         for _ in range(len(path) - 1 - kept):  # back to the kept state: no decoder call
             session.undo()

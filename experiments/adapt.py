@@ -61,6 +61,7 @@ def adapt_run(
     progress: bool = True,
     self_train: int = 0,
     anchors: int = 50,
+    veto: float | str | None = "source",
 ) -> dict[str, Any]:
     """Re-estimate the SRM's input statistics of ``run`` on the images of ``inputs`` (files,
     folders, dataset specs; masks, where present, are not read) and write the adapted run into
@@ -71,6 +72,9 @@ def adapt_run(
     ``self_train`` steps of self-training follow (:mod:`recalibration.srm.self_training`: the
     SRM's head fine-tuned on the cells it is sure of in the target images and their mirror
     images, with ``anchors`` of the run's labelled training images in every batch; 0: none).
+    ``veto`` sets a lookahead agent's ``lookahead.veto`` (a clicked state kept only when the
+    decoder predicts it at most this much worse than the start, :func:`agents.answers.answers`;
+    ``None``: none; ``"source"``: the source run's).
 
     Returns:
         The ``adapted.json`` content.
@@ -84,6 +88,8 @@ def adapt_run(
         raise ValueError(f"keep must be one of {KEEPS} or auto, got {keep!r}")
     if not 0.0 <= mix <= 1.0:
         raise ValueError(f"mix must lie in [0, 1], got {mix}")
+    if veto != "source" and veto is not None and not float(veto) >= 0:
+        raise ValueError(f"veto must be >= 0, None or 'source', got {veto!r}")
     if self_train < 0 or (self_train and anchors < 1):
         raise ValueError(
             f"self-training needs steps >= 0 and anchors >= 1, got {self_train}, {anchors}: it "
@@ -106,6 +112,10 @@ def adapt_run(
                          f"{run} --fit-value first")  # fmt: skip
     if lookahead and keep == agent.config.keep:
         keep = None  # the source's rule, with its margin
+    if veto == "source" or not lookahead:
+        veto = agent.config.veto if lookahead else None
+    else:
+        agent.config.veto = None if veto is None else float(veto)
 
     def images() -> Iterator[tuple[Any, Any]]:
         for s in progress_bar(samples, desc="adapt", unit="img", disable=not progress):
@@ -130,6 +140,7 @@ def adapt_run(
         "images": info["images"],
         "cells": info["cells"],
         "keep": (keep or agent.config.keep) if lookahead else None,
+        "veto": veto,
         "self_training": tuned,
         "carried_over": [n for n in _CARRIED if (run / n).is_file()],
         "seconds": round(time.perf_counter() - t0, 2),
@@ -146,9 +157,11 @@ def adapt_run(
         best = tmp / "checkpoints" / "best"
         shutil.copytree(ckpt, best, ignore=shutil.ignore_patterns("srm.pt"))
         srm.save(best / "srm.pt")
-        if lookahead and keep is not None:
+        if lookahead:
             settings = json.loads((best / "lookahead.json").read_text())
-            settings["keep"], settings["margin"] = keep, 0.0
+            if keep is not None:
+                settings["keep"], settings["margin"] = keep, 0.0
+            settings["veto"] = veto
             (best / "lookahead.json").write_text(json.dumps(settings, indent=2))
         (tmp / "checkpoints" / "latest").write_text("best")
         (tmp / ADAPTED_FILE).write_text(json.dumps(record, indent=2))

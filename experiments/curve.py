@@ -33,6 +33,7 @@ from typing import Any
 
 from agents.config import TaskConfig
 from agents.prompt_agent import latest_checkpoint
+from experiments.answering import choose_clicks
 from experiments.benchmark import run_benchmark
 from experiments.curve_report import (
     ROWS,
@@ -42,7 +43,6 @@ from experiments.curve_report import (
     summarize_confirm,
 )
 from experiments.finetune import run_finetune
-from experiments.lookahead import choose_clicks
 from experiments.runs import describe_run, peak_memory_mb
 from experiments.train import train
 from segmenter import EmbeddingCache
@@ -161,16 +161,18 @@ def run_point(
     choose = t_task.agent == "lookahead" and t_task.lookahead.choose_clicks
     max_worse = t_task.lookahead.max_worse if choose else None
     shifts = list(t_task.lookahead.choose_shifts) if choose else []
+    veto = t_task.lookahead.veto if choose else None
     done = _finished_point(folder)
-    # An agent trained before its task chose its clicks (or its answer under max_worse, or on
-    # shifted copies of val) on val gets them chosen (one val pass, the value model fitted first
-    # when max_worse asks for it) when its folder is still there; a point whose agent is gone
-    # keeps its record.
+    # An agent trained before its task chose its clicks (or its answer under max_worse, on
+    # shifted copies of val, or with a veto) on val gets them chosen (one val pass, the value
+    # model fitted first when max_worse asks for it) when its folder is still there; a point
+    # whose agent is gone keeps its record.
     stale = done is not None and choose
     stale = stale and (
         done.get("agent_clicks") is None
         or done.get("agent_max_worse") != max_worse
         or done.get("agent_choose_shifts", []) != shifts
+        or done.get("agent_veto") != veto
     )
     stale = stale and (folder / "agent" / "summary.json").is_file()
     if done is not None and wanted <= set(done["minutes"]) and not stale:
@@ -197,13 +199,17 @@ def run_point(
         "clicks" not in summary
         or summary.get("max_worse") != max_worse
         or summary.get("choose_shifts", []) != shifts
+        or summary.get("veto") != veto
     ):
         value = max_worse is not None  # trained before the task chose its answer this way
-        summary = choose_clicks(folder / "agent", cache_dir, progress, max_worse, value, shifts)
+        summary = choose_clicks(
+            folder / "agent", cache_dir, progress, max_worse, value, shifts, veto=veto
+        )
     if "clicks" in summary:
         record["agent_clicks"] = summary["clicks"]
         record["agent_max_worse"] = summary.get("max_worse")
         record["agent_choose_shifts"] = summary.get("choose_shifts", [])
+        record["agent_veto"] = summary.get("veto")
         record["agent_answer"] = {k: summary.get(k) for k in ("keep", "margin", "val_worse")}
     record["minutes"]["agent"] = summary.get("train_seconds_total", summary["wall_seconds"]) / 60
     record["peak_memory_mb"] = {"agent": summary.get("peak_memory_mb")}

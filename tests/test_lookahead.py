@@ -256,6 +256,36 @@ def test_answers_keep_a_click_only_when_its_score_beats_the_start_by_the_margin(
         LookaheadConfig(max_worse=1.5)
 
 
+def test_a_veto_keeps_a_valued_click_only_when_the_decoder_does_not_call_it_worse():
+    from agents.answers import answer_table, answers
+
+    values = [0.4, 0.6, 0.7, 0.65]  # the value model: every click a clear gain
+    decoder = [0.9, 0.85, 0.8, 0.88]  # the decoder: every click costs (0.05, 0.1, 0.02)
+    assert answers(values, "valued", 0.1) == [0, 1, 2, 2]
+    assert answers(values, "valued", 0.1, decoder=decoder, veto=0.0) == [0, 0, 0, 0]
+    assert answers(values, "valued", 0.1, decoder=decoder, veto=0.05) == [0, 1, 1, 3]
+    assert answers(values, "valued", 0.0, decoder=decoder, veto=0.2) == [0, 1, 2, 2]
+    # the decoder's own rule is untouched by it
+    assert answers(decoder, "best_predicted", decoder=decoder, veto=0.0) == [0, 0, 0, 0]
+    with pytest.raises(ValueError, match="decoder's predicted IoU"):
+        answers(values, "valued", veto=0.0)
+    with pytest.raises(ValueError, match="veto"):
+        answers(values, "valued", decoder=decoder, veto=-0.1)
+    with pytest.raises(ValueError, match="veto"):
+        LookaheadConfig(veto=-0.01)
+    # the table scores the valued rules under the veto and records it
+    ious = [[0.5, 0.6, 0.3, 0.55]]
+    scores = {"valued": [values], "best_predicted": [decoder]}
+    table = answer_table(ious, scores, margins=(0.0,), veto=0.0)
+    valued = next(r for r in table if r["keep"] == "valued")
+    assert valued["veto"] == 0.0 and valued["by_click"] == pytest.approx([0.5] * 4)
+    plain = next(r for r in answer_table(ious, scores, margins=(0.0,)) if r["keep"] == "valued")
+    assert plain["veto"] is None and plain["by_click"] == pytest.approx([0.5, 0.6, 0.3, 0.3])
+    assert next(r for r in table if r["keep"] == "best_predicted")["veto"] is None
+    with pytest.raises(ValueError, match="best_predicted"):
+        answer_table(ious, {"valued": [values]}, veto=0.0)
+
+
 def test_the_answer_is_chosen_under_the_bound_on_images_made_worse():
     from agents.answers import answer_table, best_answer
 
@@ -335,7 +365,17 @@ def test_best_predicted_ends_the_session_in_the_kept_state(lookahead_run, tmp_pa
               progress=False)  # fmt: skip
     adapted = PromptAgent.load(tmp_path / "b", cache=EmbeddingCache(cache))
     assert (adapted.config.keep, adapted.config.margin) == ("valued", 0.05)
-    assert adapted.value is not None
+    assert adapted.value is not None and adapted.config.veto is None
+    # with a veto: written into the adapted run and recorded, the rule kept
+    adapt_run(source, ["synthetic:val"], tmp_path / "v", cache=EmbeddingCache(cache),
+              progress=False, veto=0.02)  # fmt: skip
+    adapted = PromptAgent.load(tmp_path / "v", cache=EmbeddingCache(cache))
+    assert (adapted.config.keep, adapted.config.margin, adapted.config.veto) == (
+        "valued",
+        0.05,
+        0.02,
+    )
+    assert json.loads((tmp_path / "v" / "adapted.json").read_text())["veto"] == 0.02
     (source / "checkpoints" / "best" / "value.json").unlink()
     with pytest.raises(ValueError, match="--fit-value"):
         adapt_run(source, ["synthetic:val"], tmp_path / "c", keep="valued",
@@ -493,3 +533,14 @@ def test_answer_command_writes_the_choice_into_the_run(lookahead_run, tmp_path, 
     assert PromptAgent.load(run).config.choose_shifts == ("hue",)
     assert main(argv + ["--shifts", "negative"]) == 3
     assert "unknown shift" in capsys.readouterr().err
+    # with a veto: the choice is made under it and the run answers with it
+    assert main(argv + ["--shifts", "--veto", "0"]) == 0
+    assert ", veto 0)" in capsys.readouterr().out or saved["keep"] != "valued"
+    saved = json.loads((run / "summary.json").read_text())
+    assert saved["veto"] == 0.0 and saved["shifted_val"] == {}
+    assert all(r["veto"] == (0.0 if r["keep"] == "valued" else None) for r in saved["val_answers"])
+    assert PromptAgent.load(run).config.veto == 0.0
+    assert main(argv + ["--veto", "none"]) == 0 and PromptAgent.load(run).config.veto is None
+    with pytest.raises(SystemExit):
+        main(argv + ["--veto", "-1"])
+    assert "a number >= 0 or none" in capsys.readouterr().err

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from experiments.cli.common import Subcommands, add_cache_option, fraction
+from experiments.cli.common import Subcommands, add_cache_option, fraction, veto
 
 
 def add(sub: Subcommands) -> None:
@@ -68,6 +68,16 @@ def add(sub: Subcommands) -> None:
         metavar="N",
         help="--self-train: labelled training images of RUN's task kept in the mix (default 50)",
     )
+    a.add_argument(
+        "--veto",
+        type=veto,
+        default=argparse.SUPPRESS,
+        metavar="D",
+        help="a lookahead agent keeps a clicked state only when its decoder predicts the mask "
+        "at most D worse (IoU) than the start's: a second judge whose errors do not follow "
+        "the SRM's on images from elsewhere (0: never worse by the decoder; none: no veto; "
+        "default: the source run's lookahead.veto; see docs/results.md)",
+    )
     add_cache_option(a)
     a.add_argument("--skip-bad", action="store_true", help="skip unusable images and list them")
     a.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -92,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         self_train=args.self_train,
         anchors=args.anchors,
+        veto=getattr(args, "veto", "source"),
     )
     if r.get("self_training"):
         t = r["self_training"]

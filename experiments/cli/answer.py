@@ -1,11 +1,11 @@
 """``alignsam answer``: choose on ``val`` which state of a lookahead episode is its answer, with
-what margin and after how many clicks (:func:`experiments.lookahead.choose_clicks`)."""
+what margin and after how many clicks (:func:`experiments.answering.choose_clicks`)."""
 
 from __future__ import annotations
 
 import argparse
 
-from experiments.cli.common import Subcommands, add_cache_option, fraction
+from experiments.cli.common import Subcommands, add_cache_option, fraction, veto
 
 
 def add(sub: Subcommands) -> None:
@@ -45,13 +45,23 @@ def add(sub: Subcommands) -> None:
         "set's mean below its start (default: the run's lookahead.choose_shifts; none given: "
         "val alone)",
     )
+    p.add_argument(
+        "--veto",
+        type=veto,
+        default=argparse.SUPPRESS,
+        metavar="D",
+        help="keep a clicked state (keep: valued) only when the decoder's own predicted IoU "
+        "for it is at least the start's minus D: a second judge for images unlike the "
+        "training images (0: never below the start's; none: no veto; default: the run's "
+        "lookahead.veto)",
+    )
     add_cache_option(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from experiments.lookahead import choose_clicks
+    from experiments.answering import choose_clicks
 
     s = choose_clicks(
         args.run,
@@ -60,12 +70,14 @@ def run(args: argparse.Namespace) -> int:
         max_worse=args.max_worse,
         value=args.fit_value,
         shifts=args.shifts,
+        veto=getattr(args, "veto", "run"),
     )
     for name, r in s.get("shifted_val", {}).items():
         print(f"  {name}: mIoU {r['miou']:.3f} (start {r['start']:.3f}), "
               f"{100 * r['worse']:.0f} % worse than their start")  # fmt: skip
+    veto = "" if s.get("veto") is None else f", veto {s['veto']:g}"
     print(
-        f"{s['clicks']} clicks, keep {s['keep']} (margin {s['margin']:.3f}): val mIoU "
+        f"{s['clicks']} clicks, keep {s['keep']} (margin {s['margin']:.3f}{veto}): val mIoU "
         f"{s['best_val_miou']:.3f}, {100 * s['val_worse']:.0f} % of the val images worse than "
         f"their start; written into {args.run}"
     )

@@ -110,6 +110,12 @@ non_negative_int = _checked("non_negative_int", int, lambda v: v >= 0, "a whole 
 positive_float = _checked("positive_float", float, lambda v: v > 0, "a number > 0")
 non_negative_float = _checked("non_negative_float", float, lambda v: v >= 0, "a number >= 0")
 fraction = _checked("fraction", float, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
+_veto_number = _checked("veto", float, lambda v: v >= 0, "a number >= 0 or none")
+
+
+def veto(text: str) -> float | None:
+    """A ``--veto`` value (``lookahead.veto``): a number >= 0, or ``none`` for no veto."""
+    return None if text.lower() == "none" else _veto_number(text)
 
 
 def existing_file(text: str) -> str:
