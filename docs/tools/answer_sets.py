@@ -30,12 +30,16 @@ from experiments.lookahead import evaluate_lookahead
 from segmenter import EmbeddingCache
 
 
-def per_image(episodes: dict, keep: str, margin: float, k: int) -> np.ndarray:
-    """Each image's true IoU of the answer after ``k`` clicks under ``keep`` and ``margin``."""
+def per_image(
+    episodes: dict, keep: str, margin: float, k: int, veto: float | None = None
+) -> np.ndarray:
+    """Each image's true IoU of the answer after ``k`` clicks under ``keep`` and ``margin``
+    (and ``veto``: the decoder's scores are those of ``best_predicted``)."""
     out = []
     for i, path in enumerate(episodes["paths"]):
         scores = episodes["path_scores"][keep][i] if keep != "last" else None
-        idx = answers(scores, keep, margin, length=len(path))
+        decoder = episodes["path_scores"]["best_predicted"][i] if veto is not None else None
+        idx = answers(scores, keep, margin, len(path), decoder, veto)
         out.append(path[idx[min(k, len(idx) - 1)]])
     return np.array(out)
 
