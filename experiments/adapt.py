@@ -11,11 +11,19 @@ the mask worse than its start, see ``docs/results.md``); one that scores its sta
 (``valued`` or ``best_predicted``, chosen on val with a margin) keeps its rule. It writes an
 ordinary run folder: ``segment``, ``review``, ``benchmark`` and ``corrections`` take it as they
 take the source run.
+
+An agent answering with its value model (``keep: valued``) also gets a veto (``--veto auto``):
+when the target's features lie clearly further from the trained statistics than the run's own
+labelled images do (:data:`SHIFTED`), a clicked state is kept only when the frozen decoder does
+not predict it worse than the start (:func:`agents.answers.answers`). The value model learned
+from the SRM's maps on the training domain; where that SRM is wrong it is confidently wrong with
+it (on Kvasir 256-px crops it kept clicks that cost 0.08 mIoU), while the decoder's own IoU head
+was trained on a billion masks of every kind.
 ``RUN2/adapted.json`` records the source run, the checkpoint, the inputs and what was
 re-estimated on how many images.
 
-Each image costs one encoding (through the cache) and one pass of the SRM's feature sources; no
-decoder call.
+Each image costs one encoding (through the cache) and one pass of the SRM's feature sources, as
+do the (up to) 50 labelled images the veto's reference is measured on; no decoder call.
 """
 
 from __future__ import annotations
@@ -41,6 +49,14 @@ __all__ = ["ADAPTED_FILE", "DARK", "adapt_run"]
 #: an endoscope's black border says nothing of the images' domain (on Kvasir ``val@border``
 #: adapting with them lost 0.090 mIoU, without them gained 0.008; docs/results.md).
 DARK = 0.06
+#: ``--veto auto``: the veto goes on (0: a click is kept only when the decoder does not predict
+#: it worse than the start) when the target's features lie further than this many times the
+#: training domain's own from the trained statistics (:meth:`feature_drift`). Chosen on Kvasir
+#: ``val`` and its shifted copies (400-image agent: ``val`` at 1.02 times the training images'
+#: drift, its copies at 1.49 (border) to 2.32 (crop256); docs/results.md).
+SHIFTED = 1.2
+#: Labelled training images ``--veto auto`` measures the training domain's drift on.
+REFERENCE_IMAGES = 50
 #: What an adapted run folder records about its adaptation.
 ADAPTED_FILE = "adapted.json"
 _CARRIED = ("config.json", "summary.json", "presence.json")
@@ -61,7 +77,7 @@ def adapt_run(
     progress: bool = True,
     self_train: int = 0,
     anchors: int = 50,
-    veto: float | str | None = "source",
+    veto: float | str | None = "auto",
 ) -> dict[str, Any]:
     """Re-estimate the SRM's input statistics of ``run`` on the images of ``inputs`` (files,
     folders, dataset specs; masks, where present, are not read) and write the adapted run into
@@ -74,7 +90,10 @@ def adapt_run(
     images, with ``anchors`` of the run's labelled training images in every batch; 0: none).
     ``veto`` sets a lookahead agent's ``lookahead.veto`` (a clicked state kept only when the
     decoder predicts it at most this much worse than the start, :func:`agents.answers.answers`;
-    ``None``: none; ``"source"``: the source run's).
+    ``None``: none; ``"source"``: the source run's; ``"auto"``: 0 when the target's features
+    lie more than :data:`SHIFTED` times further from the trained statistics than the run's own
+    labelled images do, else the source run's: on images from elsewhere a click must convince
+    both judges).
 
     Returns:
         The ``adapted.json`` content.
@@ -88,8 +107,8 @@ def adapt_run(
         raise ValueError(f"keep must be one of {KEEPS} or auto, got {keep!r}")
     if not 0.0 <= mix <= 1.0:
         raise ValueError(f"mix must lie in [0, 1], got {mix}")
-    if veto != "source" and veto is not None and not float(veto) >= 0:
-        raise ValueError(f"veto must be >= 0, None or 'source', got {veto!r}")
+    if veto not in ("source", "auto", None) and not float(veto) >= 0:
+        raise ValueError(f"veto must be >= 0, None, 'auto' or 'source', got {veto!r}")
     if self_train < 0 or (self_train and anchors < 1):
         raise ValueError(
             f"self-training needs steps >= 0 and anchors >= 1, got {self_train}, {anchors}: it "
@@ -112,10 +131,13 @@ def adapt_run(
                          f"{run} --fit-value first")  # fmt: skip
     if lookahead and keep == agent.config.keep:
         keep = None  # the source's rule, with its margin
+    shift: dict[str, Any] | None = None
+    if veto == "auto" and lookahead and (keep or agent.config.keep) == "valued":
+        shift = {"threshold": SHIFTED, **_reference_drift(agent, cache, dark, progress)}
+    elif veto == "auto":  # the veto acts on valued answers alone
+        veto = "source"
     if veto == "source" or not lookahead:
         veto = agent.config.veto if lookahead else None
-    else:
-        agent.config.veto = None if veto is None else float(veto)
 
     def images() -> Iterator[tuple[Any, Any]]:
         for s in progress_bar(samples, desc="adapt", unit="img", disable=not progress):
@@ -125,6 +147,15 @@ def adapt_run(
 
     labelled = _anchors(agent, cache, anchors, progress) if self_train else []
     info = srm.adapt_statistics(images(), mix=mix, dark=dark)
+    if shift is not None:
+        ref = shift["reference_drift"]
+        shift.update(drift=info["drift"], ratio=None if ref is None else info["drift"] / ref)
+        shifted = shift["ratio"] is None or shift["ratio"] > SHIFTED
+        veto = 0.0 if shifted else agent.config.veto
+        logger.info("feature drift %.3f (%s the training images'): veto %s", info["drift"],
+                    "unknown" if ref is None else f"{shift['ratio']:.2f} x", veto)  # fmt: skip
+    if lookahead:
+        agent.config.veto = veto = None if veto is None else float(veto)
     tuned = (
         _self_train(agent, cache, samples, labelled, self_train, progress) if self_train else None
     )
@@ -141,6 +172,8 @@ def adapt_run(
         "cells": info["cells"],
         "keep": (keep or agent.config.keep) if lookahead else None,
         "veto": veto,
+        "drift": info["drift"],
+        "shift": shift,
         "self_training": tuned,
         "carried_over": [n for n in _CARRIED if (run / n).is_file()],
         "seconds": round(time.perf_counter() - t0, 2),
@@ -169,6 +202,33 @@ def adapt_run(
     atomic_folder(out, fill)
     logger.info("adapted %s on %d images into %s", run, info["images"], out)
     return record
+
+
+def _reference_drift(agent: Any, cache: Any, dark: float | None, progress: bool) -> dict:
+    """The feature drift (:meth:`feature_drift`) of up to :data:`REFERENCE_IMAGES` of the run's
+    labelled training images (a seeded sample): where the training domain itself lies from the
+    trained statistics. ``None`` with the reason when they cannot be read (the veto then goes
+    on: nothing says the target images are like them)."""
+    from agents.config import ConfigError
+    from agents.lookahead import srm_embedding
+    from envs.data import DataError
+    from experiments.runs import load_train_split
+
+    try:
+        train = load_train_split(agent.task)
+    except (ConfigError, DataError, OSError) as e:
+        logger.warning("the training images cannot be read (%s): the veto goes on", e)
+        return {"reference_drift": None, "reference_images": 0, "reference_error": str(e)}
+    pick = np.random.default_rng(agent.task.seed).permutation(len(train))[:REFERENCE_IMAGES]
+
+    def images() -> Iterator[tuple[Any, Any]]:
+        for i in progress_bar(pick, desc="training domain", unit="img", disable=not progress):
+            image = train[int(i)].load_image()
+            emb, _ = srm_embedding(agent.srm, agent.segmenter, cache, image)
+            yield emb, (lambda image=image: image)
+
+    drift = agent.srm.feature_drift(images(), dark=dark)
+    return {"reference_drift": drift, "reference_images": len(pick)}
 
 
 def _anchors(agent: Any, cache: Any, n: int, progress: bool) -> list[Any]:

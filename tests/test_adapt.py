@@ -92,6 +92,28 @@ def test_dark_cells_are_left_out_of_the_statistics_and_mix_pools_them(tiny_segme
         srm.adapt_statistics([(emb, lambda: image)], mix=1.5)
 
 
+def test_feature_drift_is_the_mean_distance_from_the_statistics_in_trained_spreads(
+    tiny_segmenter,
+):
+    from recalibration.srm import SemanticRecalibrationModule, SRMConfig
+
+    seg = tiny_segmenter
+    image = np.random.default_rng(1).integers(60, 220, (96, 128, 3), dtype=np.uint8)
+    emb = seg.encode(image)
+    srm = SemanticRecalibrationModule(SRMConfig(), embed_channels=int(seg.embedding_shape[0]))
+    srm.adapt_statistics([(emb, lambda: image)])  # the statistics are this image's own
+    assert srm.feature_drift([(emb, lambda: image)]) == pytest.approx(0.0, abs=1e-5)
+    own_mean = srm.channel_mean.clone()
+    srm.channel_mean = own_mean + 2 * srm.channel_std  # two spreads away on every channel
+    assert srm.feature_drift([(emb, lambda: image)]) == pytest.approx(2.0, rel=1e-4)
+    # adapting reports the drift from the statistics it replaces, then holds the image's own
+    info = srm.adapt_statistics([(emb, lambda: image)])
+    assert info["drift"] == pytest.approx(2.0, rel=1e-4)
+    assert torch.allclose(srm.channel_mean, own_mean, atol=1e-5)
+    with pytest.raises(ValueError, match="at least one image"):
+        srm.feature_drift([])
+
+
 def test_pseudo_labels_are_the_cells_the_map_and_its_mirror_image_are_sure_of(monkeypatch):
     from recalibration.srm import self_training
     from segmenter.base import ImageEmbedding

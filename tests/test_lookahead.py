@@ -331,7 +331,7 @@ def test_the_answer_chosen_on_shifted_copies_of_val_keeps_every_set_at_its_start
         best_answer({"val": val, "val@hue": shifted[:1]}, "valued")
 
 
-def test_best_predicted_ends_the_session_in_the_kept_state(lookahead_run, tmp_path):
+def test_best_predicted_ends_the_session_in_the_kept_state(lookahead_run, tmp_path, monkeypatch):
     from experiments.adapt import adapt_run
     from experiments.datasets import load_dataset
 
@@ -376,6 +376,20 @@ def test_best_predicted_ends_the_session_in_the_kept_state(lookahead_run, tmp_pa
         0.02,
     )
     assert json.loads((tmp_path / "v" / "adapted.json").read_text())["veto"] == 0.02
+    # auto (the default): the veto goes on when the images' feature drift is more than
+    # SHIFTED times that of the run's own labelled images, else the source's setting stays
+    import experiments.adapt as adapt_module
+
+    for shifted, veto in ((0.0, 0.0), (1e9, None)):
+        monkeypatch.setattr(adapt_module, "SHIFTED", shifted)
+        record = adapt_run(source, ["synthetic:val@hue"], tmp_path / f"auto{shifted:g}",
+                           cache=EmbeddingCache(cache), progress=False)  # fmt: skip
+        shift = record["shift"]
+        assert record["veto"] == veto and shift["threshold"] == shifted
+        assert shift["reference_images"] > 0 and shift["ratio"] == pytest.approx(
+            record["drift"] / shift["reference_drift"]
+        )
+        assert PromptAgent.load(tmp_path / f"auto{shifted:g}").config.veto == veto
     (source / "checkpoints" / "best" / "value.json").unlink()
     with pytest.raises(ValueError, match="--fit-value"):
         adapt_run(source, ["synthetic:val"], tmp_path / "c", keep="valued",

@@ -70,13 +70,15 @@ def add(sub: Subcommands) -> None:
     )
     a.add_argument(
         "--veto",
-        type=veto,
+        type=_veto,
         default=argparse.SUPPRESS,
-        metavar="D",
-        help="a lookahead agent keeps a clicked state only when its decoder predicts the mask "
-        "at most D worse (IoU) than the start's: a second judge whose errors do not follow "
-        "the SRM's on images from elsewhere (0: never worse by the decoder; none: no veto; "
-        "default: the source run's lookahead.veto; see docs/results.md)",
+        metavar="auto|source|none|D",
+        help="a lookahead agent answering with its value model keeps a clicked state only when "
+        "its decoder does not predict the mask more than D (IoU) worse than the start's: a "
+        "second judge whose errors do not follow the SRM's. auto (default): D = 0 when the "
+        "images' features lie further from the trained statistics than 1.2 times the run's "
+        "own labelled images do, else the source run's setting; source: the source run's "
+        "lookahead.veto; none: no veto (see docs/results.md)",
     )
     add_cache_option(a)
     a.add_argument("--skip-bad", action="store_true", help="skip unusable images and list them")
@@ -102,13 +104,18 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         self_train=args.self_train,
         anchors=args.anchors,
-        veto=getattr(args, "veto", "source"),
+        veto=getattr(args, "veto", "auto"),
     )
     if r.get("self_training"):
         t = r["self_training"]
         print(f"self-trained {t['steps']} steps on {t['pseudo_images']} images "
               f"({100 * t['labelled_cell_share']:.0f} % of their cells pseudo-labelled) and "
               f"{t['labelled_anchors']} labelled images")  # fmt: skip
+    if r.get("shift"):
+        t = r["shift"]
+        ratio = "unknown" if t["ratio"] is None else f"{t['ratio']:.2f} x the training images'"
+        print(f"feature drift {t['drift']:.3f} ({ratio}; the veto goes on above "
+              f"{t['threshold']:g} x): veto {r['veto']}")  # fmt: skip
     print(
         f"adapted {args.run} on {r['images']} images ({r['re_estimated']} re-estimated, "
         f"{r['seconds']:.1f} s): {args.out}"
@@ -116,3 +123,8 @@ def run(args: argparse.Namespace) -> int:
     if r.get("note"):
         print(f"note: {r['note']}")
     return 0
+
+
+def _veto(text: str) -> float | str | None:
+    """``--veto``: ``auto``, ``source``, ``none`` or a number >= 0."""
+    return text.lower() if text.lower() in ("auto", "source") else veto(text)

@@ -177,22 +177,13 @@ class TrainingMixin:
             ValueError: No image, or an SRM with no dataset statistics to re-estimate
                 (``normalize="image"`` without ``reduce`` standardises every image by itself).
         """
-        raw = bool(self.config.reduce)
-        if not raw and self.config.normalize != "dataset":
-            raise ValueError(
-                "this SRM standardises each image by itself (normalize='image', no reduce): "
-                "there are no training statistics to re-estimate"
-            )
         if not 0.0 <= mix <= 1.0:
             raise ValueError(f"mix must lie in [0, 1], got {mix}")
-        read = self.raw_features if raw else self.input_features
-        channels = self.embed_channels if raw else self.head_channels
-        mean, std, cells, n_images = self._channel_moments(images, read, channels, dark)
-        if not n_images:
-            raise ValueError("adapt_statistics needs at least one image")
+        raw, mean, std, cells, n_images = self._moments_of(images, dark)
         old_mean, old_std = (
             (self.reduce_mean, self.reduce_std) if raw else (self.channel_mean, self.channel_std)
         )
+        drift = _drift(mean, old_mean, old_std)
         if mix < 1.0:  # pool first and second moments
             m0, s0 = (
                 old_mean.detach().to("cpu", torch.float64),
@@ -213,7 +204,44 @@ class TrainingMixin:
             "images": n_images,
             "cells": cells,
             "mix": mix,
+            "drift": drift,
         }
+
+    def feature_drift(
+        self,
+        images: Iterable[tuple[ImageEmbedding, Callable[[], np.ndarray] | None]],
+        dark: float | None = None,
+    ) -> float:
+        """How far the images' features lie from the statistics the SRM standardises them
+        with: the mean over channels of ``|mean - trained mean| / trained spread``, measured as
+        :meth:`adapt_statistics` measures (and returns as ``drift``), nothing changed. On the
+        training images' own domain it is not 0 (the statistics are pooled differently, and
+        from other images): compare a target's drift with that of images of the training
+        domain (``alignsam adapt`` does, with the run's labelled images)."""
+        raw, mean, _, _, _ = self._moments_of(images, dark)
+        if raw:
+            return _drift(mean, self.reduce_mean, self.reduce_std)
+        return _drift(mean, self.channel_mean, self.channel_std)
+
+    def _moments_of(
+        self,
+        images: Iterable[tuple[ImageEmbedding, Callable[[], np.ndarray] | None]],
+        dark: float | None,
+    ) -> tuple[bool, torch.Tensor, torch.Tensor, int, int]:
+        """Whether the statistics are the raw features' (``reduce``), and the images' channel
+        moments, cells and images (:meth:`_channel_moments`) of those features."""
+        raw = bool(self.config.reduce)
+        if not raw and self.config.normalize != "dataset":
+            raise ValueError(
+                "this SRM standardises each image by itself (normalize='image', no reduce): "
+                "there are no training statistics to re-estimate"
+            )
+        read = self.raw_features if raw else self.input_features
+        channels = self.embed_channels if raw else self.head_channels
+        mean, std, cells, n_images = self._channel_moments(images, read, channels, dark)
+        if not n_images:
+            raise ValueError("at least one image is needed to measure feature statistics on")
+        return raw, mean, std, cells, n_images
 
     def _batch(
         self,
@@ -473,3 +501,10 @@ class TrainingMixin:
         """Fit the logit calibration on ``items`` (held-out images). Returns (scale, bias)."""
         self.calibrate_on(self._prepare_items(items, mask_states))
         return float(self.calibration[0]), float(self.calibration[1])
+
+
+def _drift(mean: torch.Tensor, old_mean: torch.Tensor, old_std: torch.Tensor) -> float:
+    """Mean over channels of ``|mean - old_mean| / old_std``."""
+    m0 = old_mean.detach().to("cpu", torch.float64)
+    s0 = old_std.detach().to("cpu", torch.float64)
+    return float(((mean.to(torch.float64) - m0).abs() / s0).mean())
