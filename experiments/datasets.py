@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -331,8 +332,16 @@ def readable(samples: Sequence, on_error: D.OnError = "raise", *, name: str = "d
     skipped = list(getattr(samples, "skipped", []))
     kept = [s for s in samples if load_or_skip(s, on_error, skipped) is not None]
     if skipped:
-        logger.warning("%s: %d usable, %d skipped", name, len(kept), len(skipped))
-        for file, reason in skipped:
+        # a bad file is named with its reason; an expected omission (a CamVid frame without
+        # the class) is counted by kind, once
+        errors = [(f, r) for f, r in skipped if r.startswith("error")]
+        kinds = Counter(r.split(":")[0] for _, r in skipped)
+        logger.log(
+            logging.WARNING if errors else logging.INFO,
+            "%s: %d usable, %d skipped (%s)",
+            name, len(kept), len(skipped), ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())),
+        )  # fmt: skip
+        for file, reason in errors:
             logger.warning("  skipped %s: %s", file, reason)
     return D.Dataset(kept, name=getattr(samples, "name", name), skipped=skipped)
 

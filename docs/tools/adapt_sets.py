@@ -96,6 +96,12 @@ def main() -> None:
     ap.add_argument("--cache", default=None)
     ap.add_argument("--self-train", type=int, default=0, help="alignsam adapt --self-train")
     ap.add_argument(
+        "--veto",
+        default="source",
+        help="alignsam adapt --veto (default source: the statistics alone, as measured before "
+        "adapt chose a veto; the answers here are read off the episodes by rule anyway)",
+    )
+    ap.add_argument(
         "--names",
         nargs=2,
         default=["plain", "adapted"],
@@ -121,7 +127,9 @@ def main() -> None:
             t0 = time.perf_counter()
             adapted = out / "runs" / _name(spec)
             if not adapted.is_dir():
-                adapt_run(args.run, [spec], adapted, cache=cache, self_train=args.self_train)
+                veto = args.veto if args.veto in ("source", "auto", "none") else float(args.veto)
+                adapt_run(args.run, [spec], adapted, cache=cache, self_train=args.self_train,
+                          veto=None if veto == "none" else veto)  # fmt: skip
             agent = PromptAgent.load(adapted, cache=cache)
             agent.config.clicks = args.clicks
             ev = evaluate_lookahead(agent, load_dataset(spec), progress=True)
