@@ -15,12 +15,12 @@ clearly positive, so an image where the agent is unsure keeps its start. With a 
 below the start's by more than the veto: a second judge, trained on a billion masks rather than
 the task's images, whose errors do not follow the SRM's when the images come from elsewhere (on
 Kvasir 256-px crops the value model favoured clicks that cost 0.08 mIoU; docs/results.md).
-Training chooses the
-rule, the margin and the number of clicks on ``val`` (:func:`best_answer`): the best mean IoU
-among the choices that leave at most ``max_worse`` of the images worse than their start. With
-shifted copies of ``val`` (``lookahead.choose_shifts``) the choice is made on all of them at
-once: the best mean over the sets, at most ``max_worse`` worse on average over the sets, and no
-set's mean below its start's.
+
+Training chooses the rule, the margin and the number of clicks on ``val`` (:func:`best_answer`):
+the best mean IoU among the choices that leave at most ``max_worse`` of the images worse than
+their start. With shifted copies of ``val`` (``lookahead.choose_shifts``) the choice is made on
+all of them at once: the best mean over the sets, at most ``max_worse`` worse on average over
+the sets, and no set's mean below its start's.
 """
 
 from __future__ import annotations

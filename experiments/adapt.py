@@ -19,6 +19,7 @@ not predict it worse than the start (:func:`agents.answers.answers`). The value 
 from the SRM's maps on the training domain; where that SRM is wrong it is confidently wrong with
 it (on Kvasir 256-px crops it kept clicks that cost 0.08 mIoU), while the decoder's own IoU head
 was trained on a billion masks of every kind.
+
 ``RUN2/adapted.json`` records the source run, the checkpoint, the inputs and what was
 re-estimated on how many images.
 
