@@ -127,8 +127,9 @@ def choose_answer(
     agent: LookaheadAgent, val: dict[str, Any], shifted: dict[str, dict[str, Any]] | None = None
 ) -> dict[str, Any]:
     """Set ``agent``'s ``keep``, ``margin`` and ``clicks`` to the best answer on ``val``
-    (:func:`agents.answers.best_answer` under ``lookahead.max_worse``), and on ``shifted`` copies
-    of it with it when given; the summary's record."""
+    (:func:`agents.answers.best_answer` under ``lookahead.max_worse``; the tables were scored
+    under the agent's ``lookahead.veto``), and on ``shifted`` copies of it with it when given;
+    the summary's record."""
     cfg = agent.config
     tables = {"val": val["table"], **{k: v["table"] for k, v in (shifted or {}).items()}}
     keep, margin, k = best_answer(tables, cfg.keep, cfg.max_worse)
