@@ -692,3 +692,28 @@ def test_no_training_image_is_scored_in_any_shipped_task_or_curve_point(monkeypa
 def _scored_extras(test_spec: str | None) -> list[str]:
     """Other splits results are reported on (Kvasir's ``test_rest``)."""
     return ["kvasir:test_rest"] if test_spec and test_spec.startswith("kvasir") else []
+
+
+def test_readable_names_bad_files_and_counts_expected_omissions_once(tmp_path, caplog):
+    from experiments.datasets import readable
+
+    good, bad = tmp_path / "good.png", tmp_path / "bad.png"
+    Image.fromarray(np.full((16, 16, 3), 90, np.uint8)).save(good)
+    bad.write_bytes(b"not an image")
+    mask = np.zeros((16, 16), bool)
+    mask[4:8, 4:8] = True
+    absent = [(str(tmp_path / f"f{i}.png"), "class absent: no pixel of class 8") for i in range(3)]
+    quiet = Dataset([Sample("good", good, mask)], name="d", skipped=list(absent))
+    with caplog.at_level(logging.INFO, logger="experiments.datasets"):
+        assert len(readable(quiet, "skip", name="d")) == 1
+    (record,) = [r for r in caplog.records if r.name == "experiments.datasets"]
+    assert record.levelno == logging.INFO and "3 class absent" in record.getMessage()
+    caplog.clear()
+    noisy = Dataset([Sample("good", good, mask), Sample("bad", bad, mask)], name="d",
+                    skipped=list(absent))  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="experiments.datasets"):
+        kept = readable(noisy, "skip", name="d")
+    assert len(kept) == 1 and len(kept.skipped) == 4
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "1 usable, 4 skipped (3 class absent, 1 error)" in warnings[0]
+    assert any(str(bad) in w for w in warnings[1:]) and not any("f0.png" in w for w in warnings)
