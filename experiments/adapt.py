@@ -99,7 +99,7 @@ def adapt_run(
     Returns:
         The ``adapted.json`` content.
     """
-    from agents.lookahead import KEEPS, LookaheadAgent, srm_embedding
+    from agents.lookahead import KEEPS, LookaheadAgent
     from agents.prompt_agent import PromptAgent, checkpoint_of
     from experiments.segment import check_inputs, check_out, gather_inputs
     from segmenter import EmbeddingCache
@@ -140,14 +140,8 @@ def adapt_run(
     if veto == "source" or not lookahead:
         veto = agent.config.veto if lookahead else None
 
-    def images() -> Iterator[tuple[Any, Any]]:
-        for s in progress_bar(samples, desc="adapt", unit="img", disable=not progress):
-            image = s.load_image()
-            emb, _ = srm_embedding(srm, agent.segmenter, cache, image)
-            yield emb, (lambda image=image: image)
-
     labelled = _anchors(agent, cache, anchors, progress) if self_train else []
-    info = srm.adapt_statistics(images(), mix=mix, dark=dark)
+    info = srm.adapt_statistics(_embedded(agent, cache, samples, "adapt", progress), mix, dark)
     if shift is not None:
         ref = shift["reference_drift"]
         shift.update(drift=info["drift"], ratio=None if ref is None else info["drift"] / ref)
@@ -211,42 +205,53 @@ def _reference_drift(agent: Any, cache: Any, dark: float | None, progress: bool)
     trained statistics. ``None`` with the reason when they cannot be read (the veto then goes
     on: nothing says the target images are like them)."""
     from agents.config import ConfigError
-    from agents.lookahead import srm_embedding
     from envs.data import DataError
-    from experiments.runs import load_train_split
 
     try:
-        train = load_train_split(agent.task)
+        sample = _training_sample(agent, REFERENCE_IMAGES)
     except (ConfigError, DataError, OSError) as e:
         logger.warning("the training images cannot be read (%s): the veto goes on", e)
         return {"reference_drift": None, "reference_images": 0, "reference_error": str(e)}
-    pick = np.random.default_rng(agent.task.seed).permutation(len(train))[:REFERENCE_IMAGES]
+    images = _embedded(agent, cache, sample, "training domain", progress)
+    return {
+        "reference_drift": agent.srm.feature_drift(images, dark),
+        "reference_images": len(sample),
+    }
 
-    def images() -> Iterator[tuple[Any, Any]]:
-        for i in progress_bar(pick, desc="training domain", unit="img", disable=not progress):
-            image = train[int(i)].load_image()
-            emb, _ = srm_embedding(agent.srm, agent.segmenter, cache, image)
-            yield emb, (lambda image=image: image)
 
-    drift = agent.srm.feature_drift(images(), dark=dark)
-    return {"reference_drift": drift, "reference_images": len(pick)}
+def _training_sample(agent: Any, n: int) -> list[Any]:
+    """``n`` of the run's labelled training images, a sample seeded by the task."""
+    from experiments.runs import load_train_split
+
+    train = load_train_split(agent.task)
+    return [
+        train[int(i)] for i in np.random.default_rng(agent.task.seed).permutation(len(train))[:n]
+    ]
+
+
+def _embedded(
+    agent: Any, cache: Any, samples: Any, desc: str, progress: bool
+) -> Iterator[tuple[Any, Any]]:
+    """``(embedding, load_image)`` of each sample as the run's SRM reads it (through the cache)."""
+    from agents.lookahead import srm_embedding
+
+    for s in progress_bar(samples, desc=desc, unit="img", disable=not progress):
+        image = s.load_image()
+        emb, _ = srm_embedding(agent.srm, agent.segmenter, cache, image)
+        yield emb, (lambda image=image: image)
 
 
 def _anchors(agent: Any, cache: Any, n: int, progress: bool) -> list[Any]:
     """``n`` of the run's labelled training images (a seeded sample) as the SRM's head reads
     them with the training statistics: self-training's anchors."""
-    from agents.lookahead import srm_embedding
-    from experiments.runs import load_train_split
     from recalibration.srm.self_training import labelled_item
 
-    train = load_train_split(agent.task)
-    pick = np.random.default_rng(agent.task.seed).permutation(len(train))[:n]
-    out = []
-    for i in progress_bar(pick, desc="labelled anchors", unit="img", disable=not progress):
-        image = train[int(i)].load_image()
-        emb, _ = srm_embedding(agent.srm, agent.segmenter, cache, image)
-        out.append(labelled_item(agent.srm, emb, train[int(i)].mask, lambda im=image: im))
-    return out
+    sample = _training_sample(agent, n)
+    pairs = _embedded(agent, cache, sample, "labelled anchors", progress)
+    return [
+        labelled_item(agent.srm, emb, s.mask, load)
+        for s, (emb, load) in zip(sample, pairs, strict=True)
+    ]
 
 
 def _self_train(

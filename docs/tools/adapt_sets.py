@@ -26,6 +26,7 @@ from agents.answers import best_answer
 from agents.prompt_agent import PromptAgent
 from experiments.adapt import adapt_run
 from experiments.benchmark.stats import bootstrap_ci
+from experiments.cli.common import veto as cli_veto
 from experiments.datasets import load_dataset
 from experiments.lookahead import evaluate_lookahead
 from segmenter import EmbeddingCache
@@ -127,9 +128,9 @@ def main() -> None:
             t0 = time.perf_counter()
             adapted = out / "runs" / _name(spec)
             if not adapted.is_dir():
-                veto = args.veto if args.veto in ("source", "auto", "none") else float(args.veto)
+                veto = args.veto if args.veto in ("source", "auto") else cli_veto(args.veto)
                 adapt_run(args.run, [spec], adapted, cache=cache, self_train=args.self_train,
-                          veto=None if veto == "none" else veto)  # fmt: skip
+                          veto=veto)  # fmt: skip
             agent = PromptAgent.load(adapted, cache=cache)
             agent.config.clicks = args.clicks
             ev = evaluate_lookahead(agent, load_dataset(spec), progress=True)

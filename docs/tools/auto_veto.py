@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from answer_sets import per_image
 from shift_choice import load_sets
+from veto_sets import write_report
 
 from agents.answers import WORSE, answer_table, best_answer
 from experiments.benchmark.stats import bootstrap_ci
@@ -107,11 +108,7 @@ def main() -> None:
         ratio = "-" if t.get("ratio") is None else f"{t['ratio']:.2f}"
         lines.append(f"| {spec} | {rec['images']} | {rec['drift']:.3f} | {ratio} | {rec['veto']} |")
     out["drift"] = records
-    folder = Path(args.out)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "auto.json").write_text(json.dumps(out, indent=2))
-    (folder / "auto.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(Path(args.out), "auto", out, lines)
 
 
 if __name__ == "__main__":

@@ -102,10 +102,14 @@ def main() -> None:
                 )
                 result["sets"][basis][spec][veto] = rec
             lines.append("| " + " | ".join(cells) + " |")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(result, indent=2))
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    write_report(Path(args.out), "results", result, lines)
+
+
+def write_report(folder: Path, stem: str, result: dict, lines: list[str]) -> None:
+    """``FOLDER/STEM.json`` and ``FOLDER/STEM.md`` (the lines, also printed)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    (folder / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -180,15 +180,9 @@ class TrainingMixin:
         if not 0.0 <= mix <= 1.0:
             raise ValueError(f"mix must lie in [0, 1], got {mix}")
         raw, mean, std, cells, n_images = self._moments_of(images, dark)
-        old_mean, old_std = (
-            (self.reduce_mean, self.reduce_std) if raw else (self.channel_mean, self.channel_std)
-        )
-        drift = _drift(mean, old_mean, old_std)
+        m0, s0 = self._held_statistics(raw)
+        drift = _drift(mean, m0, s0)
         if mix < 1.0:  # pool first and second moments
-            m0, s0 = (
-                old_mean.detach().to("cpu", torch.float64),
-                old_std.detach().to("cpu", torch.float64),
-            )
             second = (1 - mix) * (s0**2 + m0**2) + mix * (std**2 + mean**2)
             mean = (1 - mix) * m0 + mix * mean
             std = (second - mean**2).clamp_min(1e-8).sqrt().clamp_min(1e-3)
@@ -219,9 +213,15 @@ class TrainingMixin:
         from other images): compare a target's drift with that of images of the training
         domain (``alignsam adapt`` does, with the run's labelled images)."""
         raw, mean, _, _, _ = self._moments_of(images, dark)
-        if raw:
-            return _drift(mean, self.reduce_mean, self.reduce_std)
-        return _drift(mean, self.channel_mean, self.channel_std)
+        return _drift(mean, *self._held_statistics(raw))
+
+    def _held_statistics(self, raw: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mean and spread the SRM standardises with now (the raw features' with
+        ``reduce``, else the head inputs'), in float64 on the CPU."""
+        mean, std = (
+            (self.reduce_mean, self.reduce_std) if raw else (self.channel_mean, self.channel_std)
+        )
+        return mean.detach().to("cpu", torch.float64), std.detach().to("cpu", torch.float64)
 
     def _moments_of(
         self,
@@ -504,7 +504,5 @@ class TrainingMixin:
 
 
 def _drift(mean: torch.Tensor, old_mean: torch.Tensor, old_std: torch.Tensor) -> float:
-    """Mean over channels of ``|mean - old_mean| / old_std``."""
-    m0 = old_mean.detach().to("cpu", torch.float64)
-    s0 = old_std.detach().to("cpu", torch.float64)
-    return float(((mean.to(torch.float64) - m0).abs() / s0).mean())
+    """Mean over channels of ``|mean - old_mean| / old_std`` (float64 CPU tensors)."""
+    return float(((mean.to(torch.float64) - old_mean).abs() / old_std).mean())
