@@ -109,6 +109,7 @@ def run_presence(
     *,
     choose: bool = False,
     max_recall_loss: float = 0.02,
+    max_false_positive_rate: float = 0.05,
     fit_positives: Sequence[str] = (),
     fit_negatives: Sequence[str] = (),
     cache: Any = None,
@@ -159,13 +160,14 @@ def run_presence(
     p_scores = [r["presence"] for r in pos]
     n_scores = [r["presence"] for r in neg]
     if choose:
-        chosen = choose_threshold(p_scores, n_scores, max_recall_loss)
+        chosen = choose_threshold(p_scores, n_scores, max_recall_loss, max_false_positive_rate)
         gate.threshold = chosen["threshold"]
         gate.chosen_on = {
             "positives": positives,
             "negatives": negatives,
             "max_recall_loss": max_recall_loss,
-            **{k: chosen[k] for k in ("recall", "false_positive_rate", "auc")},
+            "max_false_positive_rate": max_false_positive_rate,
+            **{k: chosen[k] for k in ("rule", "recall", "false_positive_rate", "auc")},
         }
         gate.save(run)
     threshold = gate.threshold
@@ -176,6 +178,8 @@ def run_presence(
         "threshold": threshold,
         "chosen_here": choose,
         "max_recall_loss": max_recall_loss if choose else None,
+        "max_false_positive_rate": max_false_positive_rate if choose else None,
+        "rule": chosen["rule"] if choose else None,
         "auc": separation(p_scores, n_scores),
         "recall": sum(v >= threshold for v in p_scores) / len(p_scores),
         "false_positive_rate": sum(v >= threshold for v in n_scores) / len(n_scores),
@@ -197,11 +201,17 @@ def run_presence(
 
 def render_presence_markdown(result: dict[str, Any]) -> str:
     """``results.md``: the threshold, recall, false-positive rate and AUC."""
-    how = (
-        f"chosen here (keep >= {1 - result['max_recall_loss']:.0%} of the positives)"
-        if result["chosen_here"]
-        else "the run's (presence.json)"
-    )
+    how = "the run's (presence.json)"
+    if result["chosen_here"]:
+        goals = (
+            f"keep >= {1 - result['max_recall_loss']:.0%} of the positives, let <= "
+            f"{result['max_false_positive_rate']:.0%} of the negatives through"
+        )
+        how = f"chosen here: {goals}; " + (
+            "midway between the two limits"
+            if result["rule"] == "middle"
+            else "the recall limit, the other cannot be met with it"
+        )
     return (
         f"# Presence: {result['run']}\n\n"
         f"| images with the target | without | threshold | recall | false-positive rate | AUC |\n"

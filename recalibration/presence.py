@@ -7,9 +7,10 @@ over its most confident :data:`PRESENCE_TOP` share of valid cells (four cells of
 grid). Chosen on Kvasir ``val`` against ``val@negative`` among the map's maximum, the means of
 its top 0.1, 1 and 5 %, its mean, contrast and blob sizes (AUC 0.983 for the top 0.1 % and the
 maximum, 0.976 for the top 1 %, 0.845 for the mean; ``docs/results.md``). A threshold chosen
-on labelled images with and without the target (:func:`choose_threshold`: keep all but
-``max_recall_loss`` of the images with a target) turns it into "nothing here": ``alignsam
-segment`` writes an empty mask and lists the image under ``no_target``. The threshold lives in
+on labelled images with and without the target (:func:`choose_threshold`: between keeping all
+but 2 % of the images with a target and letting at most 5 % of those without through) turns it
+into "nothing here": ``alignsam segment`` writes an empty mask and lists the image under
+``no_target``. The threshold lives in
 the run folder (``presence.json``, written by ``alignsam presence RUN --choose``).
 
 The SRM map says where the target is more than whether it is there: an SRM trained on more
@@ -74,27 +75,60 @@ def separation(positives: Sequence[float], negatives: Sequence[float]) -> float:
 
 
 def choose_threshold(
-    positives: Sequence[float], negatives: Sequence[float], max_recall_loss: float = 0.02
-) -> dict[str, float]:
-    """The highest threshold that keeps at least ``1 - max_recall_loss`` of the ``positives``
-    (images with the target) at or above it, with the recall and the false-positive rate (share
-    of ``negatives`` at or above it) it gives on these images, and the score's AUC."""
-    if not 0.0 <= max_recall_loss < 1.0:
-        raise ValueError(f"max_recall_loss must lie in [0, 1), got {max_recall_loss}")
+    positives: Sequence[float],
+    negatives: Sequence[float],
+    max_recall_loss: float = 0.02,
+    max_false_positive_rate: float = 0.05,
+) -> dict[str, Any]:
+    """The "nothing here" threshold for these labelled images: the recall limit is the highest
+    threshold that keeps at least ``1 - max_recall_loss`` of the ``positives`` (images with the
+    target) at or above it, the false-positive limit the lowest that lets at most
+    ``max_false_positive_rate`` of the ``negatives`` reach it. When the false-positive limit is
+    not above the recall limit, both goals hold anywhere between them, and the threshold is the
+    middle of that range in log-odds (rule ``middle``): new images shift the scores of both
+    kinds, and a threshold at either edge gives the shift no room on that side (chosen on the
+    ``val`` sets' random halves; ``docs/results.md``). Otherwise the recall limit (rule
+    ``recall``: a missed target costs more than a false alarm). Returns the threshold with the
+    rule, both limits, and the recall, the false-positive rate and the score's AUC on these
+    images."""
+    if not 0.0 <= max_recall_loss < 1.0 or not 0.0 <= max_false_positive_rate < 1.0:
+        raise ValueError(
+            "max_recall_loss and max_false_positive_rate must lie in [0, 1), got "
+            f"{max_recall_loss}, {max_false_positive_rate}"
+        )
     p = np.sort(np.asarray(positives, np.float64))
-    n = np.asarray(negatives, np.float64)
+    n = np.sort(np.asarray(negatives, np.float64))[::-1]
     if not len(p) or not len(n):
         raise ValueError("choosing a presence threshold needs images with and without the target")
-    may_lose = math.floor(max_recall_loss * len(p) + 1e-9)
-    threshold = float(p[may_lose])
+    recall_limit = float(p[math.floor(max_recall_loss * len(p) + 1e-9)])
+    # the (k + 1)-th highest negative must fall below the threshold
+    fp_limit = float(np.nextafter(n[math.floor(max_false_positive_rate * len(n) + 1e-9)], np.inf))
+    if fp_limit <= recall_limit:
+        rule = "middle"
+        threshold = float(_sigmoid((_logit(recall_limit) + _logit(fp_limit)) / 2))
+        threshold = min(max(threshold, fp_limit), recall_limit)  # rounding at 0 or 1
+    else:
+        rule, threshold = "recall", recall_limit
     return {
         "threshold": threshold,
+        "rule": rule,
+        "recall_limit": recall_limit,
+        "false_positive_limit": fp_limit,
         "recall": float((p >= threshold).mean()),
         "false_positive_rate": float((n >= threshold).mean()),
         "auc": separation(p, n),
         "positives": len(p),
         "negatives": len(n),
     }
+
+
+def _logit(x: float) -> float:
+    x = min(max(x, 1e-9), 1 - 1e-9)
+    return math.log(x / (1 - x))
+
+
+def _sigmoid(z: float) -> float:
+    return 1 / (1 + math.exp(-z))
 
 
 #: Shares of the most confident cells whose mean SRM probability :func:`presence_features`

@@ -32,10 +32,36 @@ def test_threshold_keeps_all_but_the_allowed_share_of_positives():
     assert chosen["recall"] == pytest.approx(0.98)
     assert chosen["threshold"] == pytest.approx(positives[2])
     assert chosen["false_positive_rate"] == pytest.approx(np.mean(negatives >= positives[2]))
+    assert chosen["rule"] == "recall"  # 5 % of the negatives lie above it: no room
     assert choose_threshold(positives, negatives, 0.0)["recall"] == 1.0
     assert separation([1, 2], [0, 2]) == pytest.approx(2.5 / 4)  # the tie (2, 2) counts half
     with pytest.raises(ValueError, match="with and without"):
         choose_threshold(positives, [], 0.02)
+
+
+def test_a_threshold_both_goals_allow_sits_midway_between_their_limits_in_log_odds():
+    positives = np.linspace(0.9, 0.999, 50)  # recall limit: the 2nd lowest (1 of 50 may go)
+    negatives = np.r_[np.linspace(0.01, 0.5, 38), [0.6, 0.95]]  # 2 of 40 (5 %) may pass
+    chosen = choose_threshold(positives, negatives, 0.02, 0.05)
+    assert chosen["rule"] == "middle"
+    assert chosen["recall_limit"] == pytest.approx(positives[1])
+    assert chosen["false_positive_limit"] == pytest.approx(0.5)  # just above the 3rd highest
+    logit = lambda x: np.log(x / (1 - x))  # noqa: E731
+    mid = (logit(positives[1]) + logit(0.5)) / 2
+    assert logit(chosen["threshold"]) == pytest.approx(mid, abs=1e-6)
+    assert 0.5 < chosen["threshold"] < positives[1]
+    assert chosen["recall"] == 1.0 and chosen["false_positive_rate"] == pytest.approx(1 / 40)
+    # no room between them: the recall limit wins, false positives or not
+    crowded = choose_threshold(positives, np.r_[negatives, [0.97] * 5], 0.02, 0.05)
+    assert crowded["rule"] == "recall"
+    assert crowded["threshold"] == pytest.approx(positives[1])
+    assert crowded["false_positive_rate"] == pytest.approx(6 / 45)
+    # scores at 0 and 1 stay inside the range
+    edge = choose_threshold([1.0, 1.0], [0.0, 0.0], 0.0, 0.0)
+    assert edge["rule"] == "middle" and 0.0 < edge["threshold"] <= 1.0
+    assert edge["recall"] == 1.0 and edge["false_positive_rate"] == 0.0
+    with pytest.raises(ValueError, match="max_false_positive_rate"):
+        choose_threshold(positives, negatives, 0.02, 1.0)
 
 
 def test_gate_round_trips_and_a_broken_file_says_how_to_fix_it(tmp_path):
@@ -129,6 +155,12 @@ def test_presence_command_chooses_on_one_set_and_measures_on_another(first_run, 
                               progress=False)  # fmt: skip
         gate = PresenceGate.load(run)
         assert gate.threshold == chosen["threshold"] and chosen["recall"] >= 0.9
+        assert gate.chosen_on["rule"] == chosen["rule"] in ("middle", "recall")
+        assert gate.chosen_on["max_false_positive_rate"] == chosen["max_false_positive_rate"]
+        assert chosen["max_false_positive_rate"] == 0.05
+        assert ("midway" if chosen["rule"] == "middle" else "the recall limit") in (
+            tmp_path / "c" / "results.md"
+        ).read_text()
         measured = run_presence(run, "synthetic:val", "synthetic:val@negative", tmp_path / "m",
                                 cache=EmbeddingCache(cache), progress=False)  # fmt: skip
         assert not measured["chosen_here"] and measured["threshold"] == gate.threshold

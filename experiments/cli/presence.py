@@ -14,9 +14,11 @@ def add(sub: Subcommands) -> None:
         help='choose or measure the "nothing here" threshold of a run',
         description="Score images with the target (--positives) and without (--negatives, e.g. "
         "kvasir:val@negative) with the run's presence score (the SRM's map before any click). "
-        "With --choose, the threshold that keeps all but --max-recall-loss of the positives is "
-        "written into RUN (presence.json) and alignsam segment uses it; without, the run's "
-        "threshold is measured on these images. Choose on val, measure on test. With "
+        "With --choose, a threshold that keeps all but --max-recall-loss of the positives and "
+        "lets at most --max-false-positive-rate of the negatives through (midway between the "
+        "two limits when both can be met, else the recall limit) is written into RUN "
+        "(presence.json) and alignsam segment uses it; without, the run's threshold is measured "
+        "on these images. Choose on val, measure on test. With "
         "--fit-positives and --fit-negatives (e.g. kvasir:train kvasir:train@crop256 and "
         "kvasir:train@negative) the score is a presence model fitted on those images first.",
     )
@@ -30,6 +32,13 @@ def add(sub: Subcommands) -> None:
         default=0.02,
         metavar="F",
         help="share of the positives the chosen threshold may call empty (default 0.02)",
+    )
+    p.add_argument(
+        "--max-false-positive-rate",
+        type=fraction,
+        default=0.05,
+        metavar="F",
+        help="share of the negatives the chosen threshold may let through (default 0.05)",
     )
     p.add_argument(
         "--fit-positives",
@@ -67,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
         args.out,
         choose=args.choose,
         max_recall_loss=args.max_recall_loss,
+        max_false_positive_rate=args.max_false_positive_rate,
         fit_positives=args.fit_positives,
         fit_negatives=args.fit_negatives,
         cache=EmbeddingCache(args.cache),
