@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 31's measurements: the agent of RUN on Kvasir `test` and on its shifts, without and
 # with `alignsam adapt` on the (unlabelled) images of each set, and its presence threshold on
-# images without a polyp. Writes docs/results/unseen/ (summary by docs/tools/unseen_summary.py).
+# images without a polyp. Writes docs/results/unseen/ (summary: docs/tools/unseen_summary.py,
+# benchmarks.md).
 #   docs/tools/unseen.sh RUN [SET...]      (default sets: test and five shifts of it)
 set -euo pipefail
 run=${1:?usage: docs/tools/unseen.sh RUN [SET...]}

@@ -1,4 +1,5 @@
-"""Summarise docs/tools/unseen.sh's benchmarks into ``results.json`` and ``results.md`` (issue 31).
+"""Summarise docs/tools/unseen.sh's benchmarks into ``benchmarks.json`` and ``benchmarks.md``
+(issue 31; the folder's ``results.*`` are ``docs/tools/unseen_standing.py``'s).
 
 Per set: the agent's and the adapted agent's mIoU with intervals, their paired difference,
 each one's start and the share of images it leaves worse than its start; on images without a
@@ -74,7 +75,7 @@ def main(folder: str) -> None:
                 "auc",
             )  # fmt: skip
         }
-    (root / "results.json").write_text(json.dumps(out, indent=2))
+    (root / "benchmarks.json").write_text(json.dumps(out, indent=2))
     lines = [
         "# Images from elsewhere: Kvasir `test` and its shifts (issue 31)",
         "",
@@ -106,7 +107,7 @@ def main(folder: str) -> None:
             f"{n['false_positive_rate']:.3f}; on the {n['n_positives']} of `{n['positives']}`, "
             f"recall {n['recall']:.3f} (AUC {n['auc']:.3f}).",
         ]
-    (root / "results.md").write_text("\n".join(lines) + "\n")
+    (root / "benchmarks.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
