@@ -45,7 +45,8 @@ def add(sub: Subcommands) -> None:
         type=non_negative_int,
         default=[1],
         metavar="S",
-        help="further seeds at the sizes up to --extra-seeds-max-size",
+        help="further seeds at the sizes up to --extra-seeds-max-size (default 1; the flag "
+        "alone: none)",
     )
     c.add_argument(
         "--extra-seeds-max-size",
