@@ -22,7 +22,7 @@ def test_adapting_on_the_training_images_gives_back_the_trained_statistics(first
     source = PromptAgent.load(run, cache=EmbeddingCache(cache))
     # the tiny task trains on synthetic:val: the same images give the same statistics
     record = adapt_run(run, ["synthetic:val"], tmp_path / "same", cache=EmbeddingCache(cache),
-                       dark=None, progress=False)  # every cell, as in training  # fmt: skip
+                       dark=None, progress=False, statistics="always")  # every cell  # fmt: skip
     same = PromptAgent.load(tmp_path / "same", cache=EmbeddingCache(cache))
     assert torch.allclose(same.srm.channel_mean, source.srm.channel_mean, atol=1e-4)
     assert torch.allclose(same.srm.channel_std, source.srm.channel_std, rtol=1e-3)
@@ -37,7 +37,7 @@ def test_adapted_run_is_an_ordinary_run_that_records_its_images(first_run, tmp_p
     run = Path(summary["run_dir"])
     srm_bytes = (run / "checkpoints" / "best" / "srm.pt").read_bytes()
     adapt_run(run, ["synthetic:val@colour"], tmp_path / "a", cache=EmbeddingCache(cache),
-              progress=False)  # fmt: skip
+              progress=False, statistics="always")  # fmt: skip
     assert (run / "checkpoints" / "best" / "srm.pt").read_bytes() == srm_bytes  # untouched
     record = json.loads((tmp_path / "a" / "adapted.json").read_text())
     assert record["source_run"] == str(run.resolve()) and record["inputs"] == [
@@ -56,6 +56,34 @@ def test_adapted_run_is_an_ordinary_run_that_records_its_images(first_run, tmp_p
     with pytest.raises(FileExistsError, match="--overwrite"):
         adapt_run(run, ["synthetic:val"], tmp_path / "a", cache=EmbeddingCache(cache),
                   progress=False)  # fmt: skip
+
+
+def test_images_of_the_training_domain_leave_the_run_unchanged(first_run, tmp_path, monkeypatch):
+    """``statistics="auto"`` (the default) re-estimates only when the images' features drift
+    further than ``SHIFTED`` times the run's own labelled images' from the trained statistics."""
+    import experiments.adapt as adapt_module
+    from experiments.adapt import adapt_run
+
+    summary, cache = first_run
+    run = Path(summary["run_dir"])
+    source = PromptAgent.load(run, cache=EmbeddingCache(cache))
+    # the tiny task trains on synthetic:val: its own images drift as much as its reference
+    record = adapt_run(run, ["synthetic:val"], tmp_path / "same", cache=EmbeddingCache(cache),
+                       progress=False)  # fmt: skip
+    assert record["statistics"] == "auto" and record["re_estimated"] is None
+    assert record["shift"]["ratio"] == pytest.approx(1.0) and "within 1.2" in record["note"]
+    same = PromptAgent.load(tmp_path / "same", cache=EmbeddingCache(cache))
+    assert torch.equal(same.srm.channel_mean, source.srm.channel_mean)
+    assert torch.equal(same.srm.channel_std, source.srm.channel_std)
+    monkeypatch.setattr(adapt_module, "SHIFTED", 0.0)  # now every drift is a shift
+    record = adapt_run(run, ["synthetic:val@colour"], tmp_path / "moved",
+                       cache=EmbeddingCache(cache), progress=False)  # fmt: skip
+    assert record["re_estimated"] == "head inputs" and "note" not in record
+    moved = PromptAgent.load(tmp_path / "moved", cache=EmbeddingCache(cache))
+    assert not torch.allclose(moved.srm.channel_mean, source.srm.channel_mean)
+    with pytest.raises(ValueError, match="statistics must be one of"):
+        adapt_run(run, ["synthetic:val"], tmp_path / "bad", statistics="never")
+    assert not (tmp_path / "bad").exists()
 
 
 def test_an_srm_that_standardises_each_image_has_nothing_to_adapt():

@@ -347,9 +347,10 @@ def test_best_predicted_ends_the_session_in_the_kept_state(lookahead_run, tmp_pa
         assert best.session.outcome is best.path[best.kept] and best.final is best.path[best.kept]
         assert len(best.clicks) == 2 + best.kept  # the start points and the kept clicks
         assert best.final.prediction.score >= last.final.prediction.score
-    # an adapted lookahead run answers with the best predicted state
+    # an adapted lookahead run answers with the best predicted state (images of its training
+    # domain leave it unchanged unless told to re-estimate anyway)
     adapt_run(summary["run_dir"], ["synthetic:val"], tmp_path / "a", cache=EmbeddingCache(cache),
-              progress=False)  # fmt: skip
+              progress=False, statistics="always")  # fmt: skip
     adapted = PromptAgent.load(tmp_path / "a", cache=EmbeddingCache(cache))
     assert adapted.config.keep == "best_predicted" and agent.config.keep == "last"
     assert json.loads((tmp_path / "a" / "adapted.json").read_text())["keep"] == "best_predicted"
@@ -386,6 +387,7 @@ def test_best_predicted_ends_the_session_in_the_kept_state(lookahead_run, tmp_pa
                            cache=EmbeddingCache(cache), progress=False)  # fmt: skip
         shift = record["shift"]
         assert record["veto"] == veto and shift["threshold"] == shifted
+        assert (record["re_estimated"] is None) == (veto is None)  # the same drift test
         assert shift["reference_images"] > 0 and shift["ratio"] == pytest.approx(
             record["drift"] / shift["reference_drift"]
         )

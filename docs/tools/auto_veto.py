@@ -10,7 +10,10 @@ does; the adapted run keeps that rule and adds the veto); ``--plain`` / ``--adap
 sets' episodes of the source run and of the runs adapted on each set
 (``docs/tools/answer_sets.py``, ``docs/tools/adapt_sets.py``);
 ``--runs``: adapted run folders, or their ``adapted.json`` files, made by ``alignsam adapt``
-with the default ``--veto auto``, one per measured set (others are listed with their drift).
+with the default ``--veto auto``, one per measured set (others are listed with their drift), or
+an ``auto.json`` this script wrote (the drifts it records). ``--statistics auto`` (as ``adapt``'s
+default) scores a set whose drift is within the threshold with the episodes of the run not
+adapted (``adapt`` writes the run unchanged there); ``always``: with the adapted episodes.
 Writes ``OUT/auto.json`` and
 ``OUT/auto.md``.
 """
@@ -38,6 +41,7 @@ def main() -> None:
     ap.add_argument("--adapted", required=True)
     ap.add_argument("--runs", nargs="+", required=True)
     ap.add_argument("--max-worse", type=float, default=0.05)
+    ap.add_argument("--statistics", choices=("auto", "always"), default="auto")
     args = ap.parse_args()
     choose = load_sets(Path(args.choose))
     val = next(s for s in choose if "@" not in s)
@@ -50,6 +54,9 @@ def main() -> None:
     for r in args.runs:
         f = Path(r) / "adapted.json" if Path(r).is_dir() else Path(r)
         rec = json.loads(f.read_text())
+        if "inputs" not in rec:  # an earlier auto.json: its drift records
+            records.update(rec["drift"])
+            continue
         (spec,) = rec["inputs"]
         records[spec] = {k: rec[k] for k in ("veto", "drift", "shift", "images")}
     lines = [
@@ -57,26 +64,39 @@ def main() -> None:
         "",
         f"The source run's answer rule, chosen on {val} (max_worse {args.max_worse:g}): "
         f"{rule}; the adapted run keeps it, with the veto `adapt` set.",
+        *(
+            [
+                "Statistics re-estimated only where the drift exceeds the threshold "
+                "(`adapt --statistics auto`); below it the run is unchanged: its episodes are "
+                "the ones not adapted.",
+            ]
+            if args.statistics == "auto"
+            else []
+        ),
         "",
         "| set | drift (x training images') | veto | start | not adapted | adapted, no veto | "
         "adapted, auto veto | auto vs not adapted [95 %] |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    out: dict = {"rule": list(rule), "sets": {}}
+    out: dict = {"rule": list(rule), "statistics": args.statistics, "sets": {}}
     for spec, rec in records.items():
         if spec not in plain or spec not in adapted:
             continue
         start = np.array([p[0] for p in plain[spec]["paths"]])
+        ratio = rec["shift"]["ratio"]
+        kept = (
+            args.statistics == "auto" and ratio is not None and ratio <= rec["shift"]["threshold"]
+        )
+        ran = plain[spec] if kept else adapted[spec]  # the statistics kept: the run unchanged
         a = per_image(plain[spec], *rule)
-        b = per_image(adapted[spec], *rule)
-        c = per_image(adapted[spec], *rule, rec["veto"])
+        b = per_image(ran, *rule)
+        c = per_image(ran, *rule, rec["veto"])
         ci = bootstrap_ci((c - a).tolist())
 
         def cell(v: np.ndarray, s: np.ndarray) -> str:
             return f"{v.mean():.3f} / {100 * np.mean(v < s - WORSE):.0f} %"
 
-        a_start = np.array([p[0] for p in adapted[spec]["paths"]])
-        ratio = rec["shift"]["ratio"]
+        a_start = np.array([p[0] for p in ran["paths"]])
         lines.append(
             f"| {spec} | {rec['drift']:.3f} ({ratio:.2f}) | {rec['veto']} | {start.mean():.3f} | "
             f"{cell(a, start)} | {cell(b, a_start)} | {cell(c, a_start)} | "
@@ -84,6 +104,7 @@ def main() -> None:
         )
         out["sets"][spec] = {
             **rec,
+            "statistics_re_estimated": not kept,
             "start": float(start.mean()),
             "adapted_start": float(a_start.mean()),
             "not_adapted": float(a.mean()),

@@ -5,7 +5,7 @@ threshold ``alignsam presence --choose`` picks today. Built from recorded result
 decoder call:
 
     PYTHONPATH=docs/tools python docs/tools/unseen_standing.py docs/results/unseen \
-        --auto docs/results/unseen/veto_n400/auto.json \
+        --auto docs/results/unseen/gate_n400/auto.json \
         --presence docs/results/unseen/presence_rules/results.json
 
 ``--auto``: ``docs/tools/auto_veto.py``'s record (the source run's answer rule; per set the veto
@@ -35,6 +35,7 @@ def _sets(auto: dict) -> dict:
             "n": r["images"],
             "drift_ratio": r["shift"]["ratio"],
             "veto": r["veto"],
+            "statistics_re_estimated": r.get("statistics_re_estimated", True),
             "not_adapted": {
                 "miou": r["not_adapted"],
                 "ci95": r["not_adapted_ci95"],
@@ -114,19 +115,22 @@ def main() -> None:
         "",
         f"The 400-image Kvasir agent (`runs/noharm400`; answer rule {tuple(auto['rule'])}, chosen "
         "on `val`), on each set without and with `alignsam adapt RUN SET` (the set's own images, "
-        "no labels; `--veto auto`). mIoU [95 %] / share of images worse than their start "
+        f"no labels; `--veto auto --statistics {auto.get('statistics', 'always')}`: "
+        "re-estimated says whether the SRM's statistics moved). mIoU [95 %] / share of images "
+        "worse than their start "
         "(the adapted run's own start for the adapted column). From recorded episodes "
         "(`docs/tools/unseen_standing.py`; sources in `results.json`).",
         "",
-        "| set | n | drift (x) | veto | start | not adapted | adapted start | adapted | "
-        "adapted - not adapted [95 %] |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| set | n | drift (x) | re-estimated | veto | start | not adapted | adapted start | "
+        "adapted | adapted - not adapted [95 %] |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for spec, r in sets.items():
         a, b, d = r["not_adapted"], r["adapted"], r["adapted_minus_not_adapted"]
         flag = " (over 10 %)" if b["worse_than_start"] > MAX_WORSE else ""
         lines.append(
-            f"| {spec} | {r['n']} | {r['drift_ratio']:.2f} | {r['veto']} | {a['start']:.3f} | "
+            f"| {spec} | {r['n']} | {r['drift_ratio']:.2f} | "
+            f"{'yes' if r['statistics_re_estimated'] else 'no'} | {r['veto']} | {a['start']:.3f} | "
             f"{a['miou']:.3f} [{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}] / "
             f"{a['worse_than_start']:.0%} | {b['start']:.3f} | "
             f"{b['miou']:.3f} [{b['ci95'][0]:.3f}, {b['ci95'][1]:.3f}] / "

@@ -80,6 +80,15 @@ def add(sub: Subcommands) -> None:
         "own labelled images do, else the source run's setting; source: the source run's "
         "lookahead.veto; none: no veto (see docs/results.md)",
     )
+    a.add_argument(
+        "--statistics",
+        choices=("auto", "always"),
+        default="auto",
+        help="auto: re-estimate only when the images' features lie further from the trained "
+        "statistics than 1.2 times the run's own labelled images do (closer, the statistics "
+        "stay as trained, and with the default --keep and --veto the answer rule too); always: "
+        "whatever the drift (default: auto)",
+    )
     add_cache_option(a)
     a.add_argument("--skip-bad", action="store_true", help="skip unusable images and list them")
     a.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -105,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
         self_train=args.self_train,
         anchors=args.anchors,
         veto=getattr(args, "veto", "auto"),
+        statistics=args.statistics,
     )
     if r.get("self_training"):
         t = r["self_training"]
@@ -114,12 +124,10 @@ def run(args: argparse.Namespace) -> int:
     if r.get("shift"):
         t = r["shift"]
         ratio = "unknown" if t["ratio"] is None else f"{t['ratio']:.2f} x the training images'"
-        print(f"feature drift {t['drift']:.3f} ({ratio}; the veto goes on above "
-              f"{t['threshold']:g} x): veto {r['veto']}")  # fmt: skip
-    print(
-        f"adapted {args.run} on {r['images']} images ({r['re_estimated']} re-estimated, "
-        f"{r['seconds']:.1f} s): {args.out}"
-    )
+        print(f"feature drift {t['drift']:.3f} ({ratio}; the statistics are re-estimated "
+              f"and the veto goes on above {t['threshold']:g} x): veto {r['veto']}")  # fmt: skip
+    what = f"{r['re_estimated']} re-estimated" if r["re_estimated"] else "statistics kept"
+    print(f"adapted {args.run} on {r['images']} images ({what}, {r['seconds']:.1f} s): {args.out}")
     if r.get("note"):
         print(f"note: {r['note']}")
     return 0

@@ -159,6 +159,7 @@ class TrainingMixin:
         images: Iterable[tuple[ImageEmbedding, Callable[[], np.ndarray] | None]],
         mix: float = 1.0,
         dark: float | None = None,
+        when: Callable[[float], bool] | None = None,
     ) -> dict[str, Any]:
         """Re-estimate the input statistics on the images to be segmented (no labels needed):
         the per-channel mean and spread the SRM standardises its raw features with before the
@@ -170,8 +171,10 @@ class TrainingMixin:
         the SRM's one normalisation). ``images`` are ``(embedding, load_image)`` pairs; ``mix``
         is the target's share of the new statistics (1: the target's alone; 0.5: the mean and
         second moment halfway between the training images' and the target's); ``dark`` leaves
-        out cells darker than it (mean pixel value, 0-1). Returns what was re-estimated, on how
-        many images and cells, and the mix.
+        out cells darker than it (mean pixel value, 0-1); ``when``, given the images' drift
+        (:meth:`feature_drift`), says whether to re-estimate at all (the statistics stay as
+        trained when it says no). Returns what was re-estimated (``None``: nothing), on how many
+        images and cells, the mix and the drift.
 
         Raises:
             ValueError: No image, or an SRM with no dataset statistics to re-estimate
@@ -182,6 +185,9 @@ class TrainingMixin:
         raw, mean, std, cells, n_images = self._moments_of(images, dark)
         m0, s0 = self._held_statistics(raw)
         drift = _drift(mean, m0, s0)
+        info = {"statistics": None, "images": n_images, "cells": cells, "mix": mix, "drift": drift}
+        if when is not None and not when(drift):
+            return info
         if mix < 1.0:  # pool first and second moments
             second = (1 - mix) * (s0**2 + m0**2) + mix * (std**2 + mean**2)
             mean = (1 - mix) * m0 + mix * mean
@@ -193,13 +199,8 @@ class TrainingMixin:
             self.channel_mean = mean.float().to(self.device)
             self.channel_std = std.float().to(self.device)
         self._touch()
-        return {
-            "statistics": "raw features (before the projection)" if raw else "head inputs",
-            "images": n_images,
-            "cells": cells,
-            "mix": mix,
-            "drift": drift,
-        }
+        info["statistics"] = "raw features (before the projection)" if raw else "head inputs"
+        return info
 
     def feature_drift(
         self,
