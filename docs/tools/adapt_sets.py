@@ -103,6 +103,14 @@ def main() -> None:
         "adapt chose a veto; the answers here are read off the episodes by rule anyway)",
     )
     ap.add_argument(
+        "--statistics",
+        choices=("auto", "always"),
+        default="always",
+        help="alignsam adapt --statistics (default always: what re-estimating does, whatever "
+        "the drift; adapt's own default leaves runs unchanged at a drift like the training "
+        "images')",
+    )
+    ap.add_argument(
         "--names",
         nargs=2,
         default=["plain", "adapted"],
@@ -130,7 +138,7 @@ def main() -> None:
             if not adapted.is_dir():
                 veto = args.veto if args.veto in ("source", "auto") else cli_veto(args.veto)
                 adapt_run(args.run, [spec], adapted, cache=cache, self_train=args.self_train,
-                          veto=veto)  # fmt: skip
+                          veto=veto, statistics=args.statistics)  # fmt: skip
             agent = PromptAgent.load(adapted, cache=cache)
             agent.config.clicks = args.clicks
             ev = evaluate_lookahead(agent, load_dataset(spec), progress=True)
