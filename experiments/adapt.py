@@ -27,7 +27,7 @@ for noisier ones). ``RUN2/adapted.json`` records the source run, the checkpoint,
 drift and what was re-estimated on how many images.
 
 Each image costs one encoding (through the cache) and one pass of the SRM's feature sources, as
-do the (up to) 50 labelled images the veto's reference is measured on; no decoder call.
+do the (up to) 50 labelled images the drift's reference is measured on; no decoder call.
 """
 
 from __future__ import annotations
@@ -61,7 +61,8 @@ DARK = 0.06
 SHIFTED = 1.2
 #: ``--statistics``: re-estimate only when the images drift as :data:`SHIFTED` says, or always.
 #: On images of the training domain re-estimating only swaps the trained statistics for noisier
-#: ones (the 400-image Kvasir agent adapted on ``test@colour``, drift 1.09 x: -0.021 mIoU).
+#: ones (the 400-image Kvasir agent: ``test@colour``, drift 1.09 x, -0.021 mIoU; ``val@down384``,
+#: 1.17 x, -0.011; docs/results.md).
 STATISTICS = ("auto", "always")
 #: Labelled training images ``--veto auto`` measures the training domain's drift on.
 REFERENCE_IMAGES = 50

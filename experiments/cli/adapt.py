@@ -124,8 +124,9 @@ def run(args: argparse.Namespace) -> int:
     if r.get("shift"):
         t = r["shift"]
         ratio = "unknown" if t["ratio"] is None else f"{t['ratio']:.2f} x the training images'"
-        print(f"feature drift {t['drift']:.3f} ({ratio}; the statistics are re-estimated "
-              f"and the veto goes on above {t['threshold']:g} x): veto {r['veto']}")  # fmt: skip
+        moved = "re-estimated" if r["re_estimated"] else "kept"
+        print(f"feature drift {t['drift']:.3f} ({ratio}; shifted above {t['threshold']:g} x): "
+              f"statistics {moved}, veto {r['veto']}")  # fmt: skip
     what = f"{r['re_estimated']} re-estimated" if r["re_estimated"] else "statistics kept"
     print(f"adapted {args.run} on {r['images']} images ({what}, {r['seconds']:.1f} s): {args.out}")
     if r.get("note"):
