@@ -201,12 +201,12 @@ def srm_embedding(
     encoding's seconds (0 when the cache had it)."""
     t0 = time.perf_counter()
     hits = cache.hits if cache is not None else 0
-    features = srm.feature_set
-    stages = features is not None and features.wants_stages
-    if cache is not None:
-        emb = cache.get_or_encode(segmenter, image, stages=stages)
+    if srm.feature_set is not None:  # with the encoder's stages when they are needed
+        emb = srm.feature_set.embed(image, cache)
+    elif cache is not None:
+        emb = cache.get_or_encode(segmenter, image)
     else:
-        emb = segmenter.encode(image, stages=stages)
+        emb = segmenter.encode(image)
     cached = cache is not None and cache.hits > hits
     return emb, 0.0 if cached else time.perf_counter() - t0
 

@@ -48,7 +48,7 @@ from experiments.runs import (
     seed_everything,
     skipped_by_split,
 )
-from recalibration.features import FeatureSet
+from recalibration.feature_set import FeatureSet
 from recalibration.items import collect_items
 from recalibration.srm import SemanticRecalibrationModule, simulate_mask_states
 from segmenter import EmbeddingCache, build_segmenter

@@ -56,7 +56,7 @@ from experiments.runs import (
     seed_everything,
     skipped_by_split,
 )
-from recalibration.features import FeatureSet
+from recalibration.feature_set import FeatureSet
 from recalibration.items import attach_semantic_maps, collect_items
 from recalibration.srm import SemanticRecalibrationModule
 from segmenter import EmbeddingCache, build_segmenter

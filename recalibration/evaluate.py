@@ -22,7 +22,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from recalibration.features import FeatureSet
+from recalibration.feature_set import FeatureSet
 from recalibration.items import collect_items
 from recalibration.labelers import EpisodeState
 from recalibration.srm import (

@@ -15,11 +15,13 @@ stacked channel-wise. Sources by name (:data:`FEATURE_SOURCES`):
 * ``open_clip``: the dense (CLIP-Surgery) patch features of an open_clip ViT image tower, named
   as ``open_clip:ARCH:PRETRAINED`` or with a local weights file;
 * ``dinov2``: a DINOv2 ViT (through timm) patch-token map, ``dinov2:ARCH``, with the weights of
-  timm's hub entry or a local file.
+  timm's hub entry or a local file;
+* ``compact:SOURCE``: any of these but ``sam`` stored compactly (:mod:`segmenter.codec`: 2 x 2
+  pooled, 8 bits per value; an eighth of the float16 bytes), e.g. ``compact:sam_stages``.
 
 Every source but ``sam`` is computed once per image and kept in the embedding cache under its
-own key (source, weights, frame), with the cache's checksums. :class:`FeatureSet` stacks the
-sources a task asks for and keeps the last few images in memory.
+own key (source, weights, frame, codec), with the cache's checksums.
+:class:`recalibration.feature_set.FeatureSet` stacks the sources a task asks for.
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import logging
 from abc import ABC, abstractmethod
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,16 +39,18 @@ import torch.nn.functional as F
 
 from segmenter.base import ImageEmbedding
 from segmenter.cache import EmbeddingCache
+from segmenter.codec import CODEC, pack
 from segmenter.sam import check_image, image_hash
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "FEATURE_SOURCES",
+    "CompactSource",
     "FeatureError",
-    "FeatureSet",
     "FeatureSource",
     "build_feature_source",
+    "reads_stages",
     "register_feature_source",
 ]
 
@@ -388,113 +391,72 @@ def _dinov2(segmenter: Any, cache: EmbeddingCache | None, spec: str) -> FeatureS
 
 
 # ---------------------------------------------------------------------------------------------
-# A task's stack of sources
+# Any source, stored compactly
 # ---------------------------------------------------------------------------------------------
 
 
-class FeatureSet:
-    """The sources a task's SRM reads, stacked channel-wise on the embedding grid.
+def reads_stages(source: FeatureSource) -> bool:
+    """Whether ``source`` reads the segmenter encoder's stages (plain or compact)."""
+    return isinstance(source, SamStages) or (
+        isinstance(source, CompactSource) and isinstance(source.inner, SamStages)
+    )
 
-    Args:
-        names: Source names in order (``"sam"`` first in every shipped task).
-        segmenter: The frozen segmenter (its grid, frame and, for ``sam_stages``, encoder).
-        cache: Embedding cache: every source but ``sam`` is stored there per image.
-        keep: Images whose stacked features are kept in memory (by image hash).
-        sources: Built sources to use instead of building them from ``names`` (tests).
+
+class CompactSource(FeatureSource):
+    """Another source's map as its :mod:`segmenter.codec` ``pool2-u8`` codes read it back:
+    2 x 2 pooled, 8 bits per value, upsampled to the grid (e.g. ``compact:sam_stages``: 0.9
+    instead of 7.25 MiB per image in the cache). The SRM reads the decoded map whether it was
+    just computed or cached, so what it learned holds at ``segment`` time.
     """
 
-    def __init__(
-        self,
-        names: Sequence[str],
-        segmenter: Any,
-        cache: EmbeddingCache | None = None,
-        keep: int = 8,
-        sources: Sequence[FeatureSource] | None = None,
-    ) -> None:
-        self.names = tuple(names)
-        if not self.names:
-            raise FeatureError("a feature set needs at least one source (e.g. ['sam'])")
-        self.segmenter, self.cache, self.keep = segmenter, cache, int(keep)
-        self.sources = list(sources) if sources is not None else [
-            build_feature_source(n, segmenter, cache) for n in self.names
-        ]
-        self._memory: OrderedDict[str, torch.Tensor] = OrderedDict()
+    name = "compact"
 
-    @property
-    def wants_stages(self) -> bool:
-        """Whether a source reads the encoder's stages (encode with ``stages=True`` once)."""
-        return any(isinstance(s, SamStages) for s in self.sources)
+    def __init__(self, inner: FeatureSource) -> None:
+        if isinstance(inner, (SamEmbedding, CompactSource)):
+            raise FeatureError(
+                f"compact:{inner.name} is not a source: the segmenter's embedding stays as the "
+                "decoder reads it, and a compact source is compact already"
+            )
+        super().__init__(inner.grid, inner.frame, inner.device)
+        self.inner = inner
+        self.channels = inner.channels
+        self.embedding_id = f"{inner.embedding_id}|{CODEC}"
 
-    @property
-    def sam_only(self) -> bool:
-        """Just the segmenter's embedding (the SRM's classic input)."""
-        return self.names == ("sam",)
+    def raw(self, image: np.ndarray) -> torch.Tensor:
+        """The inner source's full map (the stages from an encoder pass of their own: the
+        full-size stages never enter the cache)."""
+        with torch.inference_mode():
+            if isinstance(self.inner, SamStages):
+                return self.inner.segmenter.encode(image, stages=True).extras["stages"][0]
+            return self.inner.compute(image).float()
 
-    def __call__(
-        self, embedding: ImageEmbedding, load_image: Callable[[], np.ndarray] | None = None
-    ) -> torch.Tensor:
-        """``(1, C, He, We)`` float32 features of ``embedding``'s image: the embedding itself
-        for ``sam``, the other sources from memory, the cache or (with ``load_image``)
-        computed now.
+    def compute(self, image: np.ndarray) -> torch.Tensor:
+        return pack(self.raw(image)).unpack()
 
-        Raises:
-            FeatureError: A source's features are neither kept nor cached and there is no way
-                to load the image.
-        """
-        if self.sam_only:
-            return embedding.features.float()
-        key = embedding.image_hash
-        hit = self._memory.get(key)
-        if hit is not None:
-            self._memory.move_to_end(key)
-            return hit
-        image: np.ndarray | None = None
-        parts = []
-        for source in self.sources:
-            if isinstance(source, SamEmbedding):
-                parts.append(embedding.features[0].float().cpu())
-                continue
-            feats = None
-            if isinstance(source, SamStages) and "stages" in embedding.extras:
-                feats = embedding.extras["stages"][0]  # encoded in the same pass
-            if self.cache is not None:
-                cached = self.cache.load(source.embedding_id, key)
-                feats = None if cached is None else cached.features[0]
-            if feats is None:
-                if image is None:
-                    if load_image is None:
-                        raise FeatureError(
-                            f"{source.name} features of image {key[:12]} are not cached and "
-                            "its pixels are not at hand: compute them first "
-                            "(FeatureSet.prepare) or pass load_image"
-                        )
-                    image = load_image()
-                feats = self._compute(source, image)
-            parts.append(feats.float().cpu())
-        stacked = torch.cat(parts, dim=0)[None]
-        self._memory[key] = stacked
-        while len(self._memory) > self.keep:
-            self._memory.popitem(last=False)
-        return stacked
+    def encode(self, image: np.ndarray, stages: bool = False) -> ImageEmbedding:
+        """The decoded map, with its codes in ``extras["packed"]`` (what the cache stores)."""
+        check_image(image)
+        return self.wrap(self.raw(image), image.shape[:2], image)
 
-    def _compute(self, source: FeatureSource, image: np.ndarray) -> torch.Tensor:
-        if self.cache is not None and not isinstance(source, SamStages):
-            emb = self.cache.get_or_encode(source, image)
-        else:
-            emb = source.encode(image)  # sam_stages goes through the cache itself
-        return emb.features[0]
+    def wrap(
+        self, raw: torch.Tensor, original_size: tuple[int, int], image: np.ndarray | str
+    ) -> ImageEmbedding:
+        """An entry of ``raw``'s codes for the image (pixels, or its hash) of ``original_size``."""
+        h, w = original_size
+        scale = self.frame / max(h, w)
+        packed = pack(raw)
+        return ImageEmbedding(
+            features=packed.unpack()[None],
+            original_size=(int(h), int(w)),
+            input_size=(int(h * scale + 0.5), int(w * scale + 0.5)),
+            model_id=self.embedding_id,
+            image_hash=image if isinstance(image, str) else image_hash(image),
+            extras={"packed": packed},
+        )
 
-    def prepare(self, image: np.ndarray) -> None:
-        """Compute (and cache) every source of ``image`` now, e.g. while the images are at
-        hand before training."""
-        for source in self.sources:
-            if not isinstance(source, SamEmbedding):
-                self._compute(source, image)
 
-    def channels(self, embedding: ImageEmbedding, load_image: Callable[[], np.ndarray]) -> int:
-        """Total channels (the first image tells, since ``sam_stages`` learns its count)."""
-        return int(self(embedding, load_image).shape[1])
-
-    def describe(self) -> dict[str, Any]:
-        """Names and cache ids, for run folders."""
-        return {"sources": list(self.names), "ids": [s.embedding_id for s in self.sources]}
+@register_feature_source("compact")
+def _compact(segmenter: Any, cache: EmbeddingCache | None, spec: str) -> FeatureSource:
+    if not spec:
+        raise FeatureError("compact needs the source it stores, e.g. compact:sam_stages")
+    return CompactSource(build_feature_source(spec, segmenter, cache))

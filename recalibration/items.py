@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from recalibration.features import FeatureSet
+from recalibration.feature_set import FeatureSet
 from recalibration.labelers import EpisodeState
 from recalibration.srm import SemanticRecalibrationModule, SRMTrainItem
 from segmenter.base import Segmenter
@@ -50,15 +50,20 @@ def collect_items(
     items: list[SRMTrainItem] = []
     for s in progress_bar(samples, desc=f"{desc} images", unit="img", disable=not progress):
         image = s.load_image()
-        emb = (
-            cache.get_or_encode(segmenter, image) if cache is not None else segmenter.encode(image)
-        )
+        extra = features is not None and not features.sam_only
+        if extra:  # the encoder's stages, when a source needs them, from the same pass
+            emb = features.embed(image, cache)
+        elif cache is not None:
+            emb = cache.get_or_encode(segmenter, image)
+        else:
+            emb = segmenter.encode(image)
         emb.features = emb.features.detach().to("cpu", torch.float32)
-        if features is not None and not features.sam_only:
+        if extra:
             if keep_features or features.cache is None:
                 emb.extras["srm_features"] = features(emb, lambda image=image: image).half()
             else:
-                features.prepare(image)
+                features.prepare(image, emb)
+        emb.extras.pop("stages", None)  # cached or folded into srm_features by now
         items.append((emb, np.asarray(s.mask, bool), None))
     return items
 

@@ -1,7 +1,8 @@
 """On-disk embedding cache keyed by (segmenter id, image content hash).
 
-Entries are ``.npz`` files holding the embedding in float16, its geometry and a CRC-32 of the
-feature bytes. Writes go to a temporary file in the same folder and are renamed into place,
+Entries are ``.npz`` files holding the embedding in float16 (or, for an embedding that carries
+``extras["packed"]``, its :mod:`segmenter.codec` codes), its geometry and a CRC-32 of the
+stored bytes. Writes go to a temporary file in the same folder and are renamed into place,
 so readers never see half-written entries, an interrupted writer leaves only a stray temp
 file, and two writers of the same entry both produce a complete, identical file. A corrupt
 entry (bad archive or checksum) is reported, removed and recomputed.
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from segmenter.base import ImageEmbedding, Segmenter
+from segmenter.codec import CODEC, Packed
 from segmenter.io import atomic_write
 from segmenter.sam import image_hash
 from segmenter.weights import cache_dir
@@ -68,17 +70,25 @@ class EmbeddingCache:
                 meta = json.loads(str(z["meta"]))
                 feats = z["features"]
                 crc = int(z["crc"])
-            if zlib.crc32(feats.tobytes()) != crc or meta.get("model_id") != model_id:
+                codec = meta.get("codec")
+                scales = (z["low"], z["step"]) if codec is not None else ()
+            if _crc(feats, *scales) != crc or meta.get("model_id") != model_id:
                 raise ValueError("checksum or model id mismatch")
             if meta.get("version") != FORMAT_VERSION:
                 raise ValueError(f"format version {meta.get('version')} != {FORMAT_VERSION}")
+            if codec is None:
+                tensor = torch.from_numpy(feats.astype(np.float32))
+            elif codec == CODEC:
+                tensor = Packed(feats, *scales, tuple(meta["grid"])).unpack()[None]
+            else:
+                raise ValueError(f"unknown codec {codec!r}")
         except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
             logger.warning("corrupt cache entry %s (%s): removing it and recomputing", path, exc)
             self.recomputed_corrupt += 1
             path.unlink(missing_ok=True)
             return None
         return ImageEmbedding(
-            features=torch.from_numpy(feats.astype(np.float32)).to(device),
+            features=tensor.to(device),
             original_size=tuple(meta["original_size"]),
             input_size=tuple(meta["input_size"]),
             model_id=model_id,
@@ -86,23 +96,32 @@ class EmbeddingCache:
         )
 
     def store(self, emb: ImageEmbedding) -> Path:
-        """Write an entry atomically (temp file in the same folder, then rename)."""
+        """Write an entry atomically (temp file in the same folder, then rename): the features
+        in the cache's dtype, or the codes of ``emb.extras["packed"]`` when it has them."""
         path = self.path_for(emb.model_id, emb.image_hash)
         path.parent.mkdir(parents=True, exist_ok=True)
-        feats = emb.features.detach().to("cpu", torch.float32).numpy().astype(self.dtype)
         meta = {
             "version": FORMAT_VERSION,
             "model_id": emb.model_id,
             "original_size": list(emb.original_size),
             "input_size": list(emb.input_size),
         }
-        crc = zlib.crc32(feats.tobytes())
-        return atomic_write(
-            path, lambda fh: np.savez(fh, features=feats, meta=json.dumps(meta), crc=crc)
-        )
+        packed: Packed | None = emb.extras.get("packed")
+        if packed is None:
+            arrays = {"features": emb.features.detach().to("cpu", torch.float32).numpy()}
+            arrays["features"] = arrays["features"].astype(self.dtype)
+        else:
+            arrays = {"features": packed.codes, "low": packed.low, "step": packed.step}
+            meta.update(codec=CODEC, grid=list(packed.grid))
+        crc = _crc(*arrays.values())
+        return atomic_write(path, lambda fh: np.savez(fh, **arrays, meta=json.dumps(meta), crc=crc))
 
     def get_or_encode(
-        self, segmenter: Segmenter, image: np.ndarray, stages: bool = False
+        self,
+        segmenter: Segmenter,
+        image: np.ndarray,
+        stages: bool = False,
+        store_stages: bool = True,
     ) -> ImageEmbedding:
         """The embedding of ``image`` for ``segmenter``, encoding and storing it on a miss.
 
@@ -112,12 +131,15 @@ class EmbeddingCache:
         With ``stages`` the encoder's intermediate stages come too, in ``extras["stages"]``
         (:mod:`segmenter.stages`): a second entry beside the embedding (key
         ``segmenter.stages_id``), made by the same encoder pass; an image whose embedding is
-        cached without its stages is encoded again once.
+        cached without its stages is encoded again once. With ``store_stages=False`` the stages
+        are neither read from nor written to the cache (a caller that keeps them in another form,
+        e.g. :mod:`segmenter.codec`): asking for them encodes the image, its embedding is stored
+        as usual, and the stages come in float32.
         """
         key = image_hash(image)
         emb = self.load(segmenter.embedding_id, key, segmenter.device)
         if emb is not None and stages:
-            inner = self.load(segmenter.stages_id, key, segmenter.device)
+            inner = self.load(segmenter.stages_id, key, segmenter.device) if store_stages else None
             if inner is None:
                 emb = None
             else:
@@ -133,7 +155,7 @@ class EmbeddingCache:
                 return emb
         try:
             self.misses += 1
-            return self._encode_store(segmenter, image, stages)
+            return self._encode_store(segmenter, image, stages, store_stages)
         finally:
             self._release(segmenter.embedding_id, key)
 
@@ -151,12 +173,17 @@ class EmbeddingCache:
             self._pending.pop((model_id, key)).set_result(None)
 
     def _encode_store(
-        self, segmenter: Segmenter, image: np.ndarray, stages: bool = False
+        self,
+        segmenter: Segmenter,
+        image: np.ndarray,
+        stages: bool = False,
+        store_stages: bool = True,
     ) -> ImageEmbedding:
         emb = segmenter.encode(image, stages=True) if stages else segmenter.encode(image)
         self.store(emb)
-        emb.features = emb.features.to(self._torch_dtype).float()
-        if stages:
+        if "packed" not in emb.extras:  # packed features are their codes' values already
+            emb.features = emb.features.to(self._torch_dtype).float()
+        if stages and store_stages:
             inner = ImageEmbedding(
                 features=emb.extras["stages"],
                 original_size=emb.original_size,
@@ -200,3 +227,11 @@ class EmbeddingCache:
         future = pool.submit(work)
         pool.shutdown(wait=False)
         return future
+
+
+def _crc(*arrays: np.ndarray) -> int:
+    """CRC-32 of the arrays' bytes, in order."""
+    crc = 0
+    for a in arrays:
+        crc = zlib.crc32(np.ascontiguousarray(a).tobytes(), crc)
+    return crc

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from recalibration import features as fmod
-from recalibration.features import FeatureError, FeatureSet, build_feature_source
+from recalibration.feature_set import FeatureSet
+from recalibration.features import FeatureError, build_feature_source
 from recalibration.labelers import EpisodeState
 from recalibration.srm import SemanticRecalibrationModule, SRMConfig
 from segmenter import EmbeddingCache
@@ -112,13 +113,17 @@ def test_bench_perf_reports_each_sources_extra_time_and_cache_bytes(
     from experiments import perf
 
     monkeypatch.setattr(perf, "SETTLE_S", 0.0)
-    fs = FeatureSet(["sam", "sam_stages", "efficientnet_lite0"], tiny_segmenter)
+    names = ["sam", "sam_stages", "efficientnet_lite0", "compact:sam_stages"]
+    fs = FeatureSet(names, tiny_segmenter)
     out = perf.time_feature_sources(tiny_segmenter, fs, [rgb_image, rgb_image[::-1].copy()])
     assert out["images"] == 2 and out["encode_s"] > 0 and "encode_stages_s" in out
-    assert set(out["sources"]) == {"sam_stages", "efficientnet_lite0"}
+    assert set(out["sources"]) == set(names[1:])
     # The stages (48 channels here) and EfficientNet's pyramid add cache entries of their own.
     assert all(v["cache_bytes"] > 0 for v in out["sources"].values())
     assert out["sources"]["efficientnet_lite0"]["extra_s"] > 0
+    # Their codes: an eighth of the float16 bytes plus the archive's fixed overhead.
+    full, compact = (out["sources"][n]["cache_bytes"] for n in ("sam_stages", names[3]))
+    assert compact < full / 2
     text = perf.render_feature_sources(out)
     assert "efficientnet_lite0: +" in text and "MiB cached" in text
 

@@ -12,7 +12,7 @@ import sys
 import time
 
 from envs.data import kvasir_seg, shared_data_root
-from recalibration.features import FeatureSet
+from recalibration.feature_set import FeatureSet
 from recalibration.items import collect_items
 from recalibration.srm import SemanticRecalibrationModule, SRMConfig
 from segmenter import EmbeddingCache, build_segmenter

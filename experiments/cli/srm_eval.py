@@ -35,7 +35,8 @@ def add(sub: Subcommands) -> None:
         "--features",
         default="sam",
         help="feature sources the trained SRM reads, comma-separated "
-        "(sam, sam_stages, efficientnet_lite0, open_clip:ARCH:TAG, dinov2:ARCH)",
+        "(sam, sam_stages, efficientnet_lite0, open_clip:ARCH:TAG, dinov2:ARCH; compact:SOURCE "
+        "stores SOURCE 2x2-pooled in 8 bits)",
     )
     se.add_argument(
         "--reduce",

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from recalibration.clip_surgery import ClipLoadError, ClipSurgery
-from recalibration.features import FeatureSet
+from recalibration.feature_set import FeatureSet
 from recalibration.labelers import EpisodeState, Labeler
 from recalibration.srm.config import EPS, SRMConfig
 from recalibration.srm.fast_head import OnnxHead
@@ -43,7 +43,7 @@ class SemanticRecalibrationModule(TrainingMixin, PersistenceMixin, Labeler):
         clip: A ready :class:`ClipSurgery` for the explicit branch (otherwise built from
             ``config.clip``).
         features: The stacked feature sources the head reads (``config.features``,
-            :class:`~recalibration.features.FeatureSet`); ``None`` for the segmenter's
+            :class:`~recalibration.feature_set.FeatureSet`); ``None`` for the segmenter's
             embedding alone (``embed_channels`` is then its channel count).
 
     Raises:

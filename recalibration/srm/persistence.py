@@ -17,7 +17,7 @@ from typing import Any, Self
 import torch
 
 from recalibration.clip_surgery import ClipSurgery
-from recalibration.features import FeatureSet
+from recalibration.feature_set import FeatureSet
 from recalibration.srm.config import WEIGHT_KEYS, SRMConfig
 from segmenter.io import atomic_write
 
@@ -144,7 +144,7 @@ class PersistenceMixin:
                 is checked on its first image).
             segmenter: The segmenter whose features the SRM reads, needed (with ``cache``)
                 when the SRM reads more sources than the embedding
-                (``config.features``, :class:`~recalibration.features.FeatureSet`).
+                (``config.features``, :class:`~recalibration.feature_set.FeatureSet`).
             cache: Embedding cache of the feature sources.
             **overrides: Config fields to change that do not affect the weights (``online``,
                 ``threshold``, ``q_steps``, ``lr``, ``allow_implicit_fallback``...).
