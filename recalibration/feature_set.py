@@ -83,8 +83,7 @@ class FeatureSet:
         if stages and not self.keeps_stages and cache is not None:  # compact stages cached?
             key = image_hash(image)
             stages = any(
-                reads_stages(s) and not cache.path_for(s.embedding_id, key).is_file()
-                for s in self.sources
+                reads_stages(s) and not cache.has(s.embedding_id, key) for s in self.sources
             )
         if cache is None:
             return self.segmenter.encode(image, stages=stages)
@@ -164,10 +163,7 @@ class FeatureSet:
                 continue
             if stages and reads_stages(source):
                 key = embedding.image_hash
-                if (
-                    self.cache is not None
-                    and not self.cache.path_for(source.embedding_id, key).is_file()
-                ):
+                if self.cache is not None and not self.cache.has(source.embedding_id, key):
                     self._from_stages(source, embedding)  # plain stages are cached by now
                 continue
             self._compute(source, image)

@@ -87,17 +87,24 @@ class FeatureSource(ABC):
     def encode(self, image: np.ndarray, stages: bool = False) -> ImageEmbedding:
         """The features as an :class:`ImageEmbedding` (so the embedding cache stores them)."""
         check_image(image)
-        h, w = int(image.shape[0]), int(image.shape[1])
-        scale = self.frame / max(h, w)
-        input_size = (int(h * scale + 0.5), int(w * scale + 0.5))
         with torch.inference_mode():
             feats = self.compute(image).float()
+        return self.entry(feats, image.shape[:2], image_hash(image))
+
+    def entry(
+        self, feats: torch.Tensor, original_size: Sequence[int], key: str, **extras: Any
+    ) -> ImageEmbedding:
+        """``(C, He, We)`` features of the image of hash ``key`` and ``(H, W)``
+        ``original_size`` as a cache entry of this source."""
+        h, w = int(original_size[0]), int(original_size[1])
+        scale = self.frame / max(h, w)
         return ImageEmbedding(
             features=feats[None],
             original_size=(h, w),
-            input_size=input_size,
+            input_size=(int(h * scale + 0.5), int(w * scale + 0.5)),
             model_id=self.embedding_id,
-            image_hash=image_hash(image),
+            image_hash=key,
+            extras=dict(extras),
         )
 
     def padded_input(
@@ -436,23 +443,12 @@ class CompactSource(FeatureSource):
     def encode(self, image: np.ndarray, stages: bool = False) -> ImageEmbedding:
         """The decoded map, with its codes in ``extras["packed"]`` (what the cache stores)."""
         check_image(image)
-        return self.wrap(self.raw(image), image.shape[:2], image)
+        return self.wrap(self.raw(image), image.shape[:2], image_hash(image))
 
-    def wrap(
-        self, raw: torch.Tensor, original_size: tuple[int, int], image: np.ndarray | str
-    ) -> ImageEmbedding:
-        """An entry of ``raw``'s codes for the image (pixels, or its hash) of ``original_size``."""
-        h, w = original_size
-        scale = self.frame / max(h, w)
+    def wrap(self, raw: torch.Tensor, original_size: Sequence[int], key: str) -> ImageEmbedding:
+        """The entry of ``raw``'s codes for the image of hash ``key``."""
         packed = pack(raw)
-        return ImageEmbedding(
-            features=packed.unpack()[None],
-            original_size=(int(h), int(w)),
-            input_size=(int(h * scale + 0.5), int(w * scale + 0.5)),
-            model_id=self.embedding_id,
-            image_hash=image if isinstance(image, str) else image_hash(image),
-            extras={"packed": packed},
-        )
+        return self.entry(packed.unpack(), original_size, key, packed=packed)
 
 
 @register_feature_source("compact")

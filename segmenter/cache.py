@@ -58,6 +58,11 @@ class EmbeddingCache:
         safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", model_id)
         return self.root / safe / key[:2] / f"{key}.npz"
 
+    def has(self, model_id: str, key: str) -> bool:
+        """Whether an entry for ``model_id`` and image hash ``key`` is on disk (not checked:
+        :meth:`load` checks it)."""
+        return self.path_for(model_id, key).is_file()
+
     def load(
         self, model_id: str, key: str, device: torch.device | str = "cpu"
     ) -> ImageEmbedding | None:
@@ -209,12 +214,12 @@ class EmbeddingCache:
             for load in loaders:
                 image = load()
                 key = image_hash(image)
-                if self.path_for(segmenter.embedding_id, key).is_file():
+                if self.has(segmenter.embedding_id, key):
                     continue
                 if self._claim(segmenter.embedding_id, key) is not None:
                     continue  # someone else is encoding it
                 try:
-                    if not self.path_for(segmenter.embedding_id, key).is_file():
+                    if not self.has(segmenter.embedding_id, key):
                         self._encode_store(segmenter, image)
                         done += 1
                 finally:
