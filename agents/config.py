@@ -55,6 +55,10 @@ class DataConfig:
     training image may be scored: ``pool`` must not overlap ``val`` or ``test``.
     ``on_error``: ``raise`` stops at the first unusable file, naming it; ``skip`` leaves such
     files out and lists them in the run's summary (``--skip-bad`` on the command line).
+    ``shifted_copies`` names image shifts (``experiments.datasets.SHIFTS``, e.g. ``[crop256,
+    colour, blur]``): the SRM also trains on a copy of every training image under each, encoded
+    like any image (one encoder pass and one cache entry per copy); the judge, the value model and
+    the validation choices stay on the images themselves.
     """
 
     train: str
@@ -64,8 +68,10 @@ class DataConfig:
     pool: str | None = None
     train_size: PositiveInt | None = None
     on_error: Literal["raise", "skip"] = "raise"
+    shifted_copies: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        self.shifted_copies = tuple(self.shifted_copies)
         if self.on_error not in ("raise", "skip"):
             raise ValueError(f"data.on_error must be 'raise' or 'skip', got {self.on_error!r}")
 

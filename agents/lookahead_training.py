@@ -59,6 +59,7 @@ def cross_fitted_maps(
     features: Any = None,
     device: str = "cpu",
     progress: bool = True,
+    copies: Sequence[tuple[int, SRMTrainItem, Sequence[np.ndarray] | None]] = (),
 ) -> list[np.ndarray]:
     """Each training image's SRM map from an SRM trained without it (``folds`` folds).
 
@@ -75,6 +76,9 @@ def cross_fitted_maps(
         features: The SRM's feature set.
         device: Torch device.
         progress: Progress bars.
+        copies: Shifted copies of training images the SRMs also train on, as ``(index of the
+            image, item, mask states)``; a fold trains on the copies of its own images only,
+            so no map is drawn by an SRM that saw any version of the image.
     """
     n = len(items)
     folds = min(folds, n)
@@ -88,13 +92,17 @@ def cross_fitted_maps(
     )
     for f, held in bar:
         keep = np.setdiff1d(np.arange(n), held)
+        kept = set(keep.tolist())
+        extra = [(item, states) for i, item, states in copies if i in kept]
         srm = SemanticRecalibrationModule(config, channels, device=device, features=features)
         srm.pretrain(
-            [items[i] for i in keep],
+            [items[i] for i in keep] + [item for item, _ in extra],
             epochs=epochs,
             rng=seed * 100 + f,
             val_items=val_items,
-            mask_states=None if mask_states is None else [mask_states[i] for i in keep],
+            mask_states=None
+            if mask_states is None
+            else [mask_states[i] for i in keep] + [states for _, states in extra],
             progress=False,  # one line per fold set, not per fold
         )
         for i, m in zip(held, srm_maps(srm, [items[i] for i in held]), strict=True):

@@ -112,15 +112,16 @@ def shifted_vals(
     return {s: evaluate_lookahead(agent, load_readable(s, on_error), progress) for s in specs}
 
 
-def check_shifts(shifts: Any) -> None:
+def check_shifts(shifts: Any, key: str = "lookahead.choose_shifts") -> None:
     """Raise :class:`~agents.config.ConfigError` unless every name is a shift of the images
-    that keeps the target (:data:`experiments.datasets.SHIFTS`, ``negative`` excluded)."""
+    that keeps the target (:data:`experiments.datasets.SHIFTS`, ``negative`` excluded); ``key``
+    is the setting named in the message."""
     from experiments.datasets import SHIFTS
 
     bad = [s for s in shifts if s not in SHIFTS or s == "negative"]
     if bad:
         usable = ", ".join(s for s in SHIFTS if s != "negative")
-        raise ConfigError(f"lookahead.choose_shifts: unknown shift(s) {bad}; use {usable}")
+        raise ConfigError(f"{key}: unknown shift(s) {bad}; use {usable}")
 
 
 def choose_answer(

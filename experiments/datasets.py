@@ -243,6 +243,12 @@ class Shifted:
         return np.ascontiguousarray(image)
 
 
+def shifted_copies(samples: Sequence[Any], shifts: Sequence[str]) -> list[tuple[int, Shifted]]:
+    """Every sample under every shift, as ``(index of the sample, copy)``; each copy's seed is
+    its sample's index, as in ``SPEC@SHIFT``."""
+    return [(i, Shifted(s, shift, i)) for shift in shifts for i, s in enumerate(samples)]
+
+
 def load_dataset(spec: str, on_error: D.OnError = "raise"):
     """Resolve a dataset spec (see module docstring) to a sequence of samples."""
     if "+" in spec and not Path(spec).expanduser().exists():

@@ -40,6 +40,7 @@ from experiments.answering import (  # evaluate_lookahead and choose_clicks also
     fit_run_value,
     shifted_vals,
 )
+from experiments.datasets import shifted_copies
 from experiments.runs import (
     load_split,
     load_train_split,
@@ -127,6 +128,7 @@ def train_lookahead(
     task = dataclasses.replace(task, lookahead=dataclasses.replace(task.lookahead))
     cfg = task.lookahead
     check_shifts(cfg.choose_shifts)  # before an hour of training, not after it
+    check_shifts(task.data.shifted_copies, "data.shifted_copies")
     seed_everything(task.seed)
     segmenter = build_segmenter(
         task.segmenter, checkpoint=task.checkpoint, device=task.device, autocast_bf16=task.bf16
@@ -153,6 +155,15 @@ def train_lookahead(
     kw = {"progress": progress, "features": features, "keep_features": False}
     items = collect_items(train_set, segmenter, cache, desc="train", **kw)
     val_items = collect_items(val_set, segmenter, cache, desc="val", **kw) if val_set else None
+    # shifted copies of the training images: the SRMs' training set only (data.shifted_copies)
+    copies = shifted_copies(train_set, task.data.shifted_copies)
+    copy_of = [i for i, _ in copies]
+    copy_items = (
+        collect_items([c for _, c in copies], segmenter, cache, desc="shifted copies", **kw)
+        if copies
+        else []
+    )
+    all_items = items + copy_items
     first = items[0][0]
     channels = (
         int(first.features.shape[1])
@@ -167,13 +178,13 @@ def train_lookahead(
     reused = states_file.is_file()
     if reused:
         with np.load(states_file) as z:
-            mask_states = [list(z[f"item{i}"]) for i in range(len(items))]
+            mask_states = [list(z[f"item{i}"]) for i in range(len(all_items))]
     else:
         rng = np.random.default_rng(task.seed)
         mask_states = [
             simulate_mask_states(segmenter, emb, gt, rng)
             for emb, gt, _ in progress_bar(
-                items, desc="SRM mask states", unit="img", disable=not progress
+                all_items, desc="SRM mask states", unit="img", disable=not progress
             )
         ]
         atomic_write(
@@ -191,8 +202,8 @@ def train_lookahead(
     else:
         srm = SemanticRecalibrationModule(task.srm, channels, device=task.device, features=features)
         srm.pretrain(
-            items,
-            epochs=task.srm_epochs(len(items)),
+            all_items,
+            epochs=task.srm_epochs(len(all_items)),
             rng=task.seed,
             val_items=val_items,
             mask_states=mask_states,
@@ -215,13 +226,19 @@ def train_lookahead(
             channels,
             items,
             val_items,
-            mask_states,
+            mask_states[: len(items)],
             folds=cfg.folds,
-            epochs=task.srm_epochs(len(items) * (cfg.folds - 1) // cfg.folds),
+            epochs=task.srm_epochs(len(all_items) * (cfg.folds - 1) // cfg.folds),
             seed=task.seed,
             features=features,
             device=task.device,
             progress=progress,
+            copies=[
+                (i, item, states)
+                for i, item, states in zip(
+                    copy_of, copy_items, mask_states[len(items) :], strict=True
+                )
+            ],
         )
         atomic_write(maps_file, lambda fh: np.savez(fh, maps=np.stack(maps)))
     timings["cross_fit"] = clock.done("cross_fit", time.perf_counter() - t0, reused)

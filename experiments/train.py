@@ -45,6 +45,8 @@ from agents.training import (
 )
 from envs import PointPromptEnv
 from envs.data import Dataset
+from experiments.answering import check_shifts
+from experiments.datasets import shifted_copies
 from experiments.lookahead import evaluate_lookahead, train_lookahead
 from experiments.runs import (
     TASKS_DIR,
@@ -173,6 +175,7 @@ def train(
         run_dir = resume
         logger.info("resuming %s from step %d (%s)", run_dir, start_step, ckpt.name)
     total = total_timesteps or task.total_timesteps
+    check_shifts(task.data.shifted_copies, "data.shifted_copies")
     seed_everything(task.seed + start_step)
 
     # Segmenter and data first: a bad checkpoint or file stops here, before a run folder exists.
@@ -217,6 +220,9 @@ def train(
             if task.srm_pretrain_epochs > 0 or features is not None:
                 kw = {"progress": progress, "features": features}
                 items = collect_items(train_set, segmenter, cache, desc="train", **kw)
+                copies = [c for _, c in shifted_copies(train_set, task.data.shifted_copies)]
+                if copies and task.srm_pretrain_epochs > 0:  # the SRM's training set only
+                    items += collect_items(copies, segmenter, cache, desc="shifted copies", **kw)
                 if val_set:
                     val_items = collect_items(val_set, segmenter, cache, desc="val", **kw)
             if features is not None:
@@ -225,7 +231,7 @@ def train(
                 task.srm, channels, device=task.device, features=features
             )
             if task.srm_pretrain_epochs > 0:
-                items = attach_semantic_maps(srm, items, train_set, progress=progress)
+                items = attach_semantic_maps(srm, items, [*train_set, *copies], progress=progress)
                 if val_items is not None:
                     val_items = attach_semantic_maps(srm, val_items, val_set, progress=progress)
                 srm.pretrain(

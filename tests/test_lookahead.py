@@ -560,3 +560,58 @@ def test_answer_command_writes_the_choice_into_the_run(lookahead_run, tmp_path, 
     with pytest.raises(SystemExit):
         main(argv + ["--veto", "-1"])
     assert "a number >= 0 or none" in capsys.readouterr().err
+
+
+def test_cross_fitted_folds_train_on_the_copies_of_their_own_images_only(monkeypatch):
+    """A shifted copy of a held-out image would leak that image into its own map."""
+    from agents import lookahead_training as lt
+
+    trained: list[list[str]] = []
+
+    class FakeSRM:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def pretrain(self, items, mask_states=None, **kwargs):
+            assert mask_states is not None and len(mask_states) == len(items)
+            assert all(s == [name] for (name, _, _), s in zip(items, mask_states, strict=True))
+            trained.append([name for name, _, _ in items])
+
+    monkeypatch.setattr(lt, "SemanticRecalibrationModule", FakeSRM)
+    monkeypatch.setattr(lt, "srm_maps", lambda srm, items: [name for name, _, _ in items])
+    items = [(f"img{i}", None, None) for i in range(6)]
+    copies = [(i, (f"img{i}@{s}", None, None), [f"img{i}@{s}"]) for s in "ab" for i in range(6)]
+    maps = lt.cross_fitted_maps(
+        SRMConfig(), 8, items, None, [[name] for name, _, _ in items],
+        folds=3, epochs=1, seed=0, progress=False, copies=copies,
+    )  # fmt: skip
+    assert maps == [f"img{i}" for i in range(6)]  # the originals' maps, in order
+    assert len(trained) == 3
+    for names in trained:
+        kept = {n for n in names if "@" not in n}
+        assert len(kept) == 4  # 6 images, 3 folds: 2 held out
+        assert sorted(names) == sorted(kept | {f"{n}@{s}" for n in kept for s in "ab"})
+
+
+def test_the_srm_trains_on_shifted_copies_of_the_training_images(tiny_task, tmp_path):
+    from experiments.datasets import load_dataset
+    from experiments.train import train
+
+    task = dataclasses.replace(
+        tiny_task(0),
+        name="tinycopies",
+        agent="lookahead",
+        lookahead=LookaheadConfig(steps=2, proposals=2, folds=2, episodes=1),
+    )
+    task = dataclasses.replace(task, data=dataclasses.replace(task.data, shifted_copies=["blur"]))
+    summary = train(task, runs=tmp_path, cache_dir=str(tmp_path / "emb"), progress=False)
+    run = __import__("pathlib").Path(summary["run_dir"])
+    n = len(load_dataset(task.data.train))
+    with np.load(run / "stages" / "mask_states.npz") as z:
+        assert len(z.files) == 2 * n  # the SRM's training set: the images and their copies
+    with np.load(run / "stages" / "maps.npz") as z:
+        assert len(z["maps"]) == n  # the judge's: the images only
+    assert json.loads((run / "config.json").read_text())["data"]["shifted_copies"] == ["blur"]
+    bad = dataclasses.replace(task, data=dataclasses.replace(task.data, shifted_copies=["x"]))
+    with pytest.raises(ConfigError, match="data.shifted_copies: unknown shift"):
+        train(bad, runs=tmp_path, cache_dir=str(tmp_path / "emb"), progress=False)
