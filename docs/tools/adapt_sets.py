@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from answer_sets import per_image
+from answer_sets import per_image, set_name
 
 from agents.answers import best_answer
 from agents.prompt_agent import PromptAgent
@@ -30,10 +30,6 @@ from experiments.cli.common import veto as cli_veto
 from experiments.datasets import load_dataset
 from experiments.lookahead import evaluate_lookahead
 from segmenter import EmbeddingCache
-
-
-def _name(spec: str) -> str:
-    return spec.replace(":", "_").replace("@", "_")
 
 
 def compare(plain: dict, adapted: dict, rules: dict[str, tuple[str, float, int]]) -> dict:
@@ -131,10 +127,10 @@ def main() -> None:
     result = {"run": args.run, "rules": rules, "sets": {}, "names": args.names,
               "self_train": args.self_train}  # fmt: skip
     for spec in args.sets:
-        f = out / "sets" / (_name(spec) + ".json")
+        f = out / "sets" / (set_name(spec) + ".json")
         if not f.is_file():
             t0 = time.perf_counter()
-            adapted = out / "runs" / _name(spec)
+            adapted = out / "runs" / set_name(spec)
             if not adapted.is_dir():
                 veto = args.veto if args.veto in ("source", "auto") else cli_veto(args.veto)
                 adapt_run(args.run, [spec], adapted, cache=cache, self_train=args.self_train,
@@ -145,7 +141,7 @@ def main() -> None:
             keep = {k: ev[k] for k in ("paths", "path_scores", "miou")}
             keep["seconds"] = time.perf_counter() - t0
             f.write_text(json.dumps(keep))
-        plain = json.loads((Path(args.plain) / (_name(spec) + ".json")).read_text())
+        plain = json.loads((Path(args.plain) / (set_name(spec) + ".json")).read_text())
         result["sets"][spec] = compare(plain, json.loads(f.read_text()), rules)
         (out / "results.json").write_text(json.dumps(result, indent=2))
         (out / "results.md").write_text(markdown(result))

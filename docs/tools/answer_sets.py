@@ -30,6 +30,11 @@ from experiments.lookahead import evaluate_lookahead
 from segmenter import EmbeddingCache
 
 
+def set_name(spec: str) -> str:
+    """The file stem of a set's episodes and outputs: ``kvasir:test@hue`` -> ``kvasir_test_hue``."""
+    return spec.replace(":", "_").replace("@", "_")
+
+
 def per_image(
     episodes: dict, keep: str, margin: float, k: int, veto: float | None = None
 ) -> np.ndarray:
@@ -121,7 +126,7 @@ def main() -> None:
     agent.config.clicks = args.clicks
     result = {"run": args.run, "rules": rules, "old": old, "clicks_run": args.clicks, "sets": {}}
     for spec in args.sets:
-        f = out / "sets" / (spec.replace(":", "_").replace("@", "_") + ".json")
+        f = out / "sets" / (set_name(spec) + ".json")
         if not f.is_file():
             t0 = time.perf_counter()
             ev = evaluate_lookahead(agent, load_dataset(spec), progress=True)

@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-from answer_sets import per_image
+from answer_sets import per_image, set_name
 
 from experiments.benchmark.stats import bootstrap_ci
 
@@ -29,9 +29,7 @@ def _side(folder: Path, bound: float) -> tuple[dict, tuple[str, float, int]]:
 
 
 def _episodes(folder: Path, spec: str) -> dict:
-    return json.loads(
-        (folder / "sets" / (spec.replace(":", "_").replace("@", "_") + ".json")).read_text()
-    )
+    return json.loads((folder / "sets" / (set_name(spec) + ".json")).read_text())
 
 
 def main() -> None:
