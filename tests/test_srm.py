@@ -339,6 +339,18 @@ def test_pretrain_with_mask_states(seg, items) -> None:
     assert float(srm.channel_std.min()) > 0 and srm.channel_mean.abs().sum() > 0
 
 
+def test_prepared_features_half_the_memory(items) -> None:
+    """Pretraining holds each image's input features in float16 (2 bytes a value, the largest
+    per-image tensor of a 400-image run) and trains on them as float32."""
+    srm = make_srm()
+    prepared = srm._prepare_items(items[:2], None)
+    full = srm.input_features(items[0][0])[0].detach().float()
+    assert prepared[0].features.dtype == torch.float16
+    assert torch.allclose(prepared[0].features.float(), full, rtol=1e-3, atol=1e-3)
+    e, maps, _, _ = srm._batch(prepared, [0, 1], np.random.default_rng(0), True, 1.0, 0.0)
+    assert e.dtype == torch.float32 and maps.dtype == torch.float32
+
+
 # -- evaluation -----------------------------------------------------------------------------------
 def test_label_accuracy_hand_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     """100 x 100 image, 10 x 10 action grid; GT: the top 3 cell rows (30 fg / 70 bg cells).
