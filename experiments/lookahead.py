@@ -20,6 +20,7 @@ import dataclasses
 import json
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,13 @@ def _save_best(run_dir: Path, agent: LookaheadAgent, task: TaskConfig, extra: di
     final = atomic_folder(root / "best", fill)
     atomic_write(root / "latest", lambda fh: fh.write(b"best"))
     return final
+
+
+def stacked_states(states: Sequence[np.ndarray], grid: tuple[int, int]) -> np.ndarray:
+    """An item's decoder mask states as one ``(n, He, We)`` array for ``mask_states.npz``;
+    ``n`` is 0 for an image without background or without foreground, which gets none (e.g. a
+    256-px crop inside a large polyp: its SRM batches use synthetic states only)."""
+    return np.stack(states) if len(states) else np.zeros((0, *grid), np.float32)
 
 
 class _StageClock:
@@ -189,7 +197,13 @@ def train_lookahead(
         ]
         atomic_write(
             states_file,
-            lambda fh: np.savez(fh, **{f"item{i}": np.stack(m) for i, m in enumerate(mask_states)}),
+            lambda fh: np.savez(
+                fh,
+                **{
+                    f"item{i}": stacked_states(m, item[0].grid_size)
+                    for i, (m, item) in enumerate(zip(mask_states, all_items, strict=True))
+                },
+            ),
         )
     states_seconds = clock.done("mask_states", time.perf_counter() - t0, reused)
     t0 = time.perf_counter()

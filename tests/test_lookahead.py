@@ -593,9 +593,19 @@ def test_cross_fitted_folds_train_on_the_copies_of_their_own_images_only(monkeyp
         assert sorted(names) == sorted(kept | {f"{n}@{s}" for n in kept for s in "ab"})
 
 
-def test_the_srm_trains_on_shifted_copies_of_the_training_images(tiny_task, tmp_path):
+def test_the_srm_trains_on_shifted_copies_of_the_training_images(tiny_task, tmp_path, monkeypatch):
+    import experiments.lookahead as lookahead_training
     from experiments.datasets import load_dataset
     from experiments.train import train
+
+    n = len(load_dataset(tiny_task(0).data.train))
+    real, calls = lookahead_training.simulate_mask_states, []
+
+    def first_copy_without_background(segmenter, emb, gt, rng, **kw):
+        calls.append(emb)  # a copy that is all target (a crop inside a large polyp) gets none
+        return [] if len(calls) == n + 1 else real(segmenter, emb, gt, rng, **kw)
+
+    monkeypatch.setattr(lookahead_training, "simulate_mask_states", first_copy_without_background)
 
     task = dataclasses.replace(
         tiny_task(0),
@@ -606,9 +616,9 @@ def test_the_srm_trains_on_shifted_copies_of_the_training_images(tiny_task, tmp_
     task = dataclasses.replace(task, data=dataclasses.replace(task.data, shifted_copies=["blur"]))
     summary = train(task, runs=tmp_path, cache_dir=str(tmp_path / "emb"), progress=False)
     run = __import__("pathlib").Path(summary["run_dir"])
-    n = len(load_dataset(task.data.train))
     with np.load(run / "stages" / "mask_states.npz") as z:
         assert len(z.files) == 2 * n  # the SRM's training set: the images and their copies
+        assert z[f"item{n}"].shape[0] == 0 and z[f"item{n + 1}"].shape[0] > 0
     with np.load(run / "stages" / "maps.npz") as z:
         assert len(z["maps"]) == n  # the judge's: the images only
     assert json.loads((run / "config.json").read_text())["data"]["shifted_copies"] == ["blur"]
