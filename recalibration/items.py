@@ -16,6 +16,7 @@ from recalibration.labelers import EpisodeState
 from recalibration.srm import SemanticRecalibrationModule, SRMTrainItem
 from segmenter.base import Segmenter
 from segmenter.cache import EmbeddingCache
+from segmenter.memory import trim_heap
 
 __all__ = ["attach_semantic_maps", "collect_items"]
 
@@ -65,6 +66,9 @@ def collect_items(
                 features.prepare(image, emb)
         emb.extras.pop("stages", None)  # cached or folded into srm_features by now
         items.append((emb, np.asarray(s.mask, bool), None))
+        # the stages and decoded features were short-lived and the embedding stays: give the
+        # freed pages back, or the heap keeps a hole per image (segmenter.memory)
+        trim_heap()
     return items
 
 
