@@ -20,6 +20,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,11 +31,19 @@ from recalibration.judge import JUDGE_FEATURES, MaskJudge, rank_quality
 from recalibration.labelers import EpisodeState
 from recalibration.srm import SemanticRecalibrationModule, SRMConfig, SRMTrainItem
 from segmenter.base import ImageEmbedding, mask_iou
+from segmenter.io import atomic_write
 from segmenter.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["JudgeData", "cross_fitted_maps", "evaluate_judge", "fit_judge", "srm_maps"]
+__all__ = [
+    "JudgeData",
+    "cross_fitted_maps",
+    "evaluate_judge",
+    "fit_judge",
+    "saved_fold_seconds",
+    "srm_maps",
+]
 
 
 def srm_maps(srm: SemanticRecalibrationModule, items: Sequence[SRMTrainItem]) -> list[np.ndarray]:
@@ -60,6 +69,7 @@ def cross_fitted_maps(
     device: str = "cpu",
     progress: bool = True,
     copies: Sequence[tuple[int, SRMTrainItem, Sequence[np.ndarray] | None]] = (),
+    fold_dir: Path | None = None,
 ) -> list[np.ndarray]:
     """Each training image's SRM map from an SRM trained without it (``folds`` folds).
 
@@ -79,6 +89,10 @@ def cross_fitted_maps(
         copies: Shifted copies of training images the SRMs also train on, as ``(index of the
             image, item, mask states)``; a fold trains on the copies of its own images only,
             so no map is drawn by an SRM that saw any version of the image.
+        fold_dir: Where each finished fold's maps are saved (``fold{f}.npz``: its held-out
+            images, their maps, its seconds) and read back on a rerun, so an interrupted
+            stage resumes at its next fold. Each fold's training is seeded by the fold alone:
+            the maps are those of an uninterrupted run.
     """
     n = len(items)
     folds = min(folds, n)
@@ -91,6 +105,15 @@ def cross_fitted_maps(
         disable=not progress,
     )
     for f, held in bar:
+        part = None if fold_dir is None else Path(fold_dir) / f"fold{f}.npz"
+        if part is not None and part.is_file():
+            with np.load(part) as z:
+                if np.array_equal(z["held"], held):
+                    for i, m in zip(held, z["maps"], strict=True):
+                        maps[int(i)] = m
+                    logger.info("cross-fitted SRM fold %d/%d read back from %s", f + 1, folds, part)
+                    continue
+        t0 = time.perf_counter()
         keep = np.setdiff1d(np.arange(n), held)
         kept = set(keep.tolist())
         extra = [(item, states) for i, item, states in copies if i in kept]
@@ -105,10 +128,29 @@ def cross_fitted_maps(
             else [mask_states[i] for i in keep] + [states for _, states in extra],
             progress=False,  # one line per fold set, not per fold
         )
-        for i, m in zip(held, srm_maps(srm, [items[i] for i in held]), strict=True):
+        fold_maps = srm_maps(srm, [items[i] for i in held])
+        for i, m in zip(held, fold_maps, strict=True):
             maps[int(i)] = m
+        if part is not None:
+            part.parent.mkdir(parents=True, exist_ok=True)
+            seconds = time.perf_counter() - t0
+            atomic_write(
+                part,
+                lambda fh, h=held, m=fold_maps, t=seconds: np.savez(
+                    fh, held=h, maps=np.stack(m), seconds=t
+                ),
+            )
         logger.debug("cross-fitted SRM fold %d/%d: %d held-out maps", f + 1, folds, len(held))
     return [m for m in maps if m is not None]
+
+
+def saved_fold_seconds(fold_dir: Path) -> float:
+    """Seconds the folds saved in ``fold_dir`` took (0 when there are none)."""
+    total = 0.0
+    for part in sorted(Path(fold_dir).glob("fold*.npz")):
+        with np.load(part) as z:
+            total += float(z["seconds"])
+    return total
 
 
 @dataclass

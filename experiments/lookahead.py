@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,7 +30,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from agents.config import TaskConfig
 from agents.lookahead import LookaheadAgent
-from agents.lookahead_training import cross_fitted_maps, fit_judge
+from agents.lookahead_training import cross_fitted_maps, fit_judge, saved_fold_seconds
 from agents.prompt_agent import AgentLoadError, write_meta
 from experiments.answering import (  # evaluate_lookahead and choose_clicks also imported from here
     best_clicks,
@@ -230,11 +231,14 @@ def train_lookahead(
     # 2. Cross-fitted maps of the training images.
     t0 = time.perf_counter()
     maps_file = stages / "maps.npz"
+    fold_dir = stages / "cross_fit"  # each finished fold, until maps.npz holds them all
     reused = maps_file.is_file()
+    earlier = 0.0
     if reused:
         with np.load(maps_file) as z:
             maps = list(z["maps"])
     else:
+        earlier = saved_fold_seconds(fold_dir)  # folds an interrupted attempt finished
         maps = cross_fitted_maps(
             task.srm,
             channels,
@@ -253,9 +257,12 @@ def train_lookahead(
                     copy_of, copy_items, mask_states[len(items) :], strict=True
                 )
             ],
+            fold_dir=fold_dir,
         )
         atomic_write(maps_file, lambda fh: np.savez(fh, maps=np.stack(maps)))
-    timings["cross_fit"] = clock.done("cross_fit", time.perf_counter() - t0, reused)
+        shutil.rmtree(fold_dir, ignore_errors=True)
+    seconds = time.perf_counter() - t0 + earlier
+    timings["cross_fit"] = clock.done("cross_fit", seconds, reused)
 
     # 3. The judge.
     t0 = time.perf_counter()

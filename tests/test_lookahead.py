@@ -593,6 +593,41 @@ def test_cross_fitted_folds_train_on_the_copies_of_their_own_images_only(monkeyp
         assert sorted(names) == sorted(kept | {f"{n}@{s}" for n in kept for s in "ab"})
 
 
+def test_cross_fitting_resumes_at_the_fold_an_interruption_stopped(monkeypatch, tmp_path):
+    from agents import lookahead_training as lt
+
+    trained, stop_at = [], [2]
+
+    class FakeSRM:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def pretrain(self, items, **kwargs):
+            if len(trained) == stop_at[0]:
+                raise KeyboardInterrupt  # killed while training the third fold
+            trained.append(sorted(int(name) for name, _, _ in items))
+
+    monkeypatch.setattr(lt, "SemanticRecalibrationModule", FakeSRM)
+    monkeypatch.setattr(
+        lt, "srm_maps", lambda srm, items: [np.full((2, 2), float(n)) for n, _, _ in items]
+    )
+    items = [(str(i), None, None) for i in range(6)]
+    run = lambda: lt.cross_fitted_maps(  # noqa: E731
+        SRMConfig(), 8, items, None, None, folds=3, epochs=1, seed=0, progress=False,
+        fold_dir=tmp_path / "cross_fit",
+    )  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    assert len(trained) == 2 and len(list((tmp_path / "cross_fit").glob("fold*.npz"))) == 2
+    stop_at[0] = -1
+    maps = run()
+    assert len(trained) == 3  # only the third fold trained again
+    assert [float(m[0, 0]) for m in maps] == [float(i) for i in range(6)]
+    assert lt.saved_fold_seconds(tmp_path / "cross_fit") >= 0.0
+    held = [sorted(set(range(6)) - set(t)) for t in trained]
+    assert sorted(sum(held, [])) == list(range(6))  # every image held out exactly once
+
+
 def test_the_srm_trains_on_shifted_copies_of_the_training_images(tiny_task, tmp_path, monkeypatch):
     import experiments.lookahead as lookahead_training
     from experiments.datasets import load_dataset
