@@ -612,10 +612,13 @@ def test_cross_fitting_resumes_at_the_fold_an_interruption_stopped(monkeypatch, 
         lt, "srm_maps", lambda srm, items: [np.full((2, 2), float(n)) for n, _, _ in items]
     )
     items = [(str(i), None, None) for i in range(6)]
-    run = lambda: lt.cross_fitted_maps(  # noqa: E731
-        SRMConfig(), 8, items, None, None, folds=3, epochs=1, seed=0, progress=False,
-        fold_dir=tmp_path / "cross_fit",
-    )  # fmt: skip
+
+    def run():
+        return lt.cross_fitted_maps(
+            SRMConfig(), 8, items, None, None, folds=3, epochs=1, seed=0, progress=False,
+            fold_dir=tmp_path / "cross_fit",
+        )  # fmt: skip
+
     with pytest.raises(KeyboardInterrupt):
         run()
     assert len(trained) == 2 and len(list((tmp_path / "cross_fit").glob("fold*.npz"))) == 2
