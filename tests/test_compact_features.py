@@ -40,6 +40,18 @@ def test_codes_hold_each_channel_to_half_a_step_of_its_pooled_map():
         Packed(np.zeros((2, 4, 4), np.float32), p.low[:2], p.step[:2], (8, 8))
 
 
+@pytest.mark.parametrize("grid", [(16, 16), (15, 13), (3, 5), (64, 64), (2, 1)])
+def test_unpacking_upsamples_as_torch_bilinear_interpolation(grid):
+    x = torch.randn(5, *grid, generator=torch.Generator().manual_seed(1)) * 4.0
+    p = pack(x)
+    codes = torch.from_numpy(p.codes).float() * torch.from_numpy(p.step)[:, None, None]
+    codes += torch.from_numpy(p.low)[:, None, None]
+    expected = F.interpolate(codes[None], size=grid, mode="bilinear", align_corners=False)[0]
+    out = p.unpack()
+    assert out.shape == (5, *grid)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+
+
 def test_compact_stages_come_from_the_same_pass_and_only_their_codes_are_cached(
     tiny_segmenter, rgb_image, tmp_path
 ):
