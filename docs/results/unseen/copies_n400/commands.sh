@@ -1,8 +1,8 @@
 # Issue 31 at 400 images: the compact-feature 400-image agent trained with shifted copies, on test
 # and four shifts, paired per image with the 400-image agent without copies whose episodes are
 # committed (docs/results/unseen/noharm_n400: float16 features, trained before the copies).
-# Not yet run to the end (2026-12-07): each step resumes or skips what exists; the training
-# resumes at its last finished stage or cross-fitting fold.
+# Run to the end on 2026-12-07 over five attempts (train_progress.txt); each step resumes or
+# skips what exists, the training at its last finished stage or cross-fitting fold.
 set -e
 cd "$(git rev-parse --show-toplevel)"
 O=runs/copies400
@@ -15,5 +15,7 @@ export PYTHONPATH=.:docs/tools
 python docs/tools/answer_sets.py "$R" $O/sets_copies --sets $SETS --clicks 5
 python docs/tools/pair_runs.py docs/results/unseen/noharm_n400 $O/sets_copies \
     docs/results/unseen/copies_n400 --names "400 images" "400 images + copies"
-# The pair that differs by the copies alone: docs/results/curve_kvasir/compact400's task
-# (alignsam train ... --runs-dir runs/compact400), answer_sets.py on the same sets, pair_runs.py.
+# The pair that differs by the copies alone: the same task without copies
+# (docs/results/curve_kvasir/compact400/commands.sh makes runs/compact400b/sets).
+python docs/tools/pair_runs.py runs/compact400b/sets $O/sets_copies \
+    docs/results/unseen/copies_n400/vs_compact400 --names "400 images, compact" "400 images, compact + copies"
