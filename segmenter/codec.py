@@ -82,20 +82,12 @@ class Packed:
 
 @lru_cache(maxsize=16)
 def _bilinear_matrix(n_in: int, n_out: int) -> torch.Tensor:
-    """``(n_out, n_in)`` weights of 1-D linear resampling as ``F.interpolate`` computes them
-    with ``align_corners=False`` and an output size: source position ``(o + 0.5) * n_in /
-    n_out - 0.5``, clamped at 0, between its two neighbours (the last one repeated at the
-    edge)."""
-    out = torch.zeros(n_out, n_in)
-    scale = n_in / n_out
-    for o in range(n_out):
-        src = max((o + 0.5) * scale - 0.5, 0.0)
-        i0 = min(int(src), n_in - 1)
-        i1 = min(i0 + 1, n_in - 1)
-        w = src - i0
-        out[o, i0] += 1.0 - w
-        out[o, i1] += w
-    return out
+    """``(n_out, n_in)`` weights of 1-D linear resampling from ``n_in`` to ``n_out`` points,
+    read off ``F.interpolate`` itself (each input basis vector resampled), so they are its
+    weights with ``align_corners=False``; bilinear is this along rows, then columns."""
+    with torch.inference_mode(False):  # a plain tensor, whoever asks first
+        basis = torch.eye(n_in)[None]  # (1, n_in channels, n_in points)
+        return F.interpolate(basis, size=n_out, mode="linear", align_corners=False)[0].T
 
 
 def pack(x: torch.Tensor) -> Packed:
